@@ -1,0 +1,476 @@
+"""Configs: nested dataclasses, loaded from TOML, with dotted command-line overrides.
+
+Every command has one config dataclass (for example `posttrain.algos.sft.Config`). Its fields carry
+a one-line docstring written right under the field; `field_docs` reads them from the source so that
+`posttrain <command> --help` shows them. Sections are nested dataclasses (`[model]`, `[gen]`, ...).
+
+    cfg = load_config(Config, "configs/sft.toml", ["--optim.lr=1e-5", "--model", "default"])
+
+Unknown keys and values that do not fit the field's type are errors that name the key and list the
+valid ones; nothing is silently ignored. `save_config` writes the resolved config as TOML.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclass."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared config sections (used by three or more commands)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"
+    """model to load: `default` (embedded SmolLM2-135M-Instruct), a hub id, a local directory or a .gguf file"""
+    adapter: str | None = None
+    """a saved LoRA adapter directory to load on top of the model"""
+    dtype: str = "auto"
+    """auto (fp32 on CPU, bf16 on a capable GPU), float32, bfloat16 or float16"""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
+    trust_remote_code: bool = False
+    """allow model code from the hub to run; off unless you trust the repository"""
+    revision: str | None = None
+    """hub revision (branch, tag or commit)"""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """train a LoRA adapter instead of all weights"""
+    r: int = 16
+    """LoRA rank"""
+    alpha: int = 64
+    """LoRA alpha (scaling = alpha / r); about 4x the rank works well"""
+    dropout: float = 0.0
+    """dropout on the LoRA input"""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module names to adapt; ["all-linear"] adapts every linear layer but the output head"""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas"""
+    eps: float = 1e-8
+    """AdamW epsilon"""
+    warmup_steps: int = 0
+    """linear warm-up steps"""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """learning-rate schedule after warm-up"""
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm; 0 disables"""
+    grad_accum: int = 1
+    """micro-batches accumulated per optimizer step"""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs"
+    """parent directory of run directories"""
+    name: str | None = None
+    """run directory name (default: command and time); a new suffix is added if it exists"""
+    seed: int = 0
+    """seed for python, numpy and torch"""
+    log_every: int = 1
+    """log one metrics line every this many steps"""
+    sample_every: int = 10
+    """write generations to samples.jsonl every this many steps (0: never)"""
+    save_every: int = 0
+    """checkpoint every this many steps (0: only at the end)"""
+    keep_checkpoints: int = 2
+    """how many checkpoints to keep"""
+    resume: str | None = None
+    """a run directory to continue from its last checkpoint"""
+    tensorboard: bool = False
+    """also write TensorBoard event files into the run directory"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    progress: bool = True
+    """show progress bars"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading field docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source (empty if unavailable)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for prev, node in zip(body, body[1:]):
+            if (
+                isinstance(prev, ast.AnnAssign)
+                and isinstance(prev.target, ast.Name)
+                and isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Constant)
+                and isinstance(node.value.value, str)
+            ):
+                docs[prev.target.id] = " ".join(node.value.value.split())
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Type handling
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        (inner,) = get_args(tp) or (Any,)
+        return f"list[{_type_name(inner)}]"
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (from TOML or a command-line string) to type `tp`, or raise ConfigError."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if value == choice or (isinstance(value, str) and str(choice) == value):
+                return choice
+        raise ConfigError(
+            f"config key '{key}': {value!r} is not one of {', '.join(repr(c) for c in choices)}"
+        )
+    if origin is list:
+        (inner,) = get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")] if value.strip() else []
+        if not isinstance(value, list | tuple):
+            raise bad
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            valid = ", ".join(repr(m.value) for m in tp)
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {valid}") from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise bad from None
+            if f.is_integer():
+                return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    """Set fields of dataclass instance `obj` from a nested dict, recursing into sections."""
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown(full, names)
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give it as [{full}] table")
+            _apply(getattr(obj, key), value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, full))
+
+
+def _set_dotted(obj: Any, dotted: str, raw: Any) -> None:
+    *path, last = dotted.split(".")
+    target = obj
+    prefix = ""
+    for part in path:
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names or not _is_dataclass_type(_hints(type(target))[part]):
+            sections = [n for n in names if _is_dataclass_type(_hints(type(target))[n])]
+            raise _unknown(prefix + part, sections)
+        target = getattr(target, part)
+        prefix += part + "."
+    hints = _hints(type(target))
+    names = [f.name for f in dataclasses.fields(target)]
+    if last not in names:
+        raise _unknown(dotted, names)
+    tp = hints[last]
+    if _is_dataclass_type(tp):
+        raise ConfigError(
+            f"config key '{dotted}' is a section; set one of its keys, e.g. --{dotted}.x"
+        )
+    # Repeated list flags (--prompt a --prompt b) accumulate.
+    if get_origin(tp) is list and isinstance(raw, list):
+        setattr(target, last, [_coerce(r, get_args(tp)[0], dotted) for r in raw])
+        return
+    setattr(target, last, _coerce(raw, tp, dotted))
+
+
+def parse_overrides(args: list[str], cls: type) -> list[tuple[str, Any]]:
+    """Turn ['--a.b=1', '--flag', '--x', 'v', '--p', 'q', '--p', 'r'] into (key, value) pairs.
+
+    A flag with no value is `true` (for a boolean field). A key repeated for a list field collects
+    its values. Keys named in the class's `ALIASES` dict (short names) are expanded first.
+    """
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    pairs: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.key=value")
+        body = arg[2:]
+        if "=" in body:
+            key, value = body.split("=", 1)
+            i += 1
+        else:
+            key = body
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            if nxt is not None and not nxt.startswith("--"):
+                value, i = nxt, i + 2
+            else:
+                value, i = "true", i + 1
+        key = aliases.get(key, key).replace("-", "_")
+        pairs.append((key, value))
+    merged: dict[str, Any] = {}
+    for key, value in pairs:
+        tp = _field_type(cls, key)
+        if tp is not None and get_origin(tp) is list:
+            merged.setdefault(key, [])
+            merged[key] = merged[key] + _list_items(value, get_args(tp)[0])
+        else:
+            merged[key] = value
+    return list(merged.items())
+
+
+def _list_items(value: str, inner: Any) -> list[Any]:
+    """'[1, 2]' as a TOML array; otherwise one string per flag, or comma-separated numbers."""
+    if value.strip().startswith("["):
+        try:
+            return list(tomllib.loads(f"v = {value}")["v"])
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(f'{value!r} is not a TOML array like [1, 2] or ["a", "b"]') from None
+    if inner is str:
+        return [value]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not _is_dataclass_type(tp):
+            return None
+        hints = _hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
+) -> T:
+    """Build `cls()` with values from a TOML file, then from dotted command-line overrides."""
+    cfg = cls()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+        _apply(cfg, data)
+    for key, value in parse_overrides(overrides or [], cls):
+        _set_dotted(cfg, key, value)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict of a config (Enums as values)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Enum):
+            return v.value
+        if isinstance(v, list | tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def to_toml(cfg: Any) -> str:
+    """The config as TOML text. `None` values are left out (TOML has no null; they are defaults)."""
+    lines: list[str] = []
+
+    def emit(d: dict[str, Any], name: str) -> None:
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k in _dict_fields}
+        tables = {k: v for k, v in d.items() if isinstance(v, dict) and k not in _dict_fields}
+        if name:
+            lines.append(f"\n[{name}]")
+        for k, v in scalars.items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in tables.items():
+            emit(v, f"{name}.{k}" if name else k)
+
+    _dict_fields: set[str] = set()
+    emit(to_dict(cfg), "")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg))
+
+
+def help_text(cls: type, command: str = "") -> str:
+    """A `--help` page listing every key with its type, default and doc."""
+    out = [f"usage: posttrain {command} [--config FILE.toml] [--section.key=value ...]", ""]
+    doc = inspect.getdoc(inspect.getmodule(cls)) or ""
+    if doc:
+        out += [doc.split("\n\n")[0], ""]
+    aliases = getattr(cls, "ALIASES", {})
+    if aliases:
+        out.append("short options: " + ", ".join(f"--{a} = --{k}" for a, k in aliases.items()))
+        out.append("")
+
+    def walk(klass: type, obj: Any, prefix: str) -> None:
+        docs = field_docs(klass)
+        hints = _hints(klass)
+        for f in dataclasses.fields(klass):
+            tp = hints[f.name]
+            if _is_dataclass_type(tp):
+                continue
+            default = to_dict(getattr(obj, f.name))
+            out.append(f"  --{prefix}{f.name}  ({_type_name(tp)}, default {default!r})")
+            if f.name in docs:
+                out.append(f"      {docs[f.name]}")
+        for f in dataclasses.fields(klass):
+            tp = hints[f.name]
+            if _is_dataclass_type(tp):
+                out.append(f"\n [{prefix}{f.name}]")
+                walk(tp, getattr(obj, f.name), f"{prefix}{f.name}.")
+
+    walk(cls, cls(), "")
+    return "\n".join(out)

@@ -1,0 +1,152 @@
+"""Pure tensor helpers shared by the algorithms.
+
+Glossary (used in every file): B batch rows, T completion tokens, P prompt tokens, V vocabulary.
+  logp      (B, T) log-prob of each completion token under the current policy
+  old_logp  (B, T) the same under the policy that sampled it
+  ref_logp  (B, T) the same under the reference policy
+  mask      (B, T) 1.0 on real completion tokens, 0.0 on padding
+  adv       (B, T) or (B,) advantages; rewards (B,); values/returns (B, T)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Reduction = Literal["token_mean", "seq_mean", "fixed"]
+
+
+def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[ids] without materialising the full (B, T, V) log-softmax.
+
+    logits (B, T, V), ids (B, T) -> (B, T). Computed in fp32 for stability.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) along the last dim: (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = torch.exp(logits - logz)
+    return logz.squeeze(-1) - (p * logits).sum(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: (B, L) mask -> (B, L) positions starting at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Logits that predict the last `n_completion` tokens of `input_ids`: (B, n_completion, V).
+
+    Only those positions go through the output head (`logits_to_keep`), which saves a
+    (B, P, V) matmul and its memory when prompts are long.
+    """
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n_completion + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1]  # (B, T, V): position t predicts token t + 1
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def completion_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log-probs (B, T) of the last T = n_completion tokens of `input_ids`."""
+    logits = completion_logits(model, input_ids, attention_mask, n_completion, temperature)
+    return selective_log_softmax(logits, input_ids[:, -n_completion:])
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (0 where the mask is empty)."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x - mean) / std over masked positions; with shift_mean=False the mean is added back."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def aggregate_loss(
+    loss_tok: torch.Tensor,
+    mask: torch.Tensor,
+    reduction: Reduction,
+    normaliser: float | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss (B, T) to a scalar, by name.
+
+    token_mean: sum over all tokens / number of tokens in the batch (DAPO, Dr. GRPO style).
+    seq_mean:   mean over tokens within each sequence, then mean over sequences (original GRPO).
+    fixed:      sum over all tokens / (B * normaliser), a constant that does not depend on lengths
+                (Dr. GRPO); normaliser defaults to T.
+    With gradient accumulation, only "fixed" and "seq_mean" (with equal micro-batch sizes) give the
+    same gradient as one big batch; "token_mean" weights micro-batches by their token counts.
+    """
+    if reduction == "token_mean":
+        return masked_sum(loss_tok, mask) / mask.sum().clamp(min=1)
+    if reduction == "seq_mean":
+        return masked_mean(loss_tok, mask, dim=1).mean()
+    if reduction == "fixed":
+        norm = normaliser if normaliser is not None else loss_tok.shape[1]
+        return masked_sum(loss_tok, mask) / (loss_tok.shape[0] * norm)
+    raise ValueError(f"unknown loss reduction {reduction!r}; use token_mean, seq_mean or fixed")
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimator of KL(pi || ref): log pi - log ref (unbiased, can be negative)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator (Schulman): exp(ref - logp) - (ref - logp) - 1 >= 0, unbiased."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(logits) || softmax(ref_logits)) over the vocabulary: (B, T, V) -> (B, T)."""
+    lp = F.log_softmax(logits.float(), dim=-1)
+    lq = F.log_softmax(ref_logits.float(), dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1)

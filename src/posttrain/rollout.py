@@ -1,0 +1,354 @@
+"""Batched generation with left padding and a KV cache, returning a typed `Rollout`.
+
+Every algorithm and the evaluator sample through `generate`. Prompts are tokenized once, sorted by
+length and split into micro-batches whose size follows a token budget (rows x (prompt + new
+tokens)), left-padded so that generation starts at the same column for every row, then decoded
+token by token with the model's KV cache. Sampling: greedy (temperature 0), temperature, top-k,
+top-p; stops at EOS (the tokenizer's and the model's) and at stop strings.
+
+`Rollout.logp` holds the log-probability of each sampled token under the sampling policy, that is
+log_softmax(logits / temperature) before top-k/top-p truncation (temperature 1 for greedy): the same
+quantity a teacher-forced pass with the same temperature gives, so PPO-style ratios start at 1.
+
+`generate_sequential` is the plain one-prompt-at-a-time generator, kept to compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from posttrain.ops import position_ids_from_mask
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    """most tokens generated per completion"""
+    temperature: float = 1.0
+    """sampling temperature; 0 means greedy decoding"""
+    top_k: int = 0
+    """keep the k most likely tokens (0: off)"""
+    top_p: float = 1.0
+    """nucleus sampling: keep the smallest set with this total probability (1: off)"""
+    n: int = 1
+    """samples per prompt (rows of one prompt are contiguous in the Rollout)"""
+    stop: list[str] = field(default_factory=list)
+    """stop strings: a completion ends after the first one it produces (kept in the text)"""
+    chat: bool = False
+    """wrap string prompts as a user message and apply the tokenizer's chat template"""
+    system_prompt: str | None = None
+    """system message for chat prompts"""
+    max_prompt_tokens: int = 1024
+    """prompts longer than this keep their last tokens"""
+    token_budget: int = 32768
+    """micro-batch size limit in tokens (rows x (prompt + max_new_tokens)); bounds memory"""
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled completions of one generation call. Rows follow the input order, each
+    prompt repeated n times in a row (row i belongs to prompt i // n)."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    completion_ids: torch.Tensor  # (B, T) right-padded
+    completion_mask: torch.Tensor  # (B, T) 1 on generated tokens (EOS / stop token included)
+    logp: torch.Tensor  # (B, T) log-prob of each sampled token under the sampling policy
+    prompts: list[str]  # (B,) prompt text as the model saw it (chat template applied)
+    completions: list[
+        str
+    ]  # (B,) decoded completion, special tokens removed, cut after a stop string
+    prompt_index: torch.Tensor  # (B,) index of the prompt in the input list
+    finish_reasons: list[str]  # (B,) "eos", "stop" or "length"
+    n: int = 1
+    seconds: float = 0.0
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P + T) prompt and completion ids."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + T)."""
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+def render_prompts(tokenizer: Any, prompts: list[Prompt], cfg: GenerationConfig) -> list[str]:
+    """Prompt texts: messages (or strings when cfg.chat) go through the chat template."""
+    out = []
+    for p in prompts:
+        if isinstance(p, str) and not cfg.chat:
+            out.append(p)
+            continue
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        if cfg.system_prompt and msgs[0].get("role") != "system":
+            msgs = [{"role": "system", "content": cfg.system_prompt}, *msgs]
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "this tokenizer has no chat template; use raw text prompts (gen.chat=false) "
+                "or a chat model"
+            )
+        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def encode_prompts(
+    tokenizer: Any, texts: list[str], max_tokens: int, chat: bool
+) -> list[list[int]]:
+    """Token ids per prompt, keeping the last `max_tokens` (the end is where generation continues)."""
+    # Chat-templated text already carries its special tokens.
+    enc = tokenizer(texts, add_special_tokens=not chat)["input_ids"]
+    return [ids[-max_tokens:] for ids in enc]
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = set()
+    for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(src)
+    return sorted(ids)
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus to -inf. logits (B, V)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+class _StopChecker:
+    def __init__(self, tokenizer: Any, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        # a token decodes to at least one character, so this many tokens cover any stop string
+        self.window = max((len(s) for s in self.stops), default=0) + 1
+
+    def hit(self, ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(ids[-self.window :], skip_special_tokens=False)
+        return any(s in tail for s in self.stops)
+
+
+@torch.no_grad()
+def _sample(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: GenerationConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    stopper: _StopChecker,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Decode up to max_new_tokens for a left-padded batch -> ids, mask, logp (B, T), reasons."""
+    B = input_ids.shape[0]
+    device = input_ids.device
+    eos = torch.tensor(eos_ids, device=device)
+    temp = cfg.temperature if cfg.temperature > 0 else 1.0
+    pos = position_ids_from_mask(attention_mask)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=pos,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    past = out.past_key_values
+    logits = out.logits[:, -1].float()  # (B, V)
+    pos = pos[:, -1:]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    reasons = ["length"] * B
+    ids_steps: list[torch.Tensor] = []
+    logp_steps: list[torch.Tensor] = []
+    mask_steps: list[torch.Tensor] = []
+    history: list[list[int]] = [[] for _ in range(B)]
+    for step in range(cfg.max_new_tokens):
+        scaled = logits / temp
+        logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
+        if cfg.temperature <= 0:
+            nxt = scaled.argmax(-1)
+        else:
+            probs = torch.softmax(_filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1).squeeze(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        ids_steps.append(nxt)
+        logp_steps.append(torch.where(done, 0.0, logp_all.gather(-1, nxt[:, None]).squeeze(-1)))
+        mask_steps.append((~done).float())
+        newly_eos = torch.isin(nxt, eos) & ~done
+        for i in newly_eos.nonzero().flatten().tolist():
+            reasons[i] = "eos"
+        done = done | newly_eos
+        if stopper.stops:
+            for i in (~done).nonzero().flatten().tolist():
+                history[i].append(int(nxt[i]))
+                if stopper.hit(history[i]):
+                    done[i] = True
+                    reasons[i] = "stop"
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=attention_mask,
+            position_ids=pos,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1].float()
+    return (
+        torch.stack(ids_steps, 1),
+        torch.stack(mask_steps, 1),
+        torch.stack(logp_steps, 1),
+        reasons,
+    )
+
+
+def _pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def _pad_right(t: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    if t.shape[1] == width:
+        return t
+    pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, pad], dim=1)
+
+
+def _decode(tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, stops: list[str]) -> str:
+    text = tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+    cut = [text.find(s) + len(s) for s in stops if s and s in text]
+    return text[: min(cut)] if cut else text
+
+
+def _micro_batches(lengths: list[int], cfg: GenerationConfig) -> list[list[int]]:
+    """Row indices grouped into micro-batches, longest prompts first, within the token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = (lengths[cur[0]] if cur else lengths[i]) + cfg.max_new_tokens
+        if cur and (len(cur) + 1) * width > cfg.token_budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    cfg: GenerationConfig | None = None,
+    *,
+    progress: bool = False,
+    batch_size: int | None = None,
+) -> Rollout:
+    """Sample cfg.n completions for every prompt, batched. Returns rows in input order."""
+    cfg = cfg or GenerationConfig()
+    if not prompts:
+        raise ValueError("generate() got no prompts")
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    texts = render_prompts(tokenizer, prompts, cfg)
+    chat = cfg.chat or not isinstance(prompts[0], str)
+    enc = encode_prompts(tokenizer, texts, cfg.max_prompt_tokens, chat)
+    rows = [i for i in range(len(prompts)) for _ in range(cfg.n)]  # prompt index per row
+    row_ids = [enc[i] for i in rows]
+    batches = (
+        [list(range(s, min(s + batch_size, len(rows)))) for s in range(0, len(rows), batch_size)]
+        if batch_size
+        else _micro_batches([len(r) for r in row_ids], cfg)
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = eos_token_ids(model, tokenizer)
+    stopper = _StopChecker(tokenizer, cfg.stop)
+    results: dict[int, tuple] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc="generate", unit="seq", dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
+            c_ids, c_mask, logp, reasons = _sample(
+                model, p_ids.to(device), p_mask.to(device), cfg, eos_ids, pad, stopper
+            )
+            for j, i in enumerate(batch):
+                keep = int(p_mask[j].sum())
+                results[i] = (
+                    row_ids[i][len(row_ids[i]) - keep :] if keep else [],
+                    c_ids[j].cpu(),
+                    c_mask[j].cpu(),
+                    logp[j].cpu(),
+                    reasons[j],
+                )
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    prompt_ids, prompt_mask = _pad_left([results[i][0] for i in range(len(rows))], pad)
+    T = max(results[i][1].shape[0] for i in range(len(rows)))
+    comp_ids = torch.stack([_pad_right(results[i][1][None], T, pad)[0] for i in range(len(rows))])
+    comp_mask = torch.stack([_pad_right(results[i][2][None], T, 0.0)[0] for i in range(len(rows))])
+    logp = torch.stack([_pad_right(results[i][3][None], T, 0.0)[0] for i in range(len(rows))])
+    completions = [
+        _decode(tokenizer, comp_ids[i], comp_mask[i], cfg.stop) for i in range(len(rows))
+    ]
+    return Rollout(
+        prompt_ids=prompt_ids.to(device),
+        prompt_mask=prompt_mask.to(device),
+        completion_ids=comp_ids.to(device),
+        completion_mask=comp_mask.to(device),
+        logp=logp.to(device),
+        prompts=[texts[i] for i in rows],
+        completions=completions,
+        prompt_index=torch.tensor(rows, device=device),
+        finish_reasons=[results[i][4] for i in range(len(rows))],
+        n=cfg.n,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def generate_sequential(
+    model: Any, tokenizer: Any, prompts: list[Prompt], cfg: GenerationConfig | None = None
+) -> Rollout:
+    """The plain generator: one row at a time, no padding. Same output format as `generate`."""
+    return generate(model, tokenizer, prompts, cfg, batch_size=1)
