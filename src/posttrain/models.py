@@ -173,6 +173,14 @@ def embedded_dir() -> Path:
     """The cached safetensors copy of the embedded default, converting it on first use."""
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
+        import sys
+
+        print(
+            f"posttrain: converting the embedded SmolLM2-135M-Instruct GGUF once into {out} "
+            "(about 20 s)",
+            file=sys.stderr,
+            flush=True,
+        )
         convert_gguf(embedded_gguf_path(), out)
     return out
 
@@ -236,7 +244,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) in eval mode on the chosen device and dtype."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown the run's own output
     if isinstance(cfg, str):
         cfg = ModelConfig(name=cfg)
     dev = pick_device(device or cfg.device)
