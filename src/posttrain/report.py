@@ -1,0 +1,549 @@
+"""HTML reports: one self-contained page per run, or several runs compared on the same axes.
+
+    posttrain report runs/grpo-1                    # -> runs/grpo-1/report.html (+ plots/*.png)
+    posttrain compare runs/kl-0.01 runs/kl-0.1      # -> runs/compare.html (+ compare_plots/*.png)
+    posttrain compare runs/beta-* --metric reward --metric kl --out beta.html
+
+A report reads only files in the run directory (docs/report.md lists them): config.toml (the
+resolved config and what it implies: prompts, samples and tokens per step, optimizer updates per
+rollout), metrics.jsonl (the plots, through posttrain.plots), eval_before.json / eval_after.json /
+eval_step_<N>.json (an evaluation table), samples.jsonl (generations and their rewards at a few
+steps). Images are embedded as base64 data URIs and every text is HTML-escaped, so the page opens
+anywhere, offline, and shows model output as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from posttrain.plots import group_metrics, plot_compare, plot_records, series
+from posttrain.runs import config_dict, read_jsonl
+
+# commands that train on a fixed data set (no rollouts)
+OFFLINE = frozenset({"sft", "dpo", "reward-model", "distill"})
+# keys looked up in the config, in order of preference (see docs/report.md)
+PROMPTS_KEYS = ("prompts_per_step", "num_prompts", "prompt_batch_size", "batch_size")
+SAMPLES_PER_PROMPT_KEYS = ("group_size", "num_generations", "samples_per_prompt", "k", "n")
+EPOCHS_KEYS = ("ppo_epochs", "epochs_per_rollout", "update_epochs", "num_iterations", "epochs")
+MINIBATCH_KEYS = ("mini_batch_size", "minibatch_size", "update_batch_size")
+MICRO_KEYS = ("micro_batch_size", "micro_batch")
+STEPS_KEYS = ("steps", "total_steps", "max_steps", "num_steps")
+SEQ_KEYS = ("max_length", "max_seq_len", "max_len", "max_tokens", "seq_len")
+GEN_SECTIONS = ("gen", "generation", "sampling")
+SAMPLE_STEPS = 4  # steps shown in the samples table
+SAMPLE_ROWS = 4  # generations shown per step
+MAX_TEXT = 3000  # characters of a prompt or completion shown
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a run
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """Everything a report shows, read from the run directory's files."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{str(run)!r} is not a directory")
+    if not (run / "metrics.jsonl").is_file() and not (run / "config.toml").is_file():
+        raise FileNotFoundError(
+            f"{str(run)!r} has neither metrics.jsonl nor config.toml: is it a run directory?"
+        )
+    info = {}
+    if (run / "run.json").is_file():
+        info = json.loads((run / "run.json").read_text())
+    return {
+        "path": run,
+        "name": run.resolve().name,
+        "info": info,
+        "config_text": (run / "config.toml").read_text() if (run / "config.toml").is_file() else "",
+        "config": config_dict(run),
+        "metrics": read_jsonl(run / "metrics.jsonl"),
+        "samples": read_jsonl(run / "samples.jsonl"),
+        "evals": read_evals(run),
+    }
+
+
+def read_evals(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """label -> {"summary": {metric: value}, "examples": [...]} for eval_*.json files.
+
+    Order: before, step_<N> by N, after, then any other label. A file may hold the summary dict
+    itself or {"summary": {...}, "examples": [...]}.
+    """
+    found = {}
+    for p in Path(run_dir).glob("eval_*.json"):
+        obj = json.loads(p.read_text())
+        if not isinstance(obj, dict):
+            continue
+        if isinstance(obj.get("summary"), dict):
+            summary, examples = obj["summary"], obj.get("examples") or []
+        else:
+            summary, examples = obj, []
+        found[p.stem[len("eval_") :]] = {"summary": _flatten(summary), "examples": examples}
+
+    def order(label: str) -> tuple[int, float, str]:
+        m = re.fullmatch(r"step_?(\d+)", label)
+        if label == "before":
+            return (0, 0, label)
+        if m:
+            return (1, int(m.group(1)), label)
+        return (2, 0, label) if label == "after" else (3, 0, label)
+
+    return {k: found[k] for k in sorted(found, key=order)}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What the config implies
+
+
+def _find(cfg: dict[str, Any], names: Sequence[str], sections: Sequence[str] = ()) -> tuple:
+    """(dotted key, value) of the first of `names` with a numeric value: top level first, then
+    the given sections, then any section. (None, None) when absent."""
+    for name in names:
+        v = cfg.get(name)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return name, v
+    tables = [s for s in sections if isinstance(cfg.get(s), dict)]
+    tables += [s for s, v in cfg.items() if isinstance(v, dict) and s not in tables]
+    for name in names:
+        for s in tables:
+            v = cfg[s].get(name)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                return f"{s}.{name}", v
+    return None, None
+
+
+def implied(cfg: dict[str, Any], command: str = "") -> list[tuple[str, str, str]]:
+    """(quantity, value, how it follows from the config) for what the config keys make knowable.
+
+    Quantities whose keys are absent are left out. Batch sizes are per process: under
+    `accelerate launch --num_processes N` multiply by N.
+    """
+    rows: list[tuple[str, str, str]] = []
+    steps_key, steps = _find(cfg, STEPS_KEYS)
+    if steps is not None:
+        rows.append(("optimizer steps (training steps)", f"{steps:g}", steps_key))
+    bkey, batch = _find(cfg, PROMPTS_KEYS)
+    accum = (cfg.get("optim") or {}).get("grad_accum", 1) or 1
+    seq_key, seq = _find(cfg, SEQ_KEYS)
+    if command in OFFLINE:
+        if batch is not None:
+            what = "pairs" if command in ("dpo", "reward-model") else "examples"
+            rows.append((f"{what} per step", f"{batch * accum:g}", f"{bkey} x optim.grad_accum"))
+            if seq is not None:
+                n = batch * accum * seq * (2 if what == "pairs" else 1)
+                how = f"{bkey} x optim.grad_accum x {seq_key}" + (" x 2" if what == "pairs" else "")
+                rows.append(("tokens per step (at most)", f"{n:g}", how))
+            if steps is not None:
+                rows.append((f"{what} seen", f"{batch * accum * steps:g}", f"... x {steps_key}"))
+        return rows
+    if batch is None:
+        return rows
+    rows.append(("prompts per step", f"{batch:g}", bkey))
+    kkey, k = _find(cfg, SAMPLES_PER_PROMPT_KEYS, GEN_SECTIONS)
+    k = k or 1
+    samples = batch * k
+    rows.append(("samples per step", f"{samples:g}", f"{bkey} x {kkey}" if kkey else bkey))
+    ekey, epochs = _find(cfg, EPOCHS_KEYS)
+    mkey, mini = _find(cfg, MINIBATCH_KEYS)
+    ukey, micro = _find(cfg, MICRO_KEYS)
+    if mini is None and micro is not None:
+        mkey, mini = f"{ukey} x optim.grad_accum", micro * accum
+    epochs = epochs or 1
+    per_epoch = math.ceil(samples / mini) if mini else 1
+    how = f"{ekey or '1 epoch'} x ceil(samples / {mkey})" if mini else (ekey or "1 epoch, 1 batch")
+    rows.append(("optimizer updates per rollout", f"{epochs * per_epoch:g}", how))
+    gkey, new = _find(cfg, ("max_new_tokens",), GEN_SECTIONS)
+    if new is not None:
+        rows.append(("completion tokens per step (at most)", f"{samples * new:g}", f"... x {gkey}"))
+    if steps is not None:
+        rows.append(("samples generated in the run", f"{samples * steps:g}", f"... x {steps_key}"))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries
+
+
+def _direction(key: str) -> int:
+    """+1 if higher is better, -1 if lower is better, 0 if neither (KL, lengths, times...)."""
+    low = key.lower()
+    if re.search(r"loss|nll|perplexity|ppl|error|(^|/|_)err", low):
+        return -1
+    if re.search(r"reward|score|acc|win|pass|exact|rouge|f1|correct|margin", low):
+        return 1
+    return 0
+
+
+def summarize(records: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """key -> {first, final, best, best_step, n} over the logged steps (best None if no direction)."""
+    data = series(records)
+    out = {}
+    for k in keys:
+        if k not in data:
+            continue
+        xs, ys = data[k]
+        d = _direction(k)
+        i = max(range(len(ys)), key=lambda j: d * ys[j]) if d else None
+        out[k] = {
+            "first": ys[0],
+            "final": ys[-1],
+            "best": ys[i] if i is not None else None,
+            "best_step": xs[i] if i is not None else None,
+            "n": len(ys),
+        }
+    return out
+
+
+def headline_keys(keys: Sequence[str], limit: int = 8) -> list[str]:
+    """The keys worth a summary line: rewards, evaluation, losses, KL (in that order)."""
+    groups = group_metrics(keys)
+    picked: list[str] = []
+    for g in ("reward", "eval", "loss", "kl"):
+        picked += groups.get(g, [])[: max(1, limit // 3)]
+    return picked[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px; color: #222; }
+h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
+th { background: #f3f3f3; } td.num { text-align: right; font-family: monospace; }
+td.text { white-space: pre-wrap; max-width: 560px; font-family: monospace; font-size: 0.85em; }
+pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 0.85em; }
+img { display: block; max-width: 100%; margin: 8px 0; border: 1px solid #eee; }
+.muted { color: #777; } .up { color: #1a7f37; } .down { color: #b42318; }
+"""
+
+
+def esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def fmt(v: Any) -> str:
+    """A cell value as escaped text: numbers to 4 significant digits, long text cut."""
+    if v is None:
+        return '<span class="muted">-</span>'
+    if isinstance(v, bool):
+        return esc(v)
+    if isinstance(v, float):
+        return esc(f"{v:.4g}")
+    if isinstance(v, dict | list):
+        v = json.dumps(v)
+    s = str(v)
+    if len(s) > MAX_TEXT:
+        s = s[:MAX_TEXT] + f" ... [{len(s) - MAX_TEXT} more characters]"
+    return esc(s)
+
+
+def _cell(v: Any) -> str:
+    cls = "num" if isinstance(v, int | float) and not isinstance(v, bool) else "text"
+    return f'<td class="{cls}">{fmt(v)}</td>'
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img alt="{esc(Path(path).stem)}" src="data:image/png;base64,{data}">'
+
+
+def page(title: str, body: str) -> str:
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'  # no favicon request
+        f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+def eval_section(evals: dict[str, dict[str, Any]]) -> str:
+    if not evals:
+        return ""
+    labels = list(evals)
+    keys: list[str] = []
+    for e in evals.values():
+        keys += [k for k in e["summary"] if k not in keys]
+    header = ["metric", *labels]
+    rows = []
+    with_change = "before" in evals and "after" in evals
+    if with_change:
+        header.append("after - before")
+    for k in keys:
+        vals = [evals[lab]["summary"].get(k) for lab in labels]
+        row: list[Any] = [k, *vals]
+        if with_change:
+            b, a = evals["before"]["summary"].get(k), evals["after"]["summary"].get(k)
+            num = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
+            row.append(a - b if num else None)
+        rows.append(row)
+    out = ["<h2>Evaluation</h2>", table(header, rows)]
+    for lab, e in evals.items():
+        ex = [x for x in e["examples"] if isinstance(x, dict)][:SAMPLE_ROWS]
+        if ex:
+            cols = _columns(ex)
+            out.append(f"<details><summary>examples: {esc(lab)}</summary>")
+            out.append(table(cols, [[x.get(c) for c in cols] for x in ex]) + "</details>")
+    return "\n".join(out)
+
+
+def _columns(rows: Sequence[dict[str, Any]], skip: Sequence[str] = ()) -> list[str]:
+    first = [c for c in ("step", "prompt", "completion") if any(c in r for r in rows)]
+    cols = list(first)
+    for r in rows:
+        cols += [c for c in r if c not in cols and c not in skip]
+    return cols
+
+
+def pick_steps(steps: Sequence[int], k: int = SAMPLE_STEPS) -> list[int]:
+    """k steps spread evenly from the first to the last (all of them when there are k or fewer)."""
+    steps = sorted(set(steps))
+    if len(steps) <= k:
+        return steps
+    idx = sorted({round(i * (len(steps) - 1) / (k - 1)) for i in range(k)})
+    return [steps[i] for i in idx]
+
+
+def samples_section(samples: list[dict[str, Any]]) -> str:
+    if not samples:
+        return ""
+    shown = pick_steps([s.get("step", 0) for s in samples])
+    rows = []
+    for st in shown:
+        rows += [s for s in samples if s.get("step", 0) == st][:SAMPLE_ROWS]
+    cols = _columns(rows)
+    return (
+        f"<h2>Sample generations</h2><p class='muted'>{SAMPLE_ROWS} per step at steps "
+        f"{esc(', '.join(map(str, shown)))} (of {len(samples)} rows in samples.jsonl)</p>"
+        + table(cols, [[r.get(c) for c in cols] for r in rows])
+    )
+
+
+def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the HTML report of one run (default RUN_DIR/report.html) and its PNGs (RUN_DIR/plots)."""
+    r = load_run(run_dir)
+    run: Path = r["path"]
+    out = Path(out) if out else run / "report.html"
+    command = r["info"].get("command", "")
+    pngs = plot_records(r["metrics"], run / "plots", title=r["name"]) if r["metrics"] else []
+    keys = list(series(r["metrics"]))
+    last = r["metrics"][-1].get("step") if r["metrics"] else None
+    started = r["info"].get("started")
+    parts = [
+        f"<h1>{esc(r['name'])}</h1>",
+        "<p class='muted'>"
+        + esc(
+            f"command: {command or '?'} | run directory: {run.resolve()} | "
+            f"started: {time.strftime('%Y-%m-%d %H:%M', time.localtime(started)) if started else '?'} | "
+            f"logged steps: {len(r['metrics'])} (last step {last})"
+        )
+        + "</p>",
+    ]
+    summ = summarize(r["metrics"], headline_keys(keys))
+    if summ:
+        parts += [
+            "<h2>Summary</h2>",
+            table(
+                ["metric", "first", "final", "best", "at step"],
+                [[k, s["first"], s["final"], s["best"], s["best_step"]] for k, s in summ.items()],
+            ),
+        ]
+    rows = implied(r["config"], command)
+    if rows:
+        parts += ["<h2>What the config implies</h2>", table(["quantity", "value", "from"], rows)]
+        parts.append("<p class='muted'>batch sizes are per process (x N under accelerate)</p>")
+    parts.append(eval_section(r["evals"]))
+    if pngs:
+        parts.append("<h2>Training curves</h2>")
+        parts.append(
+            "<p class='muted'>thin: raw values; thick: exponential moving average over about a tenth of the run</p>"
+        )
+        parts += [img(p) for p in pngs]
+    elif not r["metrics"]:
+        parts.append("<p class='muted'>metrics.jsonl is empty: nothing to plot yet.</p>")
+    parts.append(samples_section(r["samples"]))
+    if r["config_text"]:
+        parts += ["<h2>Resolved config</h2>", f"<pre>{esc(r['config_text'])}</pre>"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page(f"posttrain report: {r['name']}", "\n".join(p for p in parts if p)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing runs
+
+
+def _flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(configs: Sequence[dict[str, Any]]) -> list[str]:
+    """Dotted config keys whose values differ between runs (run.* bookkeeping left out)."""
+    flats = [_flat_config(c) for c in configs]
+    keys: list[str] = []
+    for f in flats:
+        keys += [k for k in f if k not in keys]
+    ignore = ("run.name", "run.out_dir", "run.resume", "run.progress", "run.threads")
+    return [
+        k
+        for k in keys
+        if k not in ignore and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1
+    ]
+
+
+def run_labels(runs: Sequence[dict[str, Any]], diffs: Sequence[str]) -> list[str]:
+    """'beta=0.1' style labels from the differing config keys, else the directory names."""
+    if not diffs:
+        labels = [r["name"] for r in runs]
+    else:
+        short = [k.rsplit(".", 1)[-1] for k in diffs]
+        if len(set(short)) < len(short):
+            short = list(diffs)
+        labels = []
+        for r in runs:
+            flat = _flat_config(r["config"])
+            labels.append(", ".join(f"{s}={flat.get(k)}" for s, k in zip(short, diffs)))
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} ({r['name']})" for lab, r in zip(labels, runs)]
+    return labels
+
+
+def build_compare(
+    run_dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+) -> Path:
+    """Write one HTML page (and PNGs beside it) with several runs on the same axes."""
+    if len(run_dirs) < 1:
+        raise ValueError("compare needs at least one run directory")
+    runs = [load_run(d) for d in run_dirs]
+    if out is None:
+        parents = {r["path"].resolve().parent for r in runs}
+        out = (parents.pop() if len(parents) == 1 else Path.cwd()) / "compare.html"
+    out = Path(out)
+    diffs = config_differences([r["config"] for r in runs])
+    labels = run_labels(runs, [d for d in diffs if not d.startswith("model.")] or diffs)
+    pngs = plot_compare(
+        {lab: r["metrics"] for lab, r in zip(labels, runs)},
+        out.parent / f"{out.stem}_plots",
+        metrics=metrics,
+    )
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in series(r["metrics"]) if k not in keys]
+    shown = list(metrics) if metrics else headline_keys(keys, limit=6)
+    header = ["run", "directory", "steps"]
+    for k in shown:
+        header += [f"{k} final", f"{k} best"]
+    rows = []
+    for lab, r in zip(labels, runs):
+        s = summarize(r["metrics"], shown)
+        row: list[Any] = [lab, str(r["path"]), len(r["metrics"])]
+        for k in shown:
+            row += [s[k]["final"], s[k]["best"]] if k in s else [None, None]
+        rows.append(row)
+    parts = [
+        f"<h1>Comparing {len(runs)} runs</h1>",
+        "<h2>Summary</h2>",
+        table(header, rows),
+        "<p class='muted'>best: highest reward/score/accuracy, lowest loss; "
+        "blank where neither is better (KL, lengths, times)</p>",
+    ]
+    if diffs:
+        flats = [_flat_config(r["config"]) for r in runs]
+        parts += [
+            "<h2>Config differences</h2>",
+            table(["key", *labels], [[k, *[f.get(k) for f in flats]] for k in diffs]),
+        ]
+    if pngs:
+        parts += ["<h2>Curves</h2>", "<p class='muted'>thin: raw; thick: moving average</p>"]
+        parts += [img(p) for p in pngs]
+    evals = [(lab, r["evals"]) for lab, r in zip(labels, runs) if r["evals"]]
+    if evals:
+        ekeys: list[str] = []
+        for _, ev in evals:
+            for e in ev.values():
+                ekeys += [k for k in e["summary"] if k not in ekeys]
+        erows = []
+        for lab, ev in evals:
+            for when, e in ev.items():
+                erows.append([lab, when, *[e["summary"].get(k) for k in ekeys]])
+        parts += ["<h2>Evaluation</h2>", table(["run", "when", *ekeys], erows)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page("posttrain compare", "\n".join(parts)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def cli(command: str, argv: list[str]) -> int:
+    """`posttrain report RUN_DIR [--out FILE]`, `posttrain compare RUN_DIR... [--out] [--metric]`."""
+    if command == "report":
+        p = argparse.ArgumentParser(
+            prog="posttrain report",
+            description="Build a self-contained HTML report (config, curves, evals, samples).",
+        )
+        p.add_argument("run_dir", help="a run directory (holds metrics.jsonl, config.toml)")
+        p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+        a = p.parse_args(argv)
+        try:
+            path = build_report(a.run_dir, a.out)
+        except FileNotFoundError as e:
+            p.error(str(e))
+    else:
+        p = argparse.ArgumentParser(
+            prog="posttrain compare",
+            description="Put several runs on the same axes (a KL or beta sweep) in one HTML page.",
+        )
+        p.add_argument("run_dirs", nargs="+", help="run directories to compare")
+        p.add_argument("--out", help="HTML file to write (default: PARENT/compare.html)")
+        p.add_argument(
+            "--metric",
+            action="append",
+            help="a metric to plot and summarise (repeatable; default: all plotted, main ones summarised)",
+        )
+        a = p.parse_args(argv)
+        try:
+            path = build_compare(a.run_dirs, a.out, a.metric)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+    print(f"wrote {path}")
+    return 0
+
+
+__all__ = ["build_compare", "build_report", "cli", "implied", "read_evals", "summarize"]
