@@ -1,0 +1,118 @@
+"""The value function for PPO: a scalar head on a causal LM's last hidden states.
+
+    ActorCritic(policy, ValueHead(H))            value head on the policy's own trunk
+    ActorCritic(policy, ValueHead(H), critic)    a separate critic model with the head on its trunk
+
+`ActorCritic.forward` runs one forward pass per model and returns the logits that predict each
+completion token and the value of the state before that token, both (B, T): position t of the
+sequence sees the prompt and completion[:t], predicts completion[t] and estimates the return from
+there. The head reads the last layer's hidden states (after the final norm, the same vectors the LM
+head reads), so with a shared trunk the value gradient also trains the policy's layers (or its LoRA
+adapter), as in Ziegler et al. (2019) and TRL's `AutoModelForCausalLMWithValueHead`.
+
+The head is saved as safetensors (`value_head.safetensors`, keys `summary.weight`,
+`summary.bias`) next to the policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+class ValueHead(nn.Module):
+    """Linear(hidden, 1) in fp32. Zero-initialised, so every value starts at 0 and the first
+    value-loss gradients come from the returns alone."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) hidden states -> (B, T) values."""
+        return self.summary(hidden.float()).squeeze(-1)
+
+
+def hidden_size(model: nn.Module) -> int:
+    """The trunk width of a (possibly peft-wrapped) causal LM."""
+    cfg = model.config
+    size = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if size is None:
+        raise ValueError(f"cannot read the hidden size of a {type(model).__name__}")
+    return int(size)
+
+
+def _trunk_forward(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
+):
+    from posttrain.ops import position_ids_from_mask
+
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        logits_to_keep=n_completion + 1,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+
+
+class ActorCritic(nn.Module):
+    """The policy and its value function as one module (one optimizer, one gradient clip, one
+    `accelerate.prepare`). `policy` is a causal LM (or a peft model around one)."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead, critic: nn.Module | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.critic = critic
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        n_completion: int,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, T, V) predicting the last T = n_completion tokens, values (B, T)."""
+        out = _trunk_forward(self.policy, input_ids, attention_mask, n_completion)
+        logits = out.logits[:, :-1]  # (B, T, V): position t predicts token t + 1
+        if temperature != 1.0:
+            logits = logits / temperature
+        if self.critic is None:
+            hidden = out.hidden_states[-1]
+        else:
+            hidden = _trunk_forward(self.critic, input_ids, attention_mask, n_completion)
+            hidden = hidden.hidden_states[-1]
+        # the hidden state that predicts completion token t is the state before token t
+        values = self.value_head(hidden[:, -(n_completion + 1) : -1])  # (B, T)
+        return logits, values
+
+
+def save_value_head(head: ValueHead, folder: str | Path) -> Path:
+    """Write `folder/value_head.safetensors`."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / VALUE_HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path))
+    return path
+
+
+def load_value_head(folder: str | Path, device: torch.device | str | None = None) -> ValueHead:
+    """Read a head written by `save_value_head` (the hidden size comes from the weights)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VALUE_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {VALUE_HEAD_FILE} in {str(folder)!r}")
+    state = load_file(str(path))
+    head = ValueHead(state["summary.weight"].shape[1])
+    head.load_state_dict(state)
+    return head.to(device) if device is not None else head

@@ -1,0 +1,239 @@
+"""PPO maths against hand-computed numbers, and the value head / rollout scoring on a tiny model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.algos.ppo import (
+    AdaptiveKLController,
+    Config,
+    FixedKLController,
+    KLConfig,
+    build_reference,
+    entropy_loss,
+    explained_variance,
+    merged_generation,
+    per_token_rewards,
+    policy_loss,
+    score_rollout,
+    step_rows,
+    trim,
+    value_loss,
+)
+from posttrain.config import load_config
+from posttrain.rollout import GenerationConfig
+from posttrain.value_head import (
+    ActorCritic,
+    ValueHead,
+    hidden_size,
+    load_value_head,
+    save_value_head,
+)
+
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+
+
+def test_policy_loss_hand_computed():
+    """eps = 0.2, four real tokens (the third column is padding holding junk):
+
+    ratio 1.5, adv +1: -1.5 vs clipped -1.2 -> max -1.2 (clipped)
+    ratio 0.5, adv -1:  0.5 vs clipped  0.8 -> max  0.8 (clipped)
+    ratio 1.1, adv -2:  2.2 vs clipped  2.2 ->      2.2 (inside the range)
+    ratio 0.5, adv +2: -1.0 vs clipped -1.6 -> max -1.0 (unclipped: the pessimistic term)
+    token mean = (-1.2 + 0.8 + 2.2 - 1.0) / 4 = 0.2; clipfrac = 2 / 4.
+    """
+    ratio = torch.tensor([[1.5, 0.5, 9.0], [1.1, 0.5, 9.0]])
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.0]])
+    adv = torch.tensor([[1.0, -1.0, 5.0], [-2.0, 2.0, 5.0]])
+    loss, m = policy_loss(old + ratio.log(), old, adv, MASK, cliprange=0.2)
+    assert loss.item() == pytest.approx(0.2, abs=1e-6)
+    assert m["clipfrac"].item() == pytest.approx(0.5)
+    # approx_kl = mean((r - 1) - log r)
+    r = torch.tensor([1.5, 0.5, 1.1, 0.5])
+    assert m["approx_kl"].item() == pytest.approx(((r - 1) - r.log()).mean().item(), abs=1e-6)
+    # seq_mean: row means (-1.2 + 0.8) / 2 = -0.2 and (2.2 - 1.0) / 2 = 0.6 -> 0.2 as well
+    loss_seq, _ = policy_loss(
+        old + ratio.log(), old, adv, MASK, cliprange=0.2, reduction="seq_mean"
+    )
+    assert loss_seq.item() == pytest.approx(0.2, abs=1e-6)
+
+
+def test_value_loss_hand_computed():
+    """c = 0.2, loss_t = 0.5 * max((v - R)^2, (v_clip - R)^2):
+
+    v 1.0, old 0.5, R 1.5:   v_clip 0.7;  0.25 vs 0.64 -> 0.32 (clipped)
+    v 0.0, old 0.1, R -1.0:  v_clip 0.0;  1.00 vs 1.00 -> 0.50
+    v 2.0, old 1.0, R 2.0:   v_clip 1.2;  0.00 vs 0.64 -> 0.32 (clipped)
+    v -0.5, old 0.0, R 0.5:  v_clip -0.2; 1.00 vs 0.49 -> 0.50 (moving away: unclipped)
+    token mean = 1.64 / 4 = 0.41; vf_clipfrac = 2 / 4.
+    """
+    values = torch.tensor([[1.0, 0.0, 7.0], [2.0, -0.5, 7.0]])
+    old = torch.tensor([[0.5, 0.1, 0.0], [1.0, 0.0, 0.0]])
+    returns = torch.tensor([[1.5, -1.0, -7.0], [2.0, 0.5, -7.0]])
+    loss, m = value_loss(values, old, returns, MASK, cliprange_value=0.2)
+    assert loss.item() == pytest.approx(0.41, abs=1e-6)
+    assert m["vf_clipfrac"].item() == pytest.approx(0.5)
+
+
+def test_entropy_loss_uniform():
+    """Uniform logits over V = 4: entropy ln 4 at every token, loss -ln 4."""
+    from posttrain.ops import entropy_from_logits
+
+    ent = entropy_from_logits(torch.zeros(2, 3, 4))
+    loss, m = entropy_loss(ent, MASK)
+    assert loss.item() == pytest.approx(-math.log(4), abs=1e-6)
+    assert m["entropy"].item() == pytest.approx(math.log(4), abs=1e-6)
+
+
+def test_on_policy_clipped_loss_is_reinforce_with_advantage():
+    """With one epoch on the rollout batch, logp == old_logp, so ratio = 1 and clipping is
+    inactive: the loss is -mean(adv) and its gradient is that of -mean(adv * logp)."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(2, 3) * 3).requires_grad_()
+    adv = torch.randn(2, 3)
+    loss, m = policy_loss(logp, logp.detach(), adv, MASK, cliprange=0.2)
+    (grad,) = torch.autograd.grad(loss, logp)
+    logp2 = logp.detach().clone().requires_grad_()
+    reinforce = -(adv * logp2 * MASK).sum() / MASK.sum()
+    (grad2,) = torch.autograd.grad(reinforce, logp2)
+    assert torch.allclose(grad, grad2)
+    assert loss.item() == pytest.approx(-((adv * MASK).sum() / MASK.sum()).item(), abs=1e-6)
+    assert m["ratio"].item() == 1.0 and m["clipfrac"].item() == 0.0
+
+
+def test_zero_advantage_gives_zero_policy_gradient():
+    logp = (-torch.rand(2, 3)).requires_grad_()
+    old = logp.detach() + torch.randn(2, 3) * 0.3  # off-policy: ratios far from 1
+    loss, _ = policy_loss(logp, old, torch.zeros(2, 3), MASK, cliprange=0.2)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_adaptive_kl_controller_update_rule():
+    """beta = 0.2, target 6, horizon 10000, n_steps 256 samples:
+
+    KL 9.0: e = clip(9/6 - 1 = 0.5) = 0.2;   beta = 0.2 * (1 + 0.2 * 0.0256) = 0.201024
+    KL 5.4: e = 5.4/6 - 1 = -0.1;            beta = 0.201024 * (1 - 0.00256) = 0.20050937...
+    KL 0.0: e = clip(-1) = -0.2;             beta *= 1 - 0.00512
+    """
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(9.0, n_steps=256)
+    assert ctl.value == pytest.approx(0.201024, rel=1e-12)
+    ctl.update(5.4, n_steps=256)
+    assert ctl.value == pytest.approx(0.201024 * 0.99744, rel=1e-12)
+    before = ctl.value
+    ctl.update(0.0, n_steps=256)
+    assert ctl.value == pytest.approx(before * 0.99488, rel=1e-12)
+    other = AdaptiveKLController(0.2, 6.0, 10000)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == ctl.value
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, n_steps=256)
+    assert fixed.value == 0.05
+
+
+def test_explained_variance():
+    """values [1, 2, 3, 4], returns [2, 2, 4, 4]: residual [1, 0, 1, 0] has variance 0.25 (pop.),
+    returns have variance 1, so EV = 1 - 0.25 / 1 = 0.75. A perfect critic gives 1."""
+    values = torch.tensor([[1.0, 2.0, 50.0], [3.0, 4.0, -50.0]])
+    returns = torch.tensor([[2.0, 2.0, 0.0], [4.0, 4.0, 0.0]])
+    assert explained_variance(values, returns, MASK).item() == pytest.approx(0.75, abs=1e-6)
+    assert explained_variance(returns, returns, MASK).item() == pytest.approx(1.0)
+
+
+def test_per_token_rewards():
+    """beta 0.5; row 0 has 3 tokens, row 1 one: -beta * kl everywhere, score at the last token."""
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    r = per_token_rewards(torch.tensor([1.0, 2.0]), kl, mask, beta=0.5)
+    expected = torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.25 + 2.0, 0.0, 0.0]])
+    assert torch.allclose(r, expected)
+    # an invalid (fully masked) row gets nothing
+    r0 = per_token_rewards(torch.tensor([3.0]), torch.ones(1, 2), torch.zeros(1, 2), beta=0.5)
+    assert torch.count_nonzero(r0) == 0
+
+
+def test_step_rows_covers_each_epoch_and_is_deterministic():
+    rows = [{"i": i} for i in range(10)]
+    first_epoch = [r["i"] for s in range(1, 6) for r in step_rows(rows, s, 2, seed=3)]
+    assert sorted(first_epoch) == list(range(10))
+    assert step_rows(rows, 7, 4, seed=3) == step_rows(rows, 7, 4, seed=3)
+    assert step_rows(rows, 1, 10, seed=3) != step_rows(rows, 1, 10, seed=4)
+
+
+def test_merged_generation_keeps_task_defaults_unless_changed():
+    task_gen = GenerationConfig(max_new_tokens=48, stop=["\n\n"], chat=True)
+    g = merged_generation(task_gen, GenerationConfig(temperature=0.7))
+    assert (g.max_new_tokens, g.stop, g.chat, g.temperature) == (48, ["\n\n"], True, 0.7)
+
+
+def test_config_validation_and_shipped_config():
+    with pytest.raises(Exception, match="mini_batch_size"):
+        load_config(Config, None, ["--batch_size=2", "--mini_batch_size=4"])
+    with pytest.raises(Exception, match="temperature"):
+        load_config(Config, None, ["--gen.temperature=0"])
+    path = Path(__file__).parents[2] / "configs" / "ppo_summarization.toml"
+    cfg = load_config(Config, path)
+    assert cfg.task.name == "summarization" and cfg.kl.controller == "adaptive"
+
+
+# ---------------------------------------------------------------------------------------------
+# On the tiny model
+
+
+def test_value_head_save_load_round_trip(tmp_path):
+    head = ValueHead(8)
+    torch.nn.init.normal_(head.summary.weight)
+    head.summary.bias.data.fill_(0.5)
+    save_value_head(head, tmp_path)
+    back = load_value_head(tmp_path)
+    h = torch.randn(2, 3, 8)
+    assert torch.equal(head(h), back(h))
+    with pytest.raises(FileNotFoundError):
+        load_value_head(tmp_path / "nowhere")
+
+
+def test_actor_critic_values_read_the_state_before_each_token(tiny):
+    """values[:, t] is the head applied to the hidden state that predicts completion token t."""
+    model, _ = tiny
+    head = ValueHead(hidden_size(model))
+    torch.nn.init.normal_(head.summary.weight)
+    ac = ActorCritic(model, head)
+    ids = torch.randint(3, 300, (2, 7))
+    attn = torch.ones_like(ids)
+    logits, values = ac(ids, attn, 3)
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+    assert torch.allclose(logits, out.logits[:, 3:6], atol=1e-5)
+    assert torch.allclose(values, head(out.hidden_states[-1][:, 3:6]), atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_score_rollout_matches_sampling_logps(tiny, lora):
+    """Teacher-forced log-probs of the sampled tokens equal the sampler's (the ratio starts at 1);
+    a fresh reference (a frozen copy, or the adapter switched off) gives zero KL."""
+    from posttrain.config import LoraConfig
+    from posttrain.models import apply_lora
+    from posttrain.rollout import generate
+
+    model, tok = tiny
+    if lora:
+        model = apply_lora(model, LoraConfig(enabled=True, r=4))
+    torch.manual_seed(0)
+    gen = GenerationConfig(max_new_tokens=6, temperature=1.0)
+    ro = generate(model, tok, ["hello world", "The quick brown fox jumps"], gen)
+    ac = ActorCritic(model, ValueHead(hidden_size(model)))
+    ref = build_reference(model, KLConfig(coef=0.1))
+    assert ref is not None and ref.disable_adapter == lora
+    s = score_rollout(ac, ref, ro, temperature=1.0, batch_size=1, exact=True)
+    mask = ro.completion_mask.float()
+    assert torch.allclose(s["old_logp"], ro.logp * mask, atol=1e-4)
+    assert torch.allclose(s["ref_logp"], s["old_logp"], atol=1e-5)
+    assert s["exact_kl"].abs().max().item() < 1e-5
+    ids, attn, cols = trim(ro, torch.tensor([0]))
+    assert attn[0, 0] == 1 and cols.stop == int(ro.completion_mask[0].sum())
+    assert build_reference(model, KLConfig(coef=0.0)) is None
