@@ -1,0 +1,328 @@
+"""`posttrain report` / `posttrain compare` through the CLI, opened in a real headless chromium.
+
+The browser is Debian's chromium (`make test` installs it when run as root), driven over the
+DevTools protocol on a pipe: no extra Python package, no port to pick. The check: the page loads,
+nothing is logged at error level (console, uncaught exceptions, failed loads), every image is
+decoded (naturalWidth > 0) and nothing is fetched from anywhere but data: URIs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+
+XSS = "<img src=x onerror=\"console.error('xss')\"><script>console.error('xss')</script>"
+
+# ---- a run directory as the training commands write it -------------------------------------
+
+
+def fake_run(root: Path, name: str, beta: float, steps: int = 12) -> Path:
+    """config.toml, run.json, metrics.jsonl (rewards, KL, losses, times...), samples, evals."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(
+        f"steps = {steps}\nbatch_size = 2\nkl_coef = {beta}\n\n[gen]\nn = 4\nmax_new_tokens = 16\n"
+        f'\n[run]\nname = "{name}"\nseed = 0\n'
+    )
+    (run / "run.json").write_text(json.dumps({"command": "grpo", "started": 1.7e9}))
+    with open(run / "metrics.jsonl", "w") as f:
+        for s in range(1, steps + 1):
+            rec = {
+                "step": s,
+                "reward": s / steps,
+                "reward/format": 0.5 + 0.01 * s,
+                "kl": beta * s,
+                "loss": 1 / s,
+                "loss/pg": -0.1 * s,
+                "entropy": 2.0 - 0.05 * s,
+                "completion_len": 10 + s,
+                "lr": 1e-5,
+                "time/generate": 1.0,
+                "time/score": 0.1,
+                "time/train": 0.5,
+                "grad_norm": 0.3,
+                "note": "text is not plotted",
+            }
+            if s % 5 == 0:
+                rec["eval/accuracy"] = 0.1 * s
+            f.write(json.dumps(rec) + "\n")
+    with open(run / "samples.jsonl", "w") as f:
+        for s in range(2, steps + 1, 2):
+            for i in range(5):
+                row = {"step": s, "prompt": f"{XSS} prompt {i}", "completion": f"answer {s}.{i} &"}
+                f.write(json.dumps({**row, "reward": s / steps, "reward/format": 1.0}) + "\n")
+    (run / "eval_before.json").write_text(
+        json.dumps({"summary": {"accuracy": 0.2}, "examples": [{"prompt": XSS, "correct": False}]})
+    )
+    (run / "eval_after.json").write_text(json.dumps({"accuracy": 0.2 + beta}))
+    return run
+
+
+# ---- headless chromium over the DevTools protocol ------------------------------------------
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+
+# what the page shows, evaluated in it after the load event
+PAGE_FACTS = """(() => {
+  const imgs = [...document.images];
+  return {
+    title: document.title,
+    images: imgs.length,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt || i.src),
+    fetched: performance.getEntriesByType('resource').map(e => e.name),
+    links: [...document.querySelectorAll('[src],[href]')]
+      .map(e => e.getAttribute('src') || e.getAttribute('href')),
+    scripts: document.scripts.length,
+    text: document.body.innerText,
+  };
+})()"""
+
+
+def find_chromium() -> str | None:
+    for name in (os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+class Browser:
+    """Chromium with --remote-debugging-pipe: it reads commands on fd 3 and writes replies and
+    events on fd 4, each a JSON message ended by a NUL byte."""
+
+    def __init__(self, exe: str, profile: Path, log: Path):
+        to_chrome, self._w = os.pipe()
+        self._r, from_chrome = os.pipe()
+        # the pipe ends come in as the shell's stdin/stdout, which it moves to fds 3 and 4
+        script = 'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>&2'
+        self.log = log
+        with open(log, "wb") as err:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", script, exe, *FLAGS, f"--user-data-dir={profile}"]
+                + ["--remote-debugging-pipe", "about:blank"],
+                stdin=to_chrome,
+                stdout=from_chrome,
+                stderr=err,
+            )
+        os.close(to_chrome)
+        os.close(from_chrome)
+        self._buf = b""
+        self._id = 0
+        self.events: list[dict] = []
+
+    def _next(self, deadline: float) -> dict:
+        while b"\0" not in self._buf:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self._r], [], [], max(left, 0))
+            if not ready:
+                raise TimeoutError(f"chromium did not answer; its log:\n{self.log.read_text()}")
+            chunk = os.read(self._r, 1 << 20)
+            if not chunk:
+                raise RuntimeError(f"chromium closed the pipe; its log:\n{self.log.read_text()}")
+            self._buf += chunk
+        msg, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None) -> dict:
+        self._id += 1
+        msg: dict = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + 30
+        while True:
+            m = self._next(deadline)
+            if m.get("id") == self._id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m.get("result", {})
+            self.events.append(m)
+
+    def wait_for(self, method: str, session: str, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for e in self.events[seen:]:
+                if e.get("method") == method and e.get("sessionId") == session:
+                    return e
+            seen = len(self.events)
+            self.events.append(self._next(deadline))
+
+    def check(self, path: Path) -> dict:
+        """Open a file; return the page facts plus `errors`: everything logged at error level."""
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})
+        session = session["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            self.send(f"{domain}.enable", session=session)
+        nav = self.send("Page.navigate", {"url": path.resolve().as_uri()}, session)
+        assert "errorText" not in nav, nav
+        self.wait_for("Page.loadEventFired", session)
+        facts = self.send(
+            "Runtime.evaluate", {"expression": PAGE_FACTS, "returnByValue": True}, session
+        )["result"]["value"]
+        errors = []
+        for e in self.events:
+            if e.get("sessionId") != session:
+                continue
+            p = e.get("params", {})
+            if e["method"] == "Runtime.exceptionThrown":
+                errors.append(p["exceptionDetails"].get("text", "exception"))
+            elif e["method"] == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
+                errors.append(" ".join(str(a.get("value", a)) for a in p["args"]))
+            elif e["method"] == "Log.entryAdded" and p["entry"]["level"] == "error":
+                errors.append(f"{p['entry']['text']} {p['entry'].get('url', '')}".strip())
+        self.send("Target.closeTarget", {"targetId": target})
+        return {**facts, "errors": errors}
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+        except (RuntimeError, TimeoutError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._r)
+        os.close(self._w)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip(
+            "chromium not found: the report's browser check needs it "
+            "(`apt-get install chromium` as root; `make test` does this), or set CHROMIUM=/path"
+        )
+    tmp = tmp_path_factory.mktemp("chromium")
+    b = Browser(exe, tmp / "profile", tmp / "chromium.log")
+    yield b
+    b.close()
+
+
+def assert_clean(facts: dict, images: int) -> None:
+    assert facts["errors"] == [], facts["errors"]
+    assert facts["broken"] == [], facts["broken"]
+    assert facts["images"] == images
+    assert all(u.startswith("data:") for u in facts["fetched"] + facts["links"]), facts
+    assert facts["scripts"] == 0  # the report needs none, and model output must not become one
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+
+def test_browser_check_catches_errors_and_broken_images(browser, tmp_path):
+    """The harness itself: a page with a missing image and a console error fails the check."""
+    bad = tmp_path / "bad.html"
+    bad.write_text(
+        '<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+        '<img alt="gone" src="missing.png"><script>console.error("boom")</script></body></html>'
+    )
+    facts = browser.check(bad)
+    assert facts["broken"] == ["gone"]
+    assert any("boom" in e for e in facts["errors"])
+    assert any("missing.png" in e for e in facts["errors"])  # the failed load is logged too
+
+
+def test_report_from_a_run_directory(browser, tmp_path, capsys):
+    run = fake_run(tmp_path, "grpo-a", beta=0.05)
+    assert main(["report", str(run)]) == 0
+    out = run / "report.html"
+    assert f"wrote {out}" in capsys.readouterr().out
+    pngs = sorted(p.name for p in (run / "plots").glob("*.png"))
+    groups = ("reward", "kl", "loss", "entropy", "length", "lr", "time", "eval", "other")
+    assert pngs == sorted(f"{g}.png" for g in groups)
+    text = out.read_text()
+    # every section, and model output shown as text, never as markup
+    for h in ("Summary", "What the config implies", "Evaluation", "Training curves"):
+        assert f"<h2>{h}</h2>" in text
+    assert "Sample generations" in text and "Resolved config" in text
+    assert XSS not in text and "&lt;script&gt;console.error(&#x27;xss&#x27;)" in text
+    facts = browser.check(out)
+    assert_clean(facts, images=len(pngs))
+    assert facts["title"] == "posttrain report: grpo-a"
+    # implied numbers: 2 prompts x 4 samples = 8 samples per step, 8 x 16 = 128 tokens
+    assert re.search(r"samples per step\s+8\b", facts["text"])
+    assert re.search(r"completion tokens per step \(at most\)\s+128\b", facts["text"])
+    # samples table: 4 steps spread over 2..12, 4 rows each; eval before/after with the change
+    assert "at steps 2, 6, 8, 12" in facts["text"]
+    assert facts["text"].count("answer 12.") == 4 and "answer 12.4" not in facts["text"]
+    assert re.search(r"accuracy\s+0\.2\s+0\.25\s+0\.05", facts["text"])
+
+
+def test_report_out_option_and_errors(tmp_path):
+    run = fake_run(tmp_path, "r", beta=0.1, steps=3)
+    (run / "samples.jsonl").unlink()
+    for f in run.glob("eval_*.json"):
+        f.unlink()
+    out = tmp_path / "elsewhere" / "r.html"
+    assert main(["report", str(run), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Sample generations" not in text and "<h2>Evaluation</h2>" not in text
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "nope")])
+    assert e.value.code == 2
+
+
+def test_compare_runs_on_the_same_axes(browser, tmp_path):
+    runs = [fake_run(tmp_path, f"kl-{b}", beta=b) for b in (0.01, 0.1, 0.5)]
+    assert main(["compare", *map(str, runs)]) == 0
+    out = tmp_path / "compare.html"
+    pngs = list((tmp_path / "compare_plots").glob("*.png"))
+    assert len(pngs) == 9
+    facts = browser.check(out)
+    assert_clean(facts, images=9)
+    # labelled by the config key that differs; summary table has final and best values
+    for b in (0.01, 0.1, 0.5):
+        assert f"kl_coef={b}" in facts["text"]
+    assert re.search(r"kl_coef=0\.5\s+\S+kl-0\.5\s+12\s+1\s+1\b", facts["text"])  # reward 1 / 1
+
+    # --metric keeps only the named curves; an unknown one is a clear error
+    out2 = tmp_path / "sub" / "kl.html"
+    assert main(["compare", *map(str, runs), "--metric", "kl", "--out", str(out2)]) == 0
+    assert [p.name for p in (out2.parent / "kl_plots").glob("*.png")] == ["kl.png"]
+    assert_clean(browser.check(out2), images=1)
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(runs[0]), "--metric", "nope", "--out", str(out2)])
+    assert e.value.code == 2
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from posttrain.config import RunConfig
+    from posttrain.runs import Run
+
+    run = Run.start(RunConfig(out_dir=str(tmp_path), name="tb", tensorboard=True), "sft")
+    for step in (1, 2, 3):
+        run.log(step, {"loss": 1.0 / step, "reward.total": 2.0 * step, "note": "x"}, echo=False)
+    run.close()
+    events = list((run.path / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["loss", "reward/total"]
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert got == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
