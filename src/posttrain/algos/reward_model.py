@@ -1,0 +1,244 @@
+"""Reward model training on preference pairs with the Bradley-Terry loss (Ouyang et al. 2022).
+
+A sequence-classification head with one output (num_labels=1) on a causal LM (the head reads the
+last token) or an encoder (the head reads the first token) scores prompt + completion text:
+
+    loss = -log sigmoid(r(x, y_w) - r(x, y_l) - margin)
+
+with an optional constant margin (Llama 2 uses per-pair margins). Chosen and rejected go through
+the model in one concatenated batch. Full fine-tuning or LoRA (the head is always trained). The
+final model is saved as a plain `AutoModelForSequenceClassification` directory (LoRA merged) with
+its tokenizer, so the online-RL reward interface loads it by path (`model:RUN/final`).
+
+    posttrain reward-model --data.source=pairs.jsonl --model default --lora.enabled=true
+    posttrain reward-model --config configs/reward_model_sentiment.toml
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.models import ModelLoadError
+from posttrain.ops import position_ids_from_mask
+from posttrain.preferences import (
+    BuildConfig,
+    PairsConfig,
+    collate_sequences,
+    pair_records,
+    step_micro_batches,
+    steps_per_epoch,
+    tokenize_pairs,
+)
+from posttrain.tasks.base import TaskConfig
+
+Metrics = dict[str, torch.Tensor]
+
+
+@dataclass
+class Config:
+    ALIASES: ClassVar[dict[str, str]] = {"model": "model.name", "data": "data.source"}
+    margin: float = 0.0
+    """required score gap: loss = -log sigmoid(r_chosen - r_rejected - margin)"""
+    epochs: int = 1
+    """passes over the training pairs"""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0: epochs decide)"""
+    batch_size: int = 8
+    """pairs per micro-batch (2x rows in the forward pass); x optim.grad_accum per step"""
+    eval_every: int = 0
+    """held-out accuracy every this many steps (0: at the end only)"""
+    eval_batch_size: int = 16
+    """pairs per forward pass when evaluating"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    run: RunConfig = field(default_factory=RunConfig)
+    data: PairsConfig = field(default_factory=PairsConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.optim.grad_accum < 1:
+            raise ConfigError("batch_size and optim.grad_accum must be at least 1")
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, *, margin: float = 0.0
+) -> tuple[torch.Tensor, Metrics]:
+    """-log sigmoid(r_chosen - r_rejected - margin), mean over pairs. Scores (B,).
+
+    accuracy counts pairs with r_chosen > r_rejected (a tie is wrong); margin is the mean gap."""
+    gap = r_chosen - r_rejected  # (B,)
+    loss = -F.logsigmoid(gap - margin).mean()
+    g = gap.detach()
+    return loss, {
+        "loss": loss.detach(),
+        "accuracy": (g > 0).float().mean(),
+        "margin": g.mean(),
+        "rewards/chosen": r_chosen.detach().mean(),
+        "rewards/rejected": r_rejected.detach().mean(),
+    }
+
+
+def is_decoder_head(model: Any) -> bool:
+    """Causal-LM classifiers name their head `score` and read the last token; encoders do not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return hasattr(base, "score")
+
+
+def load_reward_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device) -> tuple[Any, Any]:
+    """A 1-output sequence classifier on top of a causal LM or encoder (+ LoRA), and its tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models import embedded_dir, load_tokenizer, pick_dtype, resolve
+
+    kind, path = resolve(cfg.name)
+    if kind in ("gguf", "adapter"):
+        raise ModelLoadError(
+            f"reward models start from a model directory or hub id, not a {kind} ({cfg.name!r}); "
+            "merge the adapter first (posttrain merge) or use the base model"
+        )
+    src = str(embedded_dir() if kind == "embedded" else (path or cfg.name))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        src,
+        num_labels=1,
+        dtype=pick_dtype(cfg.dtype, device),
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+    tok = load_tokenizer(cfg.name, cfg.trust_remote_code)
+    model.config.pad_token_id = tok.pad_token_id  # the head finds the last non-pad token with it
+    if lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        targets: Any = (
+            "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+        )
+        peft_cfg = PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            task_type="SEQ_CLS",  # keeps the new head fully trainable (modules_to_save)
+        )
+        model = get_peft_model(model, peft_cfg)
+    model.to(device)
+    model.train()
+    return model, tok
+
+
+def pair_scores(model: Any, items: list[dict[str, Any]], pad_id: int) -> torch.Tensor:
+    """Scores (2B,) of chosen rows then rejected rows, in one forward pass."""
+    decoder = is_decoder_head(model)
+    ids, attn = collate_sequences(items, pad_id, left=decoder)
+    device = next(model.parameters()).device
+    ids, attn = ids.to(device), attn.to(device)
+    kwargs = {"position_ids": position_ids_from_mask(attn)} if decoder else {}
+    return model(input_ids=ids, attention_mask=attn, **kwargs).logits[:, 0].float()
+
+
+@torch.no_grad()
+def heldout_metrics(
+    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int, margin: float
+) -> dict[str, float]:
+    """Pairwise accuracy, mean margin and loss over held-out pairs."""
+    was_training = model.training
+    model.eval()
+    scores = torch.cat(
+        [
+            torch.stack(pair_scores(model, items[s : s + batch_size], pad_id).chunk(2), 1)
+            for s in range(0, len(items), batch_size)
+        ]
+    )  # (N, 2): chosen, rejected
+    model.train(was_training)
+    _, m = bradley_terry_loss(scores[:, 0], scores[:, 1], margin=margin)
+    return {f"eval/{k}": float(v) for k, v in m.items()}
+
+
+def main(cfg: Config) -> int:
+    from posttrain.train import StopOnInterrupt, build_optimizer, build_scheduler, clip_and_step
+    from posttrain.train import start
+
+    acc, run = start(cfg, "reward-model")
+    train_recs, eval_recs = pair_records(cfg, run.path)
+    if cfg.build.only:
+        print(f"pairs written to {run.path / 'pairs.jsonl'}")
+        return 0
+    model, tok = load_reward_model(cfg.model, cfg.lora, acc.device)
+    train_items, counts = tokenize_pairs(tok, train_recs, cfg.data, joined=True)
+    eval_items = tokenize_pairs(tok, eval_recs, cfg.data, joined=True)[0] if eval_recs else []
+    run.write_json(
+        "data_stats.json", {"train": len(train_items), "eval": len(eval_items), **counts}
+    )
+    pad = tok.pad_token_id
+    micro, accum = cfg.batch_size, cfg.optim.grad_accum
+    spe = steps_per_epoch(len(train_items), micro, accum)
+    total = cfg.max_steps or cfg.epochs * spe
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, total)
+    model, opt = acc.prepare(model, opt)
+    state: dict[str, Any] = {}
+    if cfg.run.resume:
+        state = run.load_checkpoint({"model": acc.unwrap_model(model)}, opt, sched)
+    elif eval_items:
+        run.log(0, heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin))
+
+    def save(step: int) -> None:
+        cursor = {"epoch": step // spe, "batch_in_epoch": step % spe}
+        run.save_checkpoint(step, {"model": acc.unwrap_model(model)}, opt, sched, cursor)
+
+    step = state.get("step", 0)
+    with StopOnInterrupt() as stop:
+        while step < total and not stop.requested:
+            t0 = time.perf_counter()
+            lr = sched.get_last_lr()[0]
+            sums: dict[str, float] = {}
+            for idx in step_micro_batches(step, len(train_items), micro, accum, cfg.run.seed):
+                r_chosen, r_rejected = pair_scores(model, [train_items[i] for i in idx], pad).chunk(
+                    2
+                )
+                loss, m = bradley_terry_loss(r_chosen, r_rejected, margin=cfg.margin)
+                acc.backward(loss / accum)  # equal micro-batch sizes: mean of means = batch mean
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+            grad_norm = clip_and_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
+            step += 1
+            row = {**sums, "lr": lr, "grad_norm": grad_norm, "epoch": step / spe}
+            row["seconds"] = time.perf_counter() - t0
+            if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                row.update(heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin))
+            if step % cfg.run.log_every == 0 or step == total:
+                run.log(step, row)
+            if cfg.run.save_every and step % cfg.run.save_every == 0:
+                save(step)
+    save(step)
+    if stop.requested:
+        print(f"stopped at step {step}; resume with --run.resume={run.path}")
+        return 0
+    if eval_items:
+        final = heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)
+        run.log(step, final)
+        run.write_json("eval.json", final)
+    save_reward_model(acc.unwrap_model(model), tok, run.path / "final")
+    print(f"reward model saved to {run.path / 'final'} (use it as model:{run.path / 'final'})")
+    run.close()
+    return 0
+
+
+def save_reward_model(model: Any, tok: Any, path: Any) -> None:
+    """A plain AutoModelForSequenceClassification directory (LoRA merged), num_labels=1."""
+    from posttrain.models import is_peft
+
+    if is_peft(model):
+        model = model.merge_and_unload()
+    model.config.num_labels = 1
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)

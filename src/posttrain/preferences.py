@@ -1,0 +1,480 @@
+"""Preference data: (prompt, chosen, rejected) records, validation, tokenization, pair building.
+
+A record is a dict with a prompt and two completions, the preferred ("chosen") and the other
+("rejected"). Two formats, as in most preference datasets:
+
+  text:           {"prompt": "The movie was", "chosen": " great.", "rejected": " dull."}
+  conversational: {"prompt": [{"role": "user", "content": "Hi"}],
+                   "chosen": [{"role": "assistant", "content": "Hello!"}], "rejected": "Go away."}
+
+Conversational prompts (and string prompts when `data.chat` is true) go through the tokenizer's
+chat template with the generation prompt; completions are tokenized on their own and, for DPO,
+end with EOS. Tokens are kept as prompt ids + completion ids so that the loss sees completion
+tokens only: `collate_pairs` lays a batch out as a Rollout does (prompts left-padded, completions
+right-padded, chosen rows first, then rejected rows), which `ops.completion_logps` reads directly.
+
+`build_pairs` makes pairs from a policy and a reward: n >= 2 samples per prompt, scored, the best
+and the worst kept when their score gap exceeds `min_gap`. Commands reach it with `--build.enabled`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from posttrain.config import ConfigError
+from posttrain.rollout import GenerationConfig
+
+Record = dict[str, Any]
+RewardFn = Callable[[list[Any], list[str], dict[str, list[Any]]], Any]
+
+
+@dataclass
+class PairsConfig:
+    source: str | None = None
+    """preference pairs: a .jsonl/.json/.csv/.parquet/.pkl file, a saved dataset dir or a hub dataset"""
+    split: str = "train"
+    """dataset split to read"""
+    subset: str | None = None
+    """hub dataset config name"""
+    prompt_column: str = "prompt"
+    """column holding the prompt (a string or a list of chat messages)"""
+    chosen_column: str = "chosen"
+    """column holding the preferred completion (a string or assistant message(s))"""
+    rejected_column: str = "rejected"
+    """column holding the dispreferred completion"""
+    chat: bool = False
+    """apply the chat template to string prompts too (message prompts always use it)"""
+    system_prompt: str | None = None
+    """system message added to chat prompts"""
+    max_prompt_tokens: int = 256
+    """longer prompts are errors or dropped (see on_invalid)"""
+    max_completion_tokens: int = 256
+    """longer completions are cut to this many tokens (counted as truncated)"""
+    on_invalid: Literal["error", "drop"] = "error"
+    """empty fields, chosen == rejected, prompts over budget: stop with an error, or count and drop"""
+    limit: int = 0
+    """use only the first N records (0: all)"""
+    eval_fraction: float = 0.1
+    """fraction of pairs held out for evaluation (ignored when eval_source is set)"""
+    eval_source: str | None = None
+    """a separate file/dataset of held-out pairs"""
+    eval_split: str = "test"
+    """split of eval_source to read"""
+
+
+@dataclass
+class BuildConfig:
+    enabled: bool = False
+    """build pairs from a policy and the task's reward before training (writes pairs.jsonl)"""
+    only: bool = False
+    """stop after writing pairs.jsonl (train later with --data.source=RUN/pairs.jsonl)"""
+    model: str | None = None
+    """policy that samples (default: model.name, before any training)"""
+    prompts: int = 256
+    """number of train-split prompts of the task to sample for"""
+    n: int = 4
+    """completions sampled per prompt (>= 2); the best and worst form the pair"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    max_new_tokens: int = 0
+    """tokens per completion (0: the task's default)"""
+    min_gap: float = 0.1
+    """keep a pair only if reward(best) - reward(worst) exceeds this"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def _message_text(value: Any, what: str) -> str:
+    """A completion as text: a string, one message dict, or a list holding one assistant message."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("content") or "")
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict):
+            raise ConfigError(
+                f"{what}: expected a string or one assistant message, got {len(value)} items; "
+                "multi-turn completions are not supported (put earlier turns in the prompt)"
+            )
+        return str(value[0].get("content") or "")
+    raise ConfigError(f"{what}: expected a string or a message, got {type(value).__name__}")
+
+
+def normalize_record(row: Record, cfg: PairsConfig) -> Record:
+    """{"prompt": str | messages, "chosen": str, "rejected": str} from a row with mapped columns."""
+    for col in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column):
+        if col not in row:
+            raise ConfigError(
+                f"preference record has no column {col!r}; it has {', '.join(map(repr, row))}. "
+                "Map them with --data.prompt_column/--data.chosen_column/--data.rejected_column"
+            )
+    prompt = row[cfg.prompt_column]
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str | list):
+        raise ConfigError(f"prompt must be a string or a list of messages, got {prompt!r}")
+    return {
+        "prompt": prompt,
+        "chosen": _message_text(row[cfg.chosen_column], "chosen"),
+        "rejected": _message_text(row[cfg.rejected_column], "rejected"),
+    }
+
+
+def record_problem(rec: Record) -> str | None:
+    """Why a record cannot train (empty field, identical completions), or None."""
+    prompt = rec["prompt"]
+    empty_prompt = (
+        not prompt.strip()
+        if isinstance(prompt, str)
+        else not any(str(m.get("content") or "").strip() for m in prompt)
+    )
+    if empty_prompt:
+        return "empty prompt"
+    if not rec["chosen"].strip():
+        return "empty chosen"
+    if not rec["rejected"].strip():
+        return "empty rejected"
+    if rec["chosen"].strip() == rec["rejected"].strip():
+        return "chosen == rejected"
+    return None
+
+
+def load_records(
+    cfg: PairsConfig, source: str | None = None, split: str | None = None
+) -> list[Record]:
+    """Normalised records from cfg.source (or the given source/split)."""
+    from posttrain.data import load_table
+
+    src = source or cfg.source
+    if not src:
+        raise ConfigError(
+            "no preference data: give --data.source=pairs.jsonl (columns prompt/chosen/rejected) "
+            "or build pairs with --build.enabled=true --task.name=..."
+        )
+    table = load_table(src, split=split or cfg.split, subset=cfg.subset)
+    rows = table.to_list() if hasattr(table, "to_list") else list(table)
+    if cfg.limit:
+        rows = rows[: cfg.limit]
+    if not rows:
+        raise ConfigError(f"preference data {src!r} is empty")
+    return [normalize_record(r, cfg) for r in rows]
+
+
+def split_records(
+    records: list[Record], fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """(train, held-out): a seeded random `fraction` held out (at least 1 row when fraction > 0)."""
+    if fraction <= 0:
+        return records, []
+    if fraction >= 1:
+        raise ConfigError("data.eval_fraction must be below 1")
+    n_eval = max(1, round(len(records) * fraction))
+    if n_eval >= len(records):
+        raise ConfigError(f"{len(records)} pairs are too few to hold out {fraction:.0%} of them")
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def write_jsonl(path: str | Path, records: list[Record]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def prompt_text(tok: Any, prompt: str | list[dict[str, str]], cfg: PairsConfig) -> str:
+    """The prompt as the model sees it: chat-templated (with the generation prompt) or raw."""
+    if isinstance(prompt, str) and not cfg.chat:
+        return prompt
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if cfg.system_prompt and msgs[0].get("role") != "system":
+        msgs = [{"role": "system", "content": cfg.system_prompt}, *msgs]
+    if getattr(tok, "chat_template", None) is None:
+        raise ConfigError("message prompts need a tokenizer with a chat template")
+    return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_pairs(
+    tok: Any, records: list[Record], cfg: PairsConfig, *, joined: bool = False
+) -> tuple[list[Record], Counter]:
+    """Validated, tokenized pairs and counts of what was dropped or truncated.
+
+    Each item: prompt_ids, chosen_ids, rejected_ids (lists) and "index" (the record's position).
+    DPO (joined=False): prompt and completions are tokenized apart and completions end with EOS,
+    so the loss can mask the prompt exactly. Reward model (joined=True): the whole text
+    prompt + completion is tokenized as one string (as a reward scores it at inference), kept in
+    chosen_ids/rejected_ids with prompt_ids empty.
+    """
+    counts: Counter = Counter()
+    items: list[Record] = []
+    eos = [tok.eos_token_id] if not joined and tok.eos_token_id is not None else []
+    budget = cfg.max_completion_tokens + (cfg.max_prompt_tokens if joined else 0)
+    for i, rec in enumerate(records):
+        problem = record_problem(rec)
+        text, p_ids = "", []
+        if problem is None:
+            text = prompt_text(tok, rec["prompt"], cfg)
+            chat = cfg.chat or isinstance(rec["prompt"], list)  # templated text has its specials
+            p_ids = tok(text, add_special_tokens=not chat)["input_ids"]
+            if len(p_ids) > cfg.max_prompt_tokens:
+                problem = f"prompt longer than {cfg.max_prompt_tokens} tokens"
+        if problem is not None:
+            if cfg.on_invalid == "error":
+                raise ConfigError(
+                    f"preference record {i}: {problem}. Fix the data, raise data.max_prompt_tokens, "
+                    "or set --data.on_invalid=drop to count and skip such records"
+                )
+            counts[f"dropped: {problem}"] += 1
+            continue
+        item: Record = {"index": i, "prompt_ids": [] if joined else p_ids}
+        for key in ("chosen", "rejected"):
+            if joined:
+                ids = tok(text + rec[key], add_special_tokens=not chat)["input_ids"]
+            else:
+                ids = tok(rec[key], add_special_tokens=False)["input_ids"]
+            if len(ids) + len(eos) > budget:
+                counts[f"truncated {key}"] += 1
+                ids = ids[: budget - len(eos)]
+            item[f"{key}_ids"] = ids + eos
+        items.append(item)
+    if not items:
+        raise ConfigError(f"no valid preference pairs left ({dict(counts)})")
+    return items, counts
+
+
+@dataclass
+class PairBatch:
+    """B pairs as 2B rows, chosen rows [0, B) then rejected rows [B, 2B), laid out like a Rollout."""
+
+    input_ids: torch.Tensor  # (2B, P + T) prompt left-padded, completion right-padded
+    attention_mask: torch.Tensor  # (2B, P + T)
+    mask: torch.Tensor  # (2B, T) 1.0 on completion tokens; the loss sees only these
+    index: list[int] = field(default_factory=list)  # (B,) record index of each pair
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def n_completion(self) -> int:
+        return self.mask.shape[1]
+
+    def to(self, device: torch.device) -> PairBatch:
+        return PairBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.mask.to(device),
+            self.index,
+        )
+
+
+def collate_pairs(items: list[Record], pad_id: int) -> PairBatch:
+    """Stack pairs into one concatenated batch (one forward pass for chosen and rejected)."""
+    prompts = [it["prompt_ids"] for it in items] * 2
+    comps = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
+    P, T = max(len(p) for p in prompts), max(len(c) for c in comps)
+    ids = torch.full((len(prompts), P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P + T), dtype=torch.long)
+    for r, (p, c) in enumerate(zip(prompts, comps)):
+        ids[r, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        ids[r, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
+        attn[r, P - len(p) : P + len(c)] = 1
+    return PairBatch(ids, attn, attn[:, P:].float(), [it["index"] for it in items])
+
+
+def collate_sequences(
+    items: list[Record], pad_id: int, *, left: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole prompt + completion sequences, chosen rows then rejected rows: (2B, L) ids and mask.
+
+    Left padding (decoders) puts every sequence's last token in the last column, where a causal
+    LM's classification head reads its score; encoders read the first token and pad on the right.
+    """
+    seqs = [it["prompt_ids"] + it["chosen_ids"] for it in items]
+    seqs += [it["prompt_ids"] + it["rejected_ids"] for it in items]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), L), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(L - len(s), L) if left else slice(0, len(s))
+        ids[r, cols] = torch.tensor(s, dtype=torch.long)
+        attn[r, cols] = 1
+    return ids, attn
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches by step (the data cursor is the optimizer step)
+
+
+def steps_per_epoch(n_items: int, micro_batch: int, grad_accum: int) -> int:
+    """Full optimizer steps in one pass (the incomplete last batch is skipped, so every micro-batch
+    has the same size and accumulation gives the same gradient as one large batch)."""
+    per_step = micro_batch * grad_accum
+    if n_items < per_step:
+        raise ConfigError(
+            f"{n_items} training pairs are fewer than one optimizer step needs "
+            f"(batch_size {micro_batch} x grad_accum {grad_accum}); lower them or add data"
+        )
+    return n_items // per_step
+
+
+def step_micro_batches(
+    step: int, n_items: int, micro_batch: int, grad_accum: int, seed: int
+) -> list[list[int]]:
+    """Item indices of each micro-batch of optimizer step `step` (0-based).
+
+    The order is a fresh seeded permutation each epoch, computed from the step alone, so a resumed
+    run reads exactly the batches the uninterrupted run would have read.
+    """
+    spe = steps_per_epoch(n_items, micro_batch, grad_accum)
+    epoch, k = divmod(step, spe)
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = k * micro_batch * grad_accum
+    return [
+        perm[start + j * micro_batch : start + (j + 1) * micro_batch].tolist()
+        for j in range(grad_accum)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building pairs from a policy and a reward
+
+
+def build_pairs(
+    model: Any,
+    tok: Any,
+    rows: list[Record],
+    reward_fn: RewardFn,
+    gen: GenerationConfig,
+    *,
+    min_gap: float,
+    progress: bool = False,
+) -> tuple[list[Record], dict[str, float]]:
+    """Sample gen.n >= 2 completions per row["prompt"], score them, keep (best, worst) pairs.
+
+    reward_fn(prompts, completions, batch) -> (B,) tensor or list, with the rows' other fields as a
+    columnar batch (the task reward signature). A pair is kept when best - worst > min_gap and the
+    two texts differ. Returns (records, stats).
+    """
+    from posttrain.rollout import generate
+    from posttrain.tasks.base import columns
+
+    if gen.n < 2:
+        raise ConfigError("building pairs needs at least 2 samples per prompt (build.n >= 2)")
+    prompts = [r["prompt"] for r in rows]
+    ro = generate(model, tok, prompts, gen, progress=progress)
+    rep = [rows[i] for i in ro.prompt_index.tolist()]
+    scores = reward_fn([r["prompt"] for r in rep], ro.completions, columns(rep))
+    scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()  # (B * n,)
+    if scores.shape[0] != len(ro.completions):
+        raise ValueError(f"reward returned {scores.shape[0]} scores for {len(ro)} completions")
+    records: list[Record] = []
+    gaps: list[float] = []
+    for i, row in enumerate(rows):
+        s = scores[i * gen.n : (i + 1) * gen.n]
+        texts = ro.completions[i * gen.n : (i + 1) * gen.n]
+        best, worst = int(s.argmax()), int(s.argmin())
+        gap = float(s[best] - s[worst])
+        if gap > min_gap and texts[best].strip() != texts[worst].strip() and texts[worst].strip():
+            records.append(
+                {
+                    "prompt": row["prompt"],
+                    "chosen": texts[best],
+                    "rejected": texts[worst],
+                    "score_chosen": float(s[best]),
+                    "score_rejected": float(s[worst]),
+                }
+            )
+            gaps.append(gap)
+    stats = {
+        "prompts": float(len(rows)),
+        "samples": float(len(ro)),
+        "pairs": float(len(records)),
+        "mean_reward": float(scores.mean()),
+        "mean_gap": float(sum(gaps) / len(gaps)) if gaps else math.nan,
+        "seconds": ro.seconds,
+    }
+    return records, stats
+
+
+def build_from_task(
+    model: Any, tok: Any, task_cfg: Any, build: BuildConfig, progress: bool = False
+) -> tuple[list[Record], dict[str, float], GenerationConfig]:
+    """build_pairs over the first build.prompts rows of the task's train split, with its reward."""
+    import dataclasses
+
+    from posttrain.tasks import load_task
+
+    task = load_task(task_cfg)
+    rows = task.rows("train")[: build.prompts]
+    if not rows:
+        raise ConfigError(f"task {task_cfg.name!r} has no train rows to build pairs from")
+    gen = dataclasses.replace(task.generation(), n=build.n, temperature=build.temperature)
+    if build.max_new_tokens:
+        gen.max_new_tokens = build.max_new_tokens
+    records, stats = build_pairs(
+        model, tok, rows, task.reward, gen, min_gap=build.min_gap, progress=progress
+    )
+    if not records:
+        raise ConfigError(
+            f"no pair had a reward gap above build.min_gap={build.min_gap} "
+            f"({len(rows)} prompts, n={build.n}); lower min_gap or raise n/temperature"
+        )
+    return records, stats, gen
+
+
+def pair_records(
+    cfg: Any, run_path: Path, model: Any = None, tok: Any = None
+) -> tuple[list[Record], list[Record]]:
+    """(train, held-out) records for a command with `data`, `build`, `task` and `run` sections.
+
+    With build.enabled the pairs are sampled from `model` (or build.model) and written to
+    RUN/pairs.jsonl; on resume that file is read back instead of sampling again.
+    """
+    data: PairsConfig = cfg.data
+    if cfg.build.enabled:
+        path = run_path / "pairs.jsonl"
+        if not path.is_file():
+            if model is None or cfg.build.model:
+                from posttrain.models import load_model
+
+                model, tok = load_model(cfg.build.model or cfg.model.name, device=cfg.model.device)
+            records, stats, gen = build_from_task(
+                model, tok, cfg.task, cfg.build, progress=cfg.run.progress
+            )
+            write_jsonl(path, records)
+            (run_path / "pairs_stats.json").write_text(json.dumps(stats, indent=1))
+            print(f"built {len(records)} pairs -> {path} {stats}", flush=True)
+        data.chat = data.chat or task_chat(cfg.task)
+        records = load_records(data, str(path), "train")
+    else:
+        records = load_records(data)
+    if data.eval_source:
+        return records, load_records(data, data.eval_source, data.eval_split)
+    return split_records(records, data.eval_fraction, cfg.run.seed)
+
+
+def task_chat(task_cfg: Any) -> bool:
+    """Whether the task samples with the chat template (pairs built from it must train with it)."""
+    from posttrain.tasks import load_task
+
+    return bool(load_task(task_cfg).generation().chat)
