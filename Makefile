@@ -30,6 +30,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests bench
 
 test: $(STAMP) lint
+	@# the HTML report is checked in a headless chromium: install Debian's when root and missing
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null 2>&1; then \
+	  echo "installing chromium for the report's browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+	  || echo "could not install chromium: the browser checks will be skipped"; fi
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
