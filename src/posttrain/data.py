@@ -72,3 +72,143 @@ def require_columns(ds: Any, columns: list[str], source: str) -> None:
         )
     if len(ds) == 0:
         raise ConfigError(f"{source}: the dataset is empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised examples: prompt/completion pairs, chat conversations, plain text.
+#
+# An encoded example is {"input_ids": [...], "labels": [...]} of equal length, with labels -100
+# wherever the model is not trained to predict the token (prompt, system and user turns). The
+# prompt and the completion are tokenized separately and concatenated, so the prompt tokens are
+# exactly those the model sees at generation time.
+
+IGNORE_INDEX = -100
+
+
+def encode_prompt_completion(
+    tok: Any, prompt: str, completion: str, *, max_length: int, add_eos: bool = True
+) -> dict[str, Any]:
+    """Prompt tokens (labels -100) then completion tokens (+ EOS), cut to `max_length` tokens.
+
+    Truncation keeps the start (the prompt and the first completion tokens) and drops the end.
+    """
+    p = tok(prompt, add_special_tokens=True)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"]
+    if add_eos and tok.eos_token_id is not None:
+        c = c + [tok.eos_token_id]
+    return _truncate(p + c, [IGNORE_INDEX] * len(p) + c, max_length)
+
+
+def encode_text(tok: Any, text: str, *, max_length: int, add_eos: bool = True) -> dict[str, Any]:
+    """Plain text: every token is a label."""
+    ids = tok(text, add_special_tokens=True)["input_ids"]
+    if add_eos and tok.eos_token_id is not None:
+        ids = ids + [tok.eos_token_id]
+    return _truncate(ids, list(ids), max_length)
+
+
+def encode_messages(tok: Any, messages: list[dict[str, str]], *, max_length: int) -> dict[str, Any]:
+    """A conversation through the chat template; only the assistant turns are labels.
+
+    The template is rendered for growing prefixes of the conversation: the text an assistant turn
+    adds after `messages[:i]` rendered with the generation prompt is that turn's content and its
+    end-of-turn marker, which become labels; everything else (system and user turns, role
+    headers) is masked.
+    """
+    if getattr(tok, "chat_template", None) is None:
+        raise ConfigError(
+            "conversational data needs a tokenizer with a chat template; use prompt/completion "
+            "columns or plain text with this model"
+        )
+    if not messages:
+        raise ConfigError("empty conversation (messages list with no turns)")
+
+    def render(msgs: list[dict[str, str]], gen: bool) -> str:
+        if not msgs:
+            return ""
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg.get("role") == "assistant":
+            # with no earlier turn, the head is the template's generation prompt alone
+            head = render(messages[:i], True) if i else _generation_prompt(tok)
+            full = render(messages[: i + 1], False)
+            if not head.startswith(done) or not full.startswith(head):
+                raise ConfigError(
+                    "this chat template does not render a conversation as a growing prefix, so "
+                    "assistant turns cannot be located for masking; use prompt/completion data"
+                )
+            seg = tok(head[len(done) :], add_special_tokens=False)["input_ids"]
+            ids += seg
+            labels += [IGNORE_INDEX] * len(seg)
+            seg = tok(full[len(head) :], add_special_tokens=False)["input_ids"]
+            ids += seg
+            labels += seg
+        else:
+            full = render(messages[: i + 1], False)
+            if not full.startswith(done):
+                raise ConfigError(
+                    "this chat template does not render a conversation as a growing prefix; "
+                    "use prompt/completion data"
+                )
+            seg = tok(full[len(done) :], add_special_tokens=False)["input_ids"]
+            ids += seg
+            labels += [IGNORE_INDEX] * len(seg)
+        done = full
+    return _truncate(ids, labels, max_length)
+
+
+def _generation_prompt(tok: Any) -> str:
+    """The text the template adds for a new assistant turn (rendered against a probe message)."""
+    probe = [{"role": "user", "content": "\x00"}]
+    with_gen = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    without = tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+    return with_gen[len(without) :]
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int) -> dict[str, Any]:
+    if max_length <= 0:
+        raise ConfigError(f"max_length must be positive, got {max_length}")
+    truncated = len(ids) > max_length
+    return {
+        "input_ids": ids[:max_length],
+        "labels": labels[:max_length],
+        "truncated": truncated,
+    }
+
+
+def num_labels(example: dict[str, Any]) -> int:
+    return sum(1 for x in example["labels"] if x != IGNORE_INDEX)
+
+
+def collate_sft(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded batch: input_ids (B, L), attention_mask (B, L), labels (B, L) with -100 on pads."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, width), dtype=torch.long)
+    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        attention_mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def format_number(x: Any) -> str:
+    """A number as short positional text (6 significant digits, no exponent): 6000.0 -> '6000'."""
+    import numpy as np
+
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if isinstance(x, int) or float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return np.format_float_positional(
+        float(x), precision=6, unique=False, fractional=False, trim="-"
+    )

@@ -1,0 +1,182 @@
+"""Knowledge distillation: a student learns a teacher's token distributions (Hinton et al. 2015).
+
+    loss = (1 - w) * CE(student, labels) + w * T^2 * KL(teacher_T || student_T)
+
+on the completion tokens of supervised data (the same data sources as `posttrain sft`), with
+softmax temperature T on both models for the KL term and T = 1 for the cross-entropy. The T^2
+factor keeps the KL gradient on the same scale as the cross-entropy's when T changes. `kl =
+"reverse"` uses KL(student_T || teacher_T) instead (mode-seeking, as in MiniLLM-style distillation).
+Teacher and student must share a tokenizer: the loss compares distributions over the same ids.
+
+    posttrain distill --config configs/distill.toml
+    posttrain distill --model default --teacher.name runs/rft-.../final --lora.enabled=true
+
+The training loop is `sft.fit`; only the per-batch loss differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algos.sft import (
+    DataConfig,
+    TrainConfig,
+    encode_rows,
+    finish,
+    fit,
+    load_rows,
+    test_eval,
+)
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.data import IGNORE_INDEX
+from posttrain.tasks.base import TaskConfig
+
+
+def _optim() -> OptimConfig:
+    return OptimConfig(lr=5e-4, warmup_steps=10, schedule="cosine")
+
+
+@dataclass
+class Config:
+    ALIASES: ClassVar[dict[str, str]] = {
+        "model": "model.name",
+        "teacher": "teacher.name",
+        "resume": "run.resume",
+    }
+    weight: float = 0.5
+    """w: share of the KL term; 0 is plain SFT, 1 is pure distillation"""
+    temperature: float = 2.0
+    """T: softmax temperature of teacher and student in the KL term"""
+    kl: Literal["forward", "reverse"] = "forward"
+    """forward: KL(teacher || student) (mean-seeking); reverse: KL(student || teacher)"""
+    eval_limit: int = 200
+    """after training, greedy accuracy on this many test rows of the task (0: off; task data only)"""
+    eval_max_new_tokens: int = 32
+    """tokens generated per test question for that accuracy"""
+    output: str | None = None
+    """also copy the final hub-ready folder here"""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True, r=8, alpha=32))
+    optim: OptimConfig = field(default_factory=_optim)
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"weight must be in [0, 1], got {self.weight}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weight: float,
+    temperature: float,
+    kl: str = "forward",
+    normaliser: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(1 - w) * CE + w * T^2 * KL over label tokens, each summed and divided by `normaliser`.
+
+    student_logits, teacher_logits (B, L, V); labels (B, L) with -100 where no loss is taken;
+    position t predicts label t + 1. normaliser defaults to the number of label tokens.
+    """
+    target = labels[:, 1:]  # (B, L-1)
+    mask = (target != IGNORE_INDEX).float()
+    s = student_logits[:, :-1].float()  # (B, L-1, V)
+    t = teacher_logits[:, :-1].float()
+    ce_tok = F.cross_entropy(s.flatten(0, 1), target.clamp(min=0).flatten(), reduction="none")
+    ce_tok = ce_tok.view_as(mask)
+    log_s = F.log_softmax(s / temperature, dim=-1)
+    log_t = F.log_softmax(t / temperature, dim=-1)
+    if kl == "forward":
+        kl_tok = (log_t.exp() * (log_t - log_s)).sum(-1)  # KL(teacher || student), (B, L-1)
+    elif kl == "reverse":
+        kl_tok = (log_s.exp() * (log_s - log_t)).sum(-1)  # KL(student || teacher)
+    else:
+        raise ValueError(f"unknown kl {kl!r}; use forward or reverse")
+    tokens = mask.sum()
+    denom = tokens.clamp(min=1) if normaliser is None else normaliser
+    ce = (ce_tok * mask).sum() / denom
+    kd = (kl_tok * mask).sum() / denom
+    loss = (1 - weight) * ce + weight * temperature**2 * kd
+    return loss, {
+        "ce": ce.detach(),
+        "kl": kd.detach(),
+        "nll_sum": (ce_tok * mask).sum().detach(),
+        "tokens": tokens.detach(),
+    }
+
+
+def check_tokenizers(student_tok: Any, teacher_tok: Any, student: str, teacher: str) -> int:
+    """The shared vocabulary size, or a ConfigError when the tokenizers differ."""
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if sv != tv:
+        differ = len(set(sv.items()) ^ set(tv.items()))
+        raise ConfigError(
+            f"teacher {teacher!r} and student {student!r} do not share a tokenizer "
+            f"({len(tv)} vs {len(sv)} tokens, {differ} token ids differ). Distillation compares "
+            "distributions over the same token ids: pick a teacher and student of one model family "
+            "(e.g. SmolLM2-360M-Instruct -> SmolLM2-135M-Instruct)."
+        )
+    return len(sv)
+
+
+def main(cfg: Config) -> int:
+    from posttrain.models import load_model
+    from posttrain.train import load_policy, start
+
+    acc, run = start(cfg, "distill")
+    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    teacher, teacher_tok = load_model(cfg.teacher, device=str(acc.device))
+    teacher.requires_grad_(False)
+    vocab = check_tokenizers(tok, teacher_tok, cfg.model.name, cfg.teacher.name)
+    train_rows, val_rows, fmt = load_rows(cfg)
+    train_set = encode_rows(train_rows, tok, cfg.data, fmt)
+    val_set = encode_rows(val_rows, tok, cfg.data, fmt)
+
+    def loss_fn(model: Any, batch: dict[str, torch.Tensor], normaliser: Any):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            t_logits = teacher(**inputs).logits[..., :vocab]  # (B, L, V): drop padded head rows
+        s_logits = model(**inputs).logits[..., :vocab]
+        return distill_loss(
+            s_logits,
+            t_logits,
+            batch["labels"],
+            weight=cfg.weight,
+            temperature=cfg.temperature,
+            kl=cfg.kl,
+            normaliser=normaliser,
+        )
+
+    model, summary = fit(
+        acc,
+        run,
+        model,
+        tok,
+        train_set,
+        val_set,
+        cfg.train,
+        cfg.optim,
+        loss_fn=loss_fn,
+        resume=bool(cfg.run.resume),
+    )
+    model = acc.unwrap_model(model)
+    if summary.get("interrupted"):
+        print(f"stopped; resume with --run.resume {run.path}", flush=True)
+        return 130
+    if cfg.eval_limit and cfg.data.source is None and fmt == "template":
+        test_eval(run, model, tok, cfg, cfg.data.prompt_template, summary)
+    finish(run, model, tok, cfg, summary)
+    run.close()
+    return 0
