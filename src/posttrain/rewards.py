@@ -290,7 +290,15 @@ class RewardFn:
             )
         return values
 
-    def __call__(self, prompts: list[str], completions: list[str], batch: Batch) -> RewardOutput:
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        batch: Batch,
+        *,
+        update_stats: bool = True,
+    ) -> RewardOutput:
+        """Score a batch. update_stats=False (evaluation) leaves the running normaliser as it is."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
         comps = {c.name: self._score(c, prompts, completions, batch) for c in self.components}
@@ -302,7 +310,8 @@ class RewardFn:
         raw = torch.where(valid, raw, torch.zeros_like(raw))
         total = raw
         if self.cfg.normalize:
-            self._update_moments(raw[valid])
+            if update_stats:
+                self._update_moments(raw[valid])
             std = math.sqrt(self.m2 / max(self.count - 1, 1)) if self.count > 1 else 1.0
             total = torch.where(valid, (raw - self.mean) / max(std, 1e-6), torch.zeros_like(raw))
         if self.cfg.clip > 0:

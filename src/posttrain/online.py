@@ -1,0 +1,337 @@
+"""Pieces shared by the online RL commands (reinforce, rloo, grpo): prompts, generation settings,
+the reference policy, the no-grad scoring pass, loss weights under accumulation, evaluation.
+
+Each is used by every online algorithm; the algorithm files keep their loss and their loop.
+
+  GenOverrides / resolve_generation   the task's generation defaults, with [gen] keys that are set winning
+  PromptStream                        train rows cycled in a seeded shuffle, resumable by a counter
+  build_reference                     frozen copy, base weights with the LoRA adapter off, or none
+  score_rollout                       no-grad pass: old_logp, ref_logp, entropy, exact KL (B, T)
+  micro_batches / accumulation_weight split a step into micro-batches whose summed loss is exact
+  evaluate_policy                     the task's metrics and the reward on validation rows
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from posttrain.config import ConfigError
+from posttrain.models import adapter_disabled, frozen_copy, is_peft
+from posttrain.ops import Reduction, completion_logits, entropy_from_logits, exact_kl
+from posttrain.rollout import GenerationConfig, Rollout, generate
+from posttrain.tasks.base import columns
+
+# ---------------------------------------------------------------------------------------------
+# Generation settings: task defaults, config wins
+
+
+@dataclass
+class GenOverrides:
+    """Generation settings for training rollouts. Unset keys take the task's defaults
+    (`task.generation()`); the number of samples per prompt is set by the algorithm."""
+
+    max_new_tokens: int | None = None
+    """most tokens generated per completion (unset: the task's default)"""
+    temperature: float | None = None
+    """sampling temperature, > 0 (unset: the task's default); the loss uses the same temperature"""
+    top_k: int | None = None
+    """keep the k most likely tokens, 0 = off (unset: the task's default)"""
+    top_p: float | None = None
+    """nucleus sampling, 1 = off (unset: the task's default)"""
+    stop: list[str] | None = None
+    """stop strings (unset: the task's default)"""
+    chat: bool | None = None
+    """apply the chat template to string prompts (unset: the task's default)"""
+    system_prompt: str | None = None
+    """system message for chat prompts (unset: the task's default)"""
+    max_prompt_tokens: int | None = None
+    """prompts keep their last this many tokens (unset: the task's default)"""
+    token_budget: int | None = None
+    """generation micro-batch limit in tokens (unset: the task's default)"""
+
+
+def resolve_generation(
+    task_gen: GenerationConfig, over: GenOverrides, *, n: int
+) -> GenerationConfig:
+    """The task's GenerationConfig with every key set in `over` replaced, and n samples per prompt."""
+    set_keys = {
+        f.name: getattr(over, f.name)
+        for f in dataclasses.fields(over)
+        if getattr(over, f.name) is not None
+    }
+    gen = dataclasses.replace(task_gen, **set_keys, n=n)
+    if gen.temperature <= 0:
+        raise ConfigError(
+            f"gen.temperature={gen.temperature}: online RL learns from sampled completions, so the "
+            "temperature must be > 0 (set --gen.temperature=1.0)"
+        )
+    return gen
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+
+
+class PromptStream:
+    """Training rows in a seeded shuffle, reshuffled each epoch, cycled forever.
+
+    Process `rank` of `world` takes every world-th row of the global order, so processes see
+    different prompts. The position is one counter (`state_dict`), so resume continues exactly.
+    """
+
+    def __init__(self, rows: list[dict[str, Any]], seed: int, rank: int = 0, world: int = 1):
+        if not rows:
+            raise ConfigError("the task has no training rows (check [task] source and train_size)")
+        self.rows = rows
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.drawn = 0
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._orders = {epoch: torch.randperm(len(self.rows), generator=g).tolist()}
+        return self._orders[epoch]
+
+    def next(self, k: int) -> list[dict[str, Any]]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.drawn * self.world + self.rank, len(self.rows))
+            out.append(self.rows[self._order(epoch)[i]])
+            self.drawn += 1
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.drawn * self.world / len(self.rows)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.drawn = int(state["drawn"])
+
+
+def rollout_batch(rows: list[dict[str, Any]], roll: Rollout) -> dict[str, list[Any]]:
+    """Columnar task fields for every rollout row (a prompt's row repeated for its n samples)."""
+    return columns([rows[i] for i in roll.prompt_index.tolist()])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference policy
+
+
+class Reference:
+    """The frozen reference policy: a copy of the initial weights ("copy") or the policy's own base
+    weights with its LoRA adapter switched off ("adapter", no second copy in memory)."""
+
+    def __init__(self, kind: str, policy: Any):
+        self.kind = kind
+        self.model = frozen_copy(policy) if kind == "copy" else policy
+
+    @torch.no_grad()
+    def logits(
+        self, input_ids: Tensor, attention_mask: Tensor, n_completion: int, temperature: float
+    ) -> Tensor:
+        """(B, T, V) reference logits for the last n_completion tokens."""
+        ctx = adapter_disabled(self.model) if self.kind == "adapter" else contextlib.nullcontext()
+        with ctx:
+            return completion_logits(
+                self.model, input_ids, attention_mask, n_completion, temperature
+            )
+
+
+def build_reference(kind: str, policy: Any, kl_coef: float) -> Reference | None:
+    """kind: auto (none when kl_coef is 0, else adapter under LoRA, else copy), copy, adapter, none.
+
+    Call it before loading a checkpoint, so that "copy" holds the initial weights.
+    """
+    if kind == "auto":
+        kind = "none" if kl_coef == 0 else ("adapter" if is_peft(policy) else "copy")
+    if kind == "none":
+        if kl_coef:
+            raise ConfigError(f"kl_coef={kl_coef} needs a reference policy; set ref=auto or copy")
+        return None
+    if kind == "adapter" and not is_peft(policy):
+        raise ConfigError("ref=adapter needs a LoRA policy (lora.enabled=true); use ref=copy")
+    if kind not in ("copy", "adapter"):
+        raise ConfigError(f"ref={kind!r}: use auto, copy, adapter or none")
+    return Reference(kind, policy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batches
+
+
+def micro_batches(n_rows: int, n_micro: int, order: Tensor | None = None) -> list[Tensor]:
+    """Row indices split into n_micro nearly equal chunks (in `order` if given)."""
+    idx = torch.arange(n_rows) if order is None else order
+    n_micro = max(1, min(n_micro, n_rows))
+    return [c for c in torch.tensor_split(idx, n_micro) if len(c)]
+
+
+def take(roll: Rollout, rows: Tensor, **per_row: Tensor | None) -> dict[str, Any]:
+    """The tensors of some rollout rows, completion padding trimmed to the longest row.
+
+    Returns input_ids/attention_mask (b, P + T'), mask (b, T'), and each extra (B, T) or (B,)
+    tensor given as a keyword, sliced the same way (None stays None).
+    """
+    rows = rows.to(roll.completion_mask.device)
+    mask = roll.completion_mask[rows]
+    T = max(1, int(mask.sum(1).max()))
+    out: dict[str, Any] = {
+        "input_ids": torch.cat([roll.prompt_ids[rows], roll.completion_ids[rows, :T]], 1),
+        "attention_mask": torch.cat([roll.prompt_mask[rows], mask[:, :T].long()], 1),
+        "mask": mask[:, :T],
+        "T": T,
+    }
+    for k, v in per_row.items():
+        if v is None:
+            out[k] = None
+        else:
+            v = v[rows.to(v.device)]
+            out[k] = v[:, :T] if v.dim() == 2 else v
+    return out
+
+
+def accumulation_weight(
+    mask: Tensor, reduction: Reduction | str, *, step_rows: int, step_tokens: float
+) -> float:
+    """Factor for a micro-batch's reduced loss so that the micro-batch losses of one optimizer step
+    sum to the loss of the whole step: token_mean -> tokens_mb / tokens_step; seq_mean, fixed and
+    per-sequence sums -> rows_mb / rows_step."""
+    if reduction == "token_mean":
+        return float(mask.sum()) / max(float(step_tokens), 1.0)
+    return mask.shape[0] / step_rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The no-grad scoring pass
+
+
+@torch.no_grad()
+def score_rollout(
+    model: Any,
+    ref: Reference | None,
+    roll: Rollout,
+    *,
+    temperature: float,
+    n_micro: int,
+) -> dict[str, Tensor | None]:
+    """Before any update: old_logp, entropy, and (with a reference) ref_logp and the exact KL over
+    the vocabulary, all (B, T) on the rollout's full width, zero on padding."""
+    B, T = roll.completion_mask.shape
+    dev = roll.completion_mask.device
+    out = {
+        k: torch.zeros(B, T, device=dev) for k in ("old_logp", "entropy", "ref_logp", "kl_exact")
+    }
+    for rows in micro_batches(B, n_micro):
+        mb = take(roll, rows)
+        t = mb["T"]
+        ids = mb["input_ids"][:, -t:]
+        logits = completion_logits(model, mb["input_ids"], mb["attention_mask"], t, temperature)
+        lp = torch.log_softmax(logits.float(), -1)
+        out["old_logp"][rows, :t] = lp.gather(-1, ids[..., None]).squeeze(-1) * mb["mask"]
+        out["entropy"][rows, :t] = entropy_from_logits(logits) * mb["mask"]
+        if ref is not None:
+            ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature)
+            ref_lp = torch.log_softmax(ref_logits.float(), -1)
+            out["ref_logp"][rows, :t] = ref_lp.gather(-1, ids[..., None]).squeeze(-1) * mb["mask"]
+            out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * mb["mask"]
+    if ref is None:
+        out["ref_logp"] = out["kl_exact"] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, samples, metrics
+
+
+def evaluate_policy(
+    model: Any,
+    tok: Any,
+    task: Any,
+    reward_fn: Any,
+    rows: list[dict[str, Any]],
+    gen: GenerationConfig,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """One completion per validation row: the task's metrics and the mean training reward.
+
+    -> ({"eval/<metric>": value, "eval/reward": mean}, sample records).
+    """
+    roll = generate(model, tok, [r["prompt"] for r in rows], dataclasses.replace(gen, n=1))
+    batch = columns(rows)
+    summary, _ = task.evaluate(roll.completions, batch)
+    out = reward_fn(roll.prompts, roll.completions, batch, update_stats=False)
+    raw = out.raw_total if out.raw_total is not None else out.total
+    metrics = {
+        f"eval/{k}": float(v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    metrics["eval/reward"] = float(raw[out.valid].mean()) if out.valid.any() else float("nan")
+    samples = [
+        {"split": "validation", "prompt": p, "completion": c, "reward": float(r)}
+        for p, c, r in zip(roll.prompts[:4], roll.completions[:4], raw[:4])
+    ]
+    return metrics, samples
+
+
+def sample_records(roll: Rollout, out: Any, adv: Tensor, limit: int) -> list[dict[str, Any]]:
+    """The first `limit` rollout rows as JSON records: prompt, completion, reward, components, adv."""
+    recs = []
+    for i in range(min(limit, len(roll))):
+        rec: dict[str, Any] = {
+            "prompt": roll.prompts[i],
+            "completion": roll.completions[i],
+            "reward": float(out.total[i]),
+            "adv": float(adv[i]),
+            "finish": roll.finish_reasons[i],
+        }
+        rec.update({f"reward/{k}": float(v[i]) for k, v in out.components.items()})
+        recs.append(rec)
+    return recs
+
+
+def reduce_mean(acc: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over processes (a no-op on one process)."""
+    if acc.num_processes == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], device=acc.device)
+    t = acc.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def rollout_metrics(
+    roll: Rollout, out: Any, scores: dict[str, Tensor | None], reward_fn: Any
+) -> dict[str, float]:
+    """What every online step logs about its samples: reward (mean/std/components/skipped),
+    sequence KL to the reference (k1, k3, exact), token entropy, completion length."""
+    from posttrain.ops import kl_k1, kl_k3, masked_mean
+
+    mask = roll.completion_mask
+    valid = out.valid
+    raw = (out.raw_total if out.raw_total is not None else out.total)[valid]
+    m: dict[str, float] = {
+        "reward/mean": float(raw.mean()) if len(raw) else float("nan"),
+        "reward/std": float(raw.std()) if len(raw) > 1 else 0.0,
+        **reward_fn.metrics(out),
+        "entropy": float(masked_mean(scores["entropy"], mask)),
+        "completion_length": float(mask.sum(1).mean()),
+        "completion_eos": sum(r != "length" for r in roll.finish_reasons) / len(roll),
+    }
+    if scores["ref_logp"] is not None:
+        old, ref = scores["old_logp"], scores["ref_logp"]
+        m["kl/k1"] = float(((kl_k1(old, ref) * mask).sum(1)).mean())
+        m["kl/k3"] = float(((kl_k3(old, ref) * mask).sum(1)).mean())
+        m["kl/exact"] = float(scores["kl_exact"].sum(1).mean())
+    return m

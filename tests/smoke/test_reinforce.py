@@ -1,0 +1,50 @@
+"""`posttrain reinforce` through the CLI on the tiny model with a fake task and a file reward."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from rl_fakes import REWARD_PY, use_fake_task
+from safetensors.torch import load_file
+
+from posttrain.cli import main
+from posttrain.runs import read_jsonl
+
+
+def _args(tiny_dir, tmp_path, name, *extra):
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_PY)
+    return [
+        "reinforce",
+        "--model.name", str(tiny_dir),
+        "--run.out_dir", str(tmp_path / "runs"),
+        "--run.name", name,
+        "--run.progress=false",
+        "--run.sample_every=1",
+        "--steps=3",
+        "--batch_size=4",
+        "--optim.lr=1e-2",
+        "--eval_limit=2",
+        f"--reward.components=python:{reward}:e_rate",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_reinforce_runs_and_changes_weights(tiny_dir, tmp_path, monkeypatch):
+    use_fake_task(monkeypatch)
+    args = _args(tiny_dir, tmp_path, "r", "--kl_coef=0.1", "--optim.grad_accum=2")
+    assert main(args) == 0
+    run = tmp_path / "runs" / "r"
+    recs = [r for r in read_jsonl(run / "metrics.jsonl") if "loss/total" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        for k in ("loss/total", "loss/policy", "reward/mean", "reward/e_rate", "kl/exact", "kl/k1"):
+            assert math.isfinite(r[k]), (k, r)
+        assert r["time/generate"] > 0 and r["kl_coef"] == 0.1
+    evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    assert len(read_jsonl(run / "samples.jsonl")) > 0
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    after = load_file(str(run / "final" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
