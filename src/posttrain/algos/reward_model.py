@@ -163,8 +163,13 @@ def heldout_metrics(
 
 
 def main(cfg: Config) -> int:
-    from posttrain.train import StopOnInterrupt, build_optimizer, build_scheduler, clip_and_step
-    from posttrain.train import start
+    from posttrain.train import (
+        StopOnInterrupt,
+        build_optimizer,
+        build_scheduler,
+        clip_and_step,
+        start,
+    )
 
     acc, run = start(cfg, "reward-model")
     train_recs, eval_recs = pair_records(cfg, run.path)

@@ -1,0 +1,197 @@
+"""Preference records: column mapping, conversational records, validation, tokenization with the
+prompt masked, batch layout, the step-based data cursor, and building pairs from a reward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.config import ConfigError
+from posttrain.preferences import (
+    PairsConfig,
+    build_pairs,
+    collate_pairs,
+    collate_sequences,
+    load_records,
+    normalize_record,
+    record_problem,
+    split_records,
+    step_micro_batches,
+    steps_per_epoch,
+    tokenize_pairs,
+)
+from posttrain.rollout import GenerationConfig
+
+
+def test_column_mapping_from_a_file(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("q,good,bad\nThe movie was, great, dull\nA film, fun, boring\n")
+    cfg = PairsConfig(prompt_column="q", chosen_column="good", rejected_column="bad")
+    recs = load_records(cfg, str(path))
+    assert recs[0] == {"prompt": "The movie was", "chosen": " great", "rejected": " dull"}
+    with pytest.raises(ConfigError, match="no column 'prompt'"):
+        load_records(PairsConfig(), str(path))
+
+
+def test_conversational_records():
+    row = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "chosen": [{"role": "assistant", "content": "Hello!"}],
+        "rejected": {"role": "assistant", "content": "Go away."},
+    }
+    rec = normalize_record(row, PairsConfig())
+    assert rec == {"prompt": row["prompt"], "chosen": "Hello!", "rejected": "Go away."}
+    two_turns = dict(row, chosen=[row["chosen"][0], row["chosen"][0]])
+    with pytest.raises(ConfigError, match="multi-turn"):
+        normalize_record(two_turns, PairsConfig())
+
+
+@pytest.mark.parametrize(
+    "rec, problem",
+    [
+        ({"prompt": " ", "chosen": "a", "rejected": "b"}, "empty prompt"),
+        (
+            {"prompt": [{"role": "user", "content": ""}], "chosen": "a", "rejected": "b"},
+            "empty prompt",
+        ),
+        ({"prompt": "p", "chosen": "", "rejected": "b"}, "empty chosen"),
+        ({"prompt": "p", "chosen": "a", "rejected": "  "}, "empty rejected"),
+        ({"prompt": "p", "chosen": " same", "rejected": "same "}, "chosen == rejected"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, None),
+    ],
+)
+def test_record_problems(rec, problem):
+    assert record_problem(rec) == problem
+
+
+def test_invalid_records_error_or_drop(tiny):
+    _, tok = tiny
+    recs = [
+        {"prompt": "The movie was", "chosen": " great", "rejected": " bad"},
+        {"prompt": "The movie was", "chosen": " great", "rejected": " great"},
+        {"prompt": "The movie was " * 40, "chosen": " great", "rejected": " bad"},
+        {"prompt": "The film", "chosen": "", "rejected": " bad"},
+    ]
+    with pytest.raises(ConfigError, match="record 1: chosen == rejected.*on_invalid=drop"):
+        tokenize_pairs(tok, recs, PairsConfig(max_prompt_tokens=32))
+    items, counts = tokenize_pairs(tok, recs, PairsConfig(max_prompt_tokens=32, on_invalid="drop"))
+    assert [it["index"] for it in items] == [0]
+    assert counts == {
+        "dropped: chosen == rejected": 1,
+        "dropped: prompt longer than 32 tokens": 1,
+        "dropped: empty chosen": 1,
+    }
+    with pytest.raises(ConfigError, match="no valid preference pairs"):
+        tokenize_pairs(tok, recs[1:], PairsConfig(max_prompt_tokens=32, on_invalid="drop"))
+
+
+def test_tokenization_text_and_chat(tiny):
+    _, tok = tiny
+    rec = {"prompt": "The movie was", "chosen": " great fun", "rejected": " bad"}
+    (item,), _ = tokenize_pairs(tok, [rec], PairsConfig())
+    assert item["prompt_ids"] == tok("The movie was")["input_ids"]
+    assert item["chosen_ids"] == tok(" great fun", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+    # chat: the prompt is templated with the generation prompt; completions are not
+    msgs = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello", "rejected": "No"}
+    (item,), _ = tokenize_pairs(tok, [msgs], PairsConfig())
+    prompt = tok.decode(item["prompt_ids"])
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(item["chosen_ids"]) == "Hello<|im_end|>"
+    # a string prompt with data.chat=true goes through the template too
+    (item2,), _ = tokenize_pairs(tok, [dict(msgs, prompt="Hi")], PairsConfig(chat=True))
+    assert item2["prompt_ids"] == item["prompt_ids"]
+
+
+def test_long_completions_are_truncated_and_counted(tiny):
+    _, tok = tiny
+    rec = {"prompt": "The movie", "chosen": " great fun" * 20, "rejected": " bad"}
+    (item,), counts = tokenize_pairs(tok, [rec], PairsConfig(max_completion_tokens=8))
+    assert len(item["chosen_ids"]) == 8 and item["chosen_ids"][-1] == tok.eos_token_id
+    assert counts == {"truncated chosen": 1}
+
+
+def test_collate_pairs_layout():
+    """Chosen rows then rejected rows; prompts left-padded to P, completions right-padded to T."""
+    items = [
+        {"index": 0, "prompt_ids": [5, 6], "chosen_ids": [7], "rejected_ids": [8, 9, 10]},
+        {"index": 1, "prompt_ids": [11], "chosen_ids": [12, 13], "rejected_ids": [14]},
+    ]
+    b = collate_pairs(items, pad_id=0)
+    assert b.input_ids.tolist() == [
+        [5, 6, 7, 0, 0],
+        [0, 11, 12, 13, 0],
+        [5, 6, 8, 9, 10],
+        [0, 11, 14, 0, 0],
+    ]
+    assert b.attention_mask.tolist() == [
+        [1, 1, 1, 0, 0],
+        [0, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+        [0, 1, 1, 0, 0],
+    ]
+    assert b.mask.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert b.num_pairs == 2 and b.n_completion == 3 and b.index == [0, 1]
+    ids, attn = collate_sequences(items, pad_id=0)
+    assert ids.tolist()[0] == [0, 0, 5, 6, 7] and ids.tolist()[2] == [5, 6, 8, 9, 10]
+    ids, _ = collate_sequences(items, pad_id=0, left=False)
+    assert ids.tolist()[0] == [5, 6, 7, 0, 0]
+
+
+def test_split_is_seeded_and_disjoint():
+    recs = [{"prompt": str(i), "chosen": "a", "rejected": "b"} for i in range(20)]
+    train, held = split_records(recs, 0.1, seed=3)
+    assert len(held) == 2 and len(train) == 18
+    assert {r["prompt"] for r in train} | {r["prompt"] for r in held} == {str(i) for i in range(20)}
+    assert split_records(recs, 0.1, seed=3) == (train, held)
+    assert split_records(recs, 0.0, seed=3) == (recs, [])
+
+
+def test_data_cursor_covers_each_epoch_once():
+    """10 items, micro 2 x accum 2: 2 full steps per epoch (the last 2 items wait for the next
+    shuffle); batches are a function of the step, so a resumed run reads the same ones."""
+    assert steps_per_epoch(10, 2, 2) == 2
+    seen = [i for s in range(2) for mb in step_micro_batches(s, 10, 2, 2, seed=0) for i in mb]
+    assert len(seen) == 8 and len(set(seen)) == 8
+    assert step_micro_batches(3, 10, 2, 2, seed=0) == step_micro_batches(3, 10, 2, 2, seed=0)
+    assert step_micro_batches(0, 10, 2, 2, seed=0) != step_micro_batches(2, 10, 2, 2, seed=0)
+    with pytest.raises(ConfigError, match="fewer than one optimizer step"):
+        steps_per_epoch(3, 2, 2)
+
+
+def test_build_pairs_keeps_best_and_worst(tiny):
+    """Reward = completion length in characters: the chosen text is the longest of the n samples,
+    the rejected the shortest, and pairs whose gap is not above min_gap are dropped."""
+    model, tok = tiny
+    rows = [{"prompt": "The movie was", "id": 0}, {"prompt": "This film is", "id": 1}]
+    seen = {}
+
+    def length_reward(prompts, completions, batch):
+        seen["batch"] = batch
+        return [float(len(c)) for c in completions]
+
+    gen = GenerationConfig(max_new_tokens=6, temperature=1.0, n=4)
+    torch.manual_seed(0)
+    pairs, stats = build_pairs(model, tok, rows, length_reward, gen, min_gap=-1.0)
+    assert seen["batch"]["id"] == [0, 0, 0, 0, 1, 1, 1, 1]  # the rows' fields reach the reward
+    assert len(pairs) == 2
+    for p in pairs:
+        assert p["score_chosen"] == len(p["chosen"]) and p["score_rejected"] == len(p["rejected"])
+        assert p["score_chosen"] >= p["score_rejected"]
+    assert stats["samples"] == 8
+    none, stats = build_pairs(model, tok, rows, length_reward, gen, min_gap=1e9)
+    assert none == [] and stats["pairs"] == 0
+    with pytest.raises(ConfigError, match="at least 2 samples"):
+        build_pairs(model, tok, rows, length_reward, GenerationConfig(n=1), min_gap=0.0)
+
+
+def test_pairs_jsonl_roundtrip(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    recs = [{"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1.0}]
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    assert load_records(PairsConfig(), str(path)) == [
+        {"prompt": "a", "chosen": "b", "rejected": "c"}
+    ]
