@@ -32,7 +32,7 @@ from posttrain.runs import config_dict, read_jsonl
 OFFLINE = frozenset({"sft", "dpo", "reward-model", "distill"})
 # keys looked up in the config, in order of preference (see docs/report.md)
 PROMPTS_KEYS = ("prompts_per_step", "num_prompts", "prompt_batch_size", "batch_size")
-SAMPLES_PER_PROMPT_KEYS = ("group_size", "num_generations", "samples_per_prompt", "k", "n")
+SAMPLES_PER_PROMPT_KEYS = ("group_size", "num_generations", "samples_per_prompt", "k")
 EPOCHS_KEYS = ("ppo_epochs", "epochs_per_rollout", "update_epochs", "num_iterations", "epochs")
 MINIBATCH_KEYS = ("mini_batch_size", "minibatch_size", "update_batch_size")
 MICRO_KEYS = ("micro_batch_size", "micro_batch")
@@ -69,6 +69,12 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "metrics": read_jsonl(run / "metrics.jsonl"),
         "samples": read_jsonl(run / "samples.jsonl"),
         "evals": read_evals(run),
+        "results": {
+            p.name: json.loads(p.read_text())
+            for p in sorted(run.glob("*.json"))
+            if p.name != "run.json" and not p.name.startswith("eval_")
+        },
+        "figures": sorted(run.glob("*.png")),
     }
 
 
@@ -114,15 +120,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # What the config implies
 
 
-def _find(cfg: dict[str, Any], names: Sequence[str], sections: Sequence[str] = ()) -> tuple:
+def _find(
+    cfg: dict[str, Any], names: Sequence[str], sections: Sequence[str] = (), anywhere: bool = True
+) -> tuple:
     """(dotted key, value) of the first of `names` with a numeric value: top level first, then
-    the given sections, then any section. (None, None) when absent."""
+    the given sections, then (if `anywhere`) any section. (None, None) when absent."""
     for name in names:
         v = cfg.get(name)
         if isinstance(v, int | float) and not isinstance(v, bool):
             return name, v
     tables = [s for s in sections if isinstance(cfg.get(s), dict)]
-    tables += [s for s, v in cfg.items() if isinstance(v, dict) and s not in tables]
+    if anywhere:
+        tables += [s for s, v in cfg.items() if isinstance(v, dict) and s not in tables]
     for name in names:
         for s in tables:
             v = cfg[s].get(name)
@@ -158,7 +167,9 @@ def implied(cfg: dict[str, Any], command: str = "") -> list[tuple[str, str, str]
     if batch is None:
         return rows
     rows.append(("prompts per step", f"{batch:g}", bkey))
-    kkey, k = _find(cfg, SAMPLES_PER_PROMPT_KEYS, GEN_SECTIONS)
+    kkey, k = _find(cfg, SAMPLES_PER_PROMPT_KEYS, anywhere=False)
+    if k is None:  # the generation section's n, never an unrelated section's
+        kkey, k = _find(cfg, ("n",), GEN_SECTIONS, anywhere=False)
     k = k or 1
     samples = batch * k
     rows.append(("samples per step", f"{samples:g}", f"{bkey} x {kkey}" if kkey else bkey))
@@ -183,9 +194,14 @@ def implied(cfg: dict[str, Any], command: str = "") -> list[tuple[str, str, str]
 # Summaries
 
 
+_SPREAD = re.compile(r"(^|[/_.])(std|var|min|max|count|skipped|coef|clip\w*|frac\w*)($|[/_.])")
+
+
 def _direction(key: str) -> int:
-    """+1 if higher is better, -1 if lower is better, 0 if neither (KL, lengths, times...)."""
+    """+1 if higher is better, -1 if lower is better, 0 if neither (KL, spreads, lengths...)."""
     low = key.lower()
+    if _SPREAD.search(low):
+        return 0
     if re.search(r"loss|nll|perplexity|ppl|error|(^|/|_)err", low):
         return -1
     if re.search(r"reward|score|acc|win|pass|exact|rouge|f1|correct|margin", low):
@@ -214,11 +230,20 @@ def summarize(records: list[dict[str, Any]], keys: Sequence[str]) -> dict[str, d
 
 
 def headline_keys(keys: Sequence[str], limit: int = 8) -> list[str]:
-    """The keys worth a summary line: rewards, evaluation, losses, KL (in that order)."""
+    """The keys worth a summary line: rewards, evaluation, losses, KL (in that order); in each
+    group the total or mean first (`reward`, `reward/mean`, `loss/total`), spreads last."""
+
+    def rank(g: str, k: str) -> int:
+        low = k.lower()
+        if low in (g, f"{g}/mean", f"{g}/total", f"{g}_mean", f"mean_{g}"):
+            return 0
+        return 2 if _SPREAD.search(low) else 1
+
     groups = group_metrics(keys)
     picked: list[str] = []
     for g in ("reward", "eval", "loss", "kl"):
-        picked += groups.get(g, [])[: max(1, limit // 3)]
+        ranked = sorted(groups.get(g, []), key=lambda k: rank(g, k))
+        picked += ranked[: max(1, limit // 3)]
     return picked[:limit]
 
 
@@ -322,6 +347,33 @@ def _columns(rows: Sequence[dict[str, Any]], skip: Sequence[str] = ()) -> list[s
     return cols
 
 
+def results_section(results: dict[str, Any]) -> str:
+    """Other JSON files the command wrote (results.json, data_stats.json, summary.json, ...)."""
+    out = []
+    for name, obj in results.items():
+        out.append(f"<h3>{esc(name)}</h3>")
+        if isinstance(obj, list):
+            obj = {"rows": obj}
+        if not isinstance(obj, dict):
+            out.append(f"<pre>{fmt(obj)}</pre>")
+            continue
+        flat = _flatten(obj)
+        scalars = [[k, v] for k, v in flat.items() if not _is_rows(v)]
+        if scalars:
+            out.append(table(["key", "value"], scalars[:200]))
+        for k, v in flat.items():
+            if _is_rows(v):
+                rows = [_flatten(r) for r in v[:20]]
+                cols = _columns(rows)
+                out.append(f"<p>{esc(k)} ({len(v)} rows)</p>")
+                out.append(table(cols, [[r.get(c) for c in cols] for r in rows]))
+    return "<h2>Result files</h2>" + "\n".join(out) if out else ""
+
+
+def _is_rows(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
 def pick_steps(steps: Sequence[int], k: int = SAMPLE_STEPS) -> list[int]:
     """k steps spread evenly from the first to the last (all of them when there are k or fewer)."""
     steps = sorted(set(steps))
@@ -389,6 +441,10 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     elif not r["metrics"]:
         parts.append("<p class='muted'>metrics.jsonl is empty: nothing to plot yet.</p>")
     parts.append(samples_section(r["samples"]))
+    parts.append(results_section(r["results"]))
+    if r["figures"]:
+        parts.append("<h2>Figures in the run directory</h2>")
+        parts += [img(p) for p in r["figures"]]
     if r["config_text"]:
         parts += ["<h2>Resolved config</h2>", f"<pre>{esc(r['config_text'])}</pre>"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.cli import main
+from posttrain.plots import plot_records
 
 XSS = "<img src=x onerror=\"console.error('xss')\"><script>console.error('xss')</script>"
 
@@ -65,6 +66,8 @@ def fake_run(root: Path, name: str, beta: float, steps: int = 12) -> Path:
         json.dumps({"summary": {"accuracy": 0.2}, "examples": [{"prompt": XSS, "correct": False}]})
     )
     (run / "eval_after.json").write_text(json.dumps({"accuracy": 0.2 + beta}))
+    results = {"final": {"loss": 0.5}, "entries": [{"model": XSS, "accuracy": 0.3}]}
+    (run / "results.json").write_text(json.dumps(results))
     return run
 
 
@@ -248,6 +251,8 @@ def test_browser_check_catches_errors_and_broken_images(browser, tmp_path):
 
 def test_report_from_a_run_directory(browser, tmp_path, capsys):
     run = fake_run(tmp_path, "grpo-a", beta=0.05)
+    figure = plot_records([{"step": 1, "x": 1.0}], tmp_path / "fig")[0]
+    shutil.copy(figure, run / "comparison.png")  # a figure a command left in the run directory
     assert main(["report", str(run)]) == 0
     out = run / "report.html"
     assert f"wrote {out}" in capsys.readouterr().out
@@ -261,8 +266,9 @@ def test_report_from_a_run_directory(browser, tmp_path, capsys):
     assert "Sample generations" in text and "Resolved config" in text
     assert XSS not in text and "&lt;script&gt;console.error(&#x27;xss&#x27;)" in text
     facts = browser.check(out)
-    assert_clean(facts, images=len(pngs))
+    assert_clean(facts, images=len(pngs) + 1)
     assert facts["title"] == "posttrain report: grpo-a"
+    assert "results.json" in facts["text"] and re.search(r"final/loss\s+0\.5", facts["text"])
     # implied numbers: 2 prompts x 4 samples = 8 samples per step, 8 x 16 = 128 tokens
     assert re.search(r"samples per step\s+8\b", facts["text"])
     assert re.search(r"completion tokens per step \(at most\)\s+128\b", facts["text"])
@@ -326,3 +332,28 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     assert sorted(acc.Tags()["scalars"]) == ["loss", "reward/total"]
     got = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert got == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+
+
+def test_report_of_a_real_training_run(browser, tiny_dir, tmp_path):
+    """A few PPO steps on the tiny model: whatever keys it logs end up plotted and displayed."""
+    reward = tmp_path / "my_reward.py"
+    reward.write_text(
+        "def reward(prompts, completions, batch):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    args = [
+        "ppo", "--model.name", str(tiny_dir), "--task.name", "unit_conversion",
+        "--task.strategy", "direct", "--task.train_size", "8",
+        "--reward.components", f"python:{reward}:reward", "--gen.max_new_tokens", "6",
+        "--batch_size", "2", "--mini_batch_size", "2", "--ppo_epochs", "1", "--steps", "3",
+        "--run.out_dir", str(tmp_path), "--run.name", "ppo", "--run.progress", "false",
+        "--run.sample_every", "1", "--run.threads", "1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "ppo"
+    assert main(["report", str(run)]) == 0
+    pngs = list((run / "plots").glob("*.png"))
+    assert {"reward.png", "kl.png", "loss.png", "time.png"} <= {p.name for p in pngs}
+    facts = browser.check(run / "report.html")
+    assert_clean(facts, images=len(pngs))
+    assert re.search(r"optimizer updates per rollout\s+1\b", facts["text"])
+    assert "Sample generations" in facts["text"]

@@ -9,6 +9,7 @@ import pytest
 from posttrain.plots import auto_smoothing, ema, group_metrics, group_of, plot_records, series
 from posttrain.report import (
     config_differences,
+    headline_keys,
     implied,
     pick_steps,
     read_evals,
@@ -153,6 +154,15 @@ def test_summarize_best_follows_the_metric_direction():
     assert s["reward"] == {"first": 0.1, "final": 0.5, "best": 0.9, "best_step": 2.0, "n": 3}
     assert (s["loss"]["best"], s["loss"]["best_step"]) == (1.0, 2.0)
     assert s["kl"]["best"] is None and "absent" not in s
+    assert summarize([{"reward/std": 1.0}], ["reward/std"])["reward/std"]["best"] is None
+
+
+def test_headline_keys_put_totals_first_and_spreads_last():
+    keys = ["reward/std", "reward/format", "reward/mean", "loss/policy", "loss/total", "kl/coef"]
+    keys += ["kl/k1", "eval/accuracy", "entropy", "lr"]
+    assert headline_keys(keys, limit=8) == [
+        "reward/mean", "reward/format", "eval/accuracy", "loss/total", "loss/policy", "kl/k1", "kl/coef",
+    ]  # fmt: skip
 
 
 def test_read_evals_order_and_both_shapes(tmp_path):
