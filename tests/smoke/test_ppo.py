@@ -39,6 +39,7 @@ def _args(tiny_dir: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
         "--run.name", name,
         "--run.progress", "false",
         "--run.sample_every", "1",
+        "--eval_limit", "0",
         *extra,
     ]  # fmt: skip
 
@@ -91,5 +92,40 @@ def test_ppo_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     ra, rb = _records(whole), _records(split)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
-    for key in ("reward/mean", "loss/total", "kl/coef", "kl/k1"):
+    for key in ("reward/mean", "loss/total", "kl_coef", "kl/k1"):
         assert ra[-1][key] == pytest.approx(rb[-1][key], rel=1e-6), key
+
+
+def test_ppo_separate_critic_and_eval(tiny_dir, tmp_path):
+    args = _args(tiny_dir, tmp_path, "critic", "--steps", "2", "--critic", "separate",
+                 "--eval_limit", "4", "--kl.controller", "fixed")  # fmt: skip
+    assert main(args) == 0
+    run = tmp_path / "runs" / "critic"
+    recs = _records(run)
+    evals = [r for r in recs if "eval/reward" in r]
+    assert [r["step"] for r in evals] == [0, 2]  # at the start and the end
+    assert [r["kl_coef"] for r in recs if "loss/total" in r] == [0.1, 0.1]
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    critic = load_file(str(run / "final" / "critic" / "model.safetensors"))
+    assert any(not torch.equal(before[k], critic[k]) for k in before)  # the critic trained
+    assert (run / "checkpoints" / "step_000002" / "critic" / "model.safetensors").is_file()
+
+
+def test_ppo_grad_accum_matches_one_big_mini_batch(tiny_dir, tmp_path):
+    """With the seq_mean reduction, mini-batch 4 as 4 micro-batches of 1 gives the update of
+    one micro-batch of 4 (same data, same sampled rollout). AdamW's eps = 1 makes its first
+    update about lr * grad, so that weights compare gradients (with a small eps the first update
+    is lr * sign(grad), which flips on rounding noise for near-zero gradients)."""
+    common = ["--steps", "1", "--mini_batch_size", "4", "--ppo_epochs", "1", "--optim.eps", "1",
+              "--loss_reduction", "seq_mean", "--run.sample_every", "0"]  # fmt: skip
+    assert main(_args(tiny_dir, tmp_path, "one", *common)) == 0
+    assert main(_args(tiny_dir, tmp_path, "acc", *common, "--optim.grad_accum", "4")) == 0
+    a = load_file(str(tmp_path / "runs" / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "runs" / "acc" / "final" / "model.safetensors"))
+    before = load_file(str(tiny_dir / "model.safetensors"))
+    assert any(not torch.equal(before[k], a[k]) for k in a)
+    for k in a:
+        step_a, step_b = a[k] - before[k], b[k] - before[k]
+        assert (step_a - step_b).abs().max() <= 1e-3 * step_a.abs().max() + 1e-12, k
+    ra, rb = _records(tmp_path / "runs" / "one")[0], _records(tmp_path / "runs" / "acc")[0]
+    assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)

@@ -12,19 +12,15 @@ from posttrain.algos.ppo import (
     AdaptiveKLController,
     Config,
     FixedKLController,
-    KLConfig,
-    build_reference,
     entropy_loss,
     explained_variance,
-    merged_generation,
     per_token_rewards,
     policy_loss,
     score_rollout,
-    step_rows,
-    trim,
     value_loss,
 )
 from posttrain.config import load_config
+from posttrain.online import build_reference
 from posttrain.rollout import GenerationConfig
 from posttrain.value_head import (
     ActorCritic,
@@ -158,25 +154,11 @@ def test_per_token_rewards():
     assert torch.count_nonzero(r0) == 0
 
 
-def test_step_rows_covers_each_epoch_and_is_deterministic():
-    rows = [{"i": i} for i in range(10)]
-    first_epoch = [r["i"] for s in range(1, 6) for r in step_rows(rows, s, 2, seed=3)]
-    assert sorted(first_epoch) == list(range(10))
-    assert step_rows(rows, 7, 4, seed=3) == step_rows(rows, 7, 4, seed=3)
-    assert step_rows(rows, 1, 10, seed=3) != step_rows(rows, 1, 10, seed=4)
-
-
-def test_merged_generation_keeps_task_defaults_unless_changed():
-    task_gen = GenerationConfig(max_new_tokens=48, stop=["\n\n"], chat=True)
-    g = merged_generation(task_gen, GenerationConfig(temperature=0.7))
-    assert (g.max_new_tokens, g.stop, g.chat, g.temperature) == (48, ["\n\n"], True, 0.7)
-
-
 def test_config_validation_and_shipped_config():
     with pytest.raises(Exception, match="mini_batch_size"):
         load_config(Config, None, ["--batch_size=2", "--mini_batch_size=4"])
-    with pytest.raises(Exception, match="temperature"):
-        load_config(Config, None, ["--gen.temperature=0"])
+    with pytest.raises(Exception, match="grad_accum"):
+        load_config(Config, None, ["--mini_batch_size=2", "--optim.grad_accum=4"])
     path = Path(__file__).parents[2] / "configs" / "ppo_summarization.toml"
     cfg = load_config(Config, path)
     assert cfg.task.name == "summarization" and cfg.kl.controller == "adaptive"
@@ -215,7 +197,8 @@ def test_actor_critic_values_read_the_state_before_each_token(tiny):
 @pytest.mark.parametrize("lora", [False, True])
 def test_score_rollout_matches_sampling_logps(tiny, lora):
     """Teacher-forced log-probs of the sampled tokens equal the sampler's (the ratio starts at 1);
-    a fresh reference (a frozen copy, or the adapter switched off) gives zero KL."""
+    a fresh reference (a frozen copy, or the adapter switched off) gives zero KL; values are the
+    head on the state before each token."""
     from posttrain.config import LoraConfig
     from posttrain.models import apply_lora
     from posttrain.rollout import generate
@@ -225,15 +208,18 @@ def test_score_rollout_matches_sampling_logps(tiny, lora):
         model = apply_lora(model, LoraConfig(enabled=True, r=4))
     torch.manual_seed(0)
     gen = GenerationConfig(max_new_tokens=6, temperature=1.0)
-    ro = generate(model, tok, ["hello world", "The quick brown fox jumps"], gen)
-    ac = ActorCritic(model, ValueHead(hidden_size(model)))
-    ref = build_reference(model, KLConfig(coef=0.1))
-    assert ref is not None and ref.disable_adapter == lora
-    s = score_rollout(ac, ref, ro, temperature=1.0, batch_size=1, exact=True)
-    mask = ro.completion_mask.float()
-    assert torch.allclose(s["old_logp"], ro.logp * mask, atol=1e-4)
+    roll = generate(model, tok, ["hello world", "The quick brown fox jumps", "Paris"], gen)
+    head = ValueHead(hidden_size(model))
+    torch.nn.init.normal_(head.summary.weight)
+    ac = ActorCritic(model, head)
+    ref = build_reference("auto", model, 0.1)
+    assert ref is not None and ref.kind == ("adapter" if lora else "copy")
+    s = score_rollout(ac, ref, roll, temperature=1.0, n_micro=2)
+    mask = roll.completion_mask.float()
+    assert torch.allclose(s["old_logp"], roll.logp * mask, atol=1e-4)
     assert torch.allclose(s["ref_logp"], s["old_logp"], atol=1e-5)
-    assert s["exact_kl"].abs().max().item() < 1e-5
-    ids, attn, cols = trim(ro, torch.tensor([0]))
-    assert attn[0, 0] == 1 and cols.stop == int(ro.completion_mask[0].sum())
-    assert build_reference(model, KLConfig(coef=0.0)) is None
+    assert s["kl_exact"].abs().max().item() < 1e-5
+    whole = score_rollout(ac, None, roll, temperature=1.0, n_micro=1)
+    assert whole["ref_logp"] is None
+    assert torch.allclose(whole["values"], s["values"], atol=1e-5)  # micro-batching changes nothing
+    assert (s["values"] * (1 - mask)).abs().sum() == 0 and s["values"].abs().sum() > 0

@@ -24,29 +24,24 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 
-from posttrain.advantages import gae, whiten
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.online import GenOverrides, Reference, micro_batches, take
 from posttrain.ops import (
     Reduction,
     aggregate_loss,
-    completion_logits,
     entropy_from_logits,
     exact_kl,
-    kl_k1,
-    kl_k3,
     masked_mean,
     masked_var,
     selective_log_softmax,
 )
 from posttrain.rewards import RewardConfig
-from posttrain.rollout import GenerationConfig
+from posttrain.rollout import Rollout
 from posttrain.tasks.base import TaskConfig
 
 
@@ -57,7 +52,7 @@ def _ppo_task() -> TaskConfig:
 @dataclass
 class KLConfig:
     coef: float = 0.2
-    """initial KL coefficient beta in the per-token reward (0: no reference model and no KL)"""
+    """initial KL coefficient beta in the per-token reward (0: no KL, no reference model)"""
     controller: Literal["adaptive", "fixed"] = "adaptive"
     """adaptive: move beta towards the target KL (Ziegler et al. 2019); fixed: keep beta"""
     target: float = 6.0
@@ -66,23 +61,27 @@ class KLConfig:
     """adaptive: horizon in samples; beta changes by at most 20% per `horizon` samples"""
     estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator in the reward: k1 = logp - ref_logp (Ziegler), k3 = Schulman's"""
-    reference: Literal["auto", "copy", "adapter"] = "auto"
-    """reference policy: copy (a frozen copy), adapter (the policy with its LoRA adapter off), auto (adapter under LoRA, else copy)"""
-    exact: bool = True
-    """also log the exact KL over the vocabulary (kl/exact)"""
+    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
+    """reference policy: auto (none if coef is 0, adapter under LoRA, else copy), a frozen copy, the base weights with the LoRA adapter off, none"""
 
 
 @dataclass
 class Config:
-    ALIASES: ClassVar[dict[str, str]] = {"model": "model.name", "task-name": "task.name"}
+    ALIASES: ClassVar[dict[str, str]] = {
+        "model": "model.name",
+        "adapter": "model.adapter",
+        "resume": "run.resume",
+    }
     steps: int = 50
-    """PPO steps (one rollout batch, then ppo_epochs over it, per step)"""
+    """PPO steps: one rollout batch, then ppo_epochs of updates on it"""
     batch_size: int = 8
-    """prompts per step (rows = batch_size * gen.n)"""
+    """prompts per step (on each process)"""
+    samples_per_prompt: int = 1
+    """completions sampled per prompt (rollout rows = batch_size * samples_per_prompt)"""
     mini_batch_size: int = 4
-    """rows per optimizer step inside the PPO epochs"""
+    """rollout rows per optimizer step inside the PPO epochs (split into optim.grad_accum micro-batches)"""
     ppo_epochs: int = 4
-    """passes over each rollout batch"""
+    """passes over each rollout batch, each in a fresh shuffled order"""
     gamma: float = 1.0
     """discount factor (1: undiscounted, as in Ziegler et al.)"""
     lam: float = 0.95
@@ -100,39 +99,42 @@ class Config:
     whiten_rewards: bool = False
     """standardise the sequence rewards over the batch before the KL penalty is added"""
     loss_reduction: Reduction = "token_mean"
-    """how per-token losses become a scalar: token_mean, seq_mean or fixed"""
+    """per-token losses -> scalar: token_mean, seq_mean or fixed (exact under grad_accum)"""
     critic: Literal["head", "separate"] = "head"
     """value function: a head on the policy's trunk, or a separate copy of the model with its own head"""
     value_head: str | None = None
     """start from the value_head.safetensors in this directory (a PPO output) instead of a zero head"""
     forward_batch_size: int = 16
     """rows per no-grad forward pass when scoring the rollout (bounds memory)"""
+    eval_limit: int = 16
+    """validation rows scored at the start and the end (0: no evaluation)"""
+    eval_every: int = 0
+    """also evaluate every this many steps (0: start and end only)"""
+    n_samples: int = 8
+    """rollout rows written to samples.jsonl every run.sample_every steps"""
     kl: KLConfig = field(default_factory=KLConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.41e-5))
-    task: TaskConfig = field(default_factory=_ppo_task)
-    gen: GenerationConfig = field(default_factory=GenerationConfig)
-    """generation; fields set here override the task's defaults"""
-    reward: RewardConfig = field(default_factory=RewardConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=_ppo_task)
+    gen: GenOverrides = field(default_factory=GenOverrides)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def validate(self) -> None:
-        rows = self.batch_size * self.gen.n
-        if self.steps < 1 or self.batch_size < 1 or self.ppo_epochs < 1:
-            raise ConfigError("steps, batch_size and ppo_epochs must be at least 1")
+        rows = self.batch_size * self.samples_per_prompt
+        if min(self.steps, self.batch_size, self.samples_per_prompt, self.ppo_epochs) < 1:
+            raise ConfigError("steps, batch_size, samples_per_prompt and ppo_epochs must be >= 1")
         if not 1 <= self.mini_batch_size <= rows:
             raise ConfigError(
                 f"mini_batch_size={self.mini_batch_size} must be between 1 and the rollout rows "
-                f"batch_size * gen.n = {rows}"
+                f"batch_size * samples_per_prompt = {rows}"
             )
-        if self.mini_batch_size % self.optim.grad_accum:
+        if self.optim.grad_accum > self.mini_batch_size:
             raise ConfigError(
-                f"optim.grad_accum={self.optim.grad_accum} must divide mini_batch_size="
-                f"{self.mini_batch_size} (each mini-batch is split into grad_accum micro-batches)"
+                f"optim.grad_accum={self.optim.grad_accum} splits each mini-batch into micro-batches: "
+                f"it cannot exceed mini_batch_size={self.mini_batch_size}"
             )
-        if self.gen.temperature <= 0:
-            raise ConfigError("PPO samples its rollouts: set gen.temperature > 0 (e.g. 1.0)")
         if self.kl.coef < 0 or self.kl.target <= 0 or self.kl.horizon < 1:
             raise ConfigError("kl.coef must be >= 0, kl.target > 0 and kl.horizon >= 1")
 
@@ -270,94 +272,54 @@ def kl_controller(cfg: KLConfig) -> AdaptiveKLController | FixedKLController:
 # Helpers for main
 
 
-def step_rows(rows: list[dict[str, Any]], step: int, batch_size: int, seed: int) -> list[dict]:
-    """The prompts of step `step` (1-based): a fresh seeded shuffle of the rows per epoch, so the
-    order is a function of the step alone and a resumed run sees the same prompts."""
-    n, out = len(rows), []
-    for k in range((step - 1) * batch_size, step * batch_size):
-        perm = np.random.default_rng([seed, k // n]).permutation(n)
-        out.append(rows[int(perm[k % n])])
+@torch.no_grad()
+def score_rollout(
+    ac: Any, ref: Reference | None, roll: Rollout, *, temperature: float, n_micro: int
+) -> dict[str, torch.Tensor | None]:
+    """Before any update: old_logp, values, entropy and (with a reference) ref_logp and the exact
+    KL over the vocabulary, all (B, T), zero on padding. `online.score_rollout` plus the values."""
+    B, T = roll.completion_mask.shape
+    keys = ("old_logp", "values", "entropy", "ref_logp", "kl_exact")
+    out = {k: torch.zeros(B, T, device=roll.completion_mask.device) for k in keys}
+    for rows in micro_batches(B, n_micro):
+        mb = take(roll, rows)
+        t, m = mb["T"], mb["mask"]
+        ids = mb["input_ids"][:, -t:]
+        logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature)
+        out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
+        out["values"][rows, :t] = values.float() * m
+        out["entropy"][rows, :t] = entropy_from_logits(logits) * m
+        if ref is not None:
+            ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature)
+            out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
+            out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
+    if ref is None:
+        out["ref_logp"] = out["kl_exact"] = None
     return out
 
 
-def merged_generation(task_gen: GenerationConfig, user: GenerationConfig) -> GenerationConfig:
-    """The task's generation defaults, with every field the user changed from the defaults."""
-    default = GenerationConfig()
-    changed = {
-        f.name: getattr(user, f.name)
-        for f in fields(GenerationConfig)
-        if getattr(user, f.name) != getattr(default, f.name)
-    }
-    return GenerationConfig(**{**task_gen.__dict__, **changed})
-
-
-def trim(ro: Any, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, slice]:
-    """Rows `idx` of a rollout without columns that are padding in every one of them:
-    -> input_ids, attention_mask (b, P' + T'), and the slice of the T completion columns kept."""
-    p_mask, c_mask = ro.prompt_mask[idx], ro.completion_mask[idx]
-    first = int(p_mask.any(0).long().argmax())  # first prompt column with a real token
-    T = int(c_mask.sum(1).max().clamp(min=1))
-    ids = torch.cat([ro.prompt_ids[idx, first:], ro.completion_ids[idx, :T]], dim=1)
-    attn = torch.cat([p_mask[:, first:], c_mask[:, :T].to(p_mask.dtype)], dim=1)
-    return ids, attn, slice(0, T)
-
-
-@torch.no_grad()
-def score_rollout(
-    ac: Any, ref: Reference | None, ro: Any, *, temperature: float, batch_size: int, exact: bool
-) -> dict[str, torch.Tensor]:
-    """No-grad passes over the rollout: old_logp, values, entropy and, with a reference, ref_logp
-    and the exact per-token KL over the vocabulary. Every tensor (B, T), zero on padding."""
-    from posttrain.models import adapter_disabled
-
-    B, T = ro.completion_ids.shape
-    keys = ["old_logp", "values", "entropy"] + (["ref_logp", "exact_kl"] if ref else [])
-    out = {k: torch.zeros(B, T, device=ro.completion_ids.device) for k in keys}
-    for idx in torch.arange(B, device=ro.completion_ids.device).split(batch_size):
-        ids, attn, cols = trim(ro, idx)
-        n = cols.stop
-        logits, values = ac(ids, attn, n, temperature)  # (b, n, V), (b, n)
-        out["old_logp"][idx, cols] = selective_log_softmax(logits, ids[:, -n:])
-        out["values"][idx, cols] = values.float()
-        out["entropy"][idx, cols] = entropy_from_logits(logits)
-        if ref is not None:
-            with adapter_disabled(ref.model) if ref.disable_adapter else nullcontext():
-                ref_logits = completion_logits(ref.model, ids, attn, n, temperature)
-            out["ref_logp"][idx, cols] = selective_log_softmax(ref_logits, ids[:, -n:])
-            if exact:
-                out["exact_kl"][idx, cols] = exact_kl(logits, ref_logits)
-    mask = ro.completion_mask.float()
-    return {k: v * mask for k, v in out.items()}
-
-
-@dataclass
-class Reference:
-    """The reference policy: `model`, run with its LoRA adapter switched off if `disable_adapter`."""
-
-    model: Any
-    disable_adapter: bool
-
-
-def build_reference(policy: Any, cfg: KLConfig) -> Reference | None:
-    """None when beta is 0; the policy itself with its adapter off; or a frozen copy."""
-    from posttrain.models import frozen_copy, is_peft
-
-    if cfg.coef == 0:
-        return None
-    kind = cfg.reference
-    if kind == "auto":
-        kind = "adapter" if is_peft(policy) else "copy"
-    if kind == "adapter":
-        if not is_peft(policy):
-            raise ConfigError(
-                "kl.reference=adapter needs a LoRA policy (lora.enabled=true); use kl.reference=copy"
-            )
-        return Reference(policy, disable_adapter=True)
-    return Reference(frozen_copy(policy), disable_adapter=False)
+def minibatch_loss(
+    ac: Any, mb: dict[str, Any], cfg: Config, temperature: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward one micro-batch (from `online.take`) and combine the three losses:
+    policy_loss + vf_coef * value_loss + ent_coef * entropy_loss -> (loss, detached metrics)."""
+    logits, values = ac(mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T')
+    m, red = mb["loss_mask"], cfg.loss_reduction
+    pg, pg_m = policy_loss(
+        logp, mb["old_logp"], mb["adv"], m, cliprange=cfg.cliprange, reduction=red
+    )
+    vf, vf_m = value_loss(values, mb["old_values"], mb["returns"], m, cliprange_value=cfg.cliprange_value, reduction=red)  # fmt: skip
+    ent, _ = entropy_loss(entropy_from_logits(logits), m, reduction=red)
+    loss = pg + cfg.vf_coef * vf + cfg.ent_coef * ent
+    metrics = {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent, "loss/total": loss}
+    metrics |= {f"ppo/{k}": v for k, v in (pg_m | vf_m).items()}
+    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def save_final(run: Any, policy: Any, head: Any, tok: Any, critic: Any = None) -> None:
-    """run/final/: the policy (adapter or full weights), tokenizer, value_head.safetensors."""
+    """run/final/: the policy (adapter or full weights), tokenizer, value_head.safetensors and,
+    with a separate critic, critic/."""
     from posttrain.value_head import save_value_head
 
     if not run.is_main:
@@ -370,18 +332,27 @@ def save_final(run: Any, policy: Any, head: Any, tok: Any, critic: Any = None) -
         critic.save_pretrained(str(out / "critic"))
 
 
-def _mean(xs: list[torch.Tensor]) -> float:
-    return float(torch.stack(xs).mean()) if xs else float("nan")
-
-
 # ---------------------------------------------------------------------------------------------
 # Training loop
 
 
-def main(cfg: Config) -> dict[str, Any]:
+def main(cfg: Config) -> int:
+    from posttrain.advantages import gae, whiten
+    from posttrain.online import (
+        PromptStream,
+        accumulation_weight,
+        build_reference,
+        evaluate_policy,
+        reduce_mean,
+        resolve_generation,
+        rollout_batch,
+        rollout_metrics,
+        sample_records,
+    )
+    from posttrain.ops import kl_k1, kl_k3
     from posttrain.rewards import build_reward
     from posttrain.rollout import generate
-    from posttrain.tasks import columns, load_task
+    from posttrain.tasks import load_task
     from posttrain.train import (
         StopOnInterrupt,
         build_optimizer,
@@ -394,56 +365,64 @@ def main(cfg: Config) -> dict[str, Any]:
 
     acc, run = start(cfg, "ppo")
     task = load_task(cfg.task)
-    rows = task.rows("train")
-    gen = merged_generation(task.generation(), cfg.gen)
+    gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
     policy, tok = load_policy(cfg.model, cfg.lora, acc.device)
     critic = load_policy(cfg.model, cfg.lora, acc.device)[0] if cfg.critic == "separate" else None
     head = load_value_head(cfg.value_head) if cfg.value_head else ValueHead(hidden_size(policy))
     ac = ActorCritic(policy, head.to(acc.device), critic)
     ac.eval()  # dropout off: the ratio on a freshly sampled batch is exactly 1
-    ref = build_reference(policy, cfg.kl)
+    ref = build_reference(cfg.kl.ref, policy, cfg.kl.coef)  # before resume: the initial weights
     reward_fn = build_reward(cfg.reward, task, acc.device)
-    B = cfg.batch_size * gen.n  # rollout rows per step
-    updates_per_step = cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size)
+    prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
+    eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []
+    B = cfg.batch_size * cfg.samples_per_prompt  # rollout rows per step (per process)
     opt = build_optimizer(ac, cfg.optim)
+    updates_per_step = cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size)  # optimizer steps
     sched = build_scheduler(opt, cfg.optim, cfg.steps * updates_per_step)
-    ac, opt = acc.prepare(ac, opt)
     kl_ctl = kl_controller(cfg.kl)
+    kl_fn = kl_k1 if cfg.kl.estimator == "k1" else kl_k3
     modules = {"policy": policy, "value_head": head} | ({"critic": critic} if critic else {})
     first = 1
     if cfg.run.resume:
         state = run.load_checkpoint(modules, opt, sched)
+        prompts.load_state_dict(state["prompts"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         reward_fn.load_state_dict(state["reward"])
         first = state["step"] + 1
-    micro = cfg.mini_batch_size // cfg.optim.grad_accum
-    kl_fn = kl_k1 if cfg.kl.estimator == "k1" else kl_k3
-    rec: dict[str, Any] = {}
+    ac, opt = acc.prepare(ac, opt)
+
+    def evaluate(step: int) -> None:
+        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen)
+        run.log(step, reduce_mean(acc, metrics))
+        run.samples(step, samples)
+
+    if eval_rows and first == 1:
+        evaluate(0)
+    step = first - 1
     with StopOnInterrupt() as stop:
         for step in range(first, cfg.steps + 1):
-            # 1. rollout
+            # 1. rollout and the task reward
             t0 = time.perf_counter()
-            batch_rows = step_rows(rows, step, cfg.batch_size, cfg.run.seed)
-            ro = generate(policy, tok, [r["prompt"] for r in batch_rows], gen)
+            rows = prompts.next(cfg.batch_size)
+            roll = generate(policy, tok, [r["prompt"] for r in rows], gen)
             t1 = time.perf_counter()
-
-            # 2. rewards: the score at the last token, -beta * KL at every token
-            batch = columns([batch_rows[i] for i in ro.prompt_index.tolist()])
-            out = reward_fn(ro.prompts, ro.completions, batch)
+            out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             t2 = time.perf_counter()
+
+            # 2. per-token rewards: the score at the last token, -beta * KL at every token
+            n_fwd = math.ceil(B / cfg.forward_batch_size)
+            s = score_rollout(ac, ref, roll, temperature=gen.temperature, n_micro=n_fwd)
             valid = out.valid.to(acc.device)
-            mask = ro.completion_mask.float() * valid[:, None]  # (B, T), invalid rows left out
-            scores = whiten(out.total, valid.float()) if cfg.whiten_rewards else out.total
-            s = score_rollout(
-                ac,
-                ref,
-                ro,
-                temperature=gen.temperature,
-                batch_size=cfg.forward_batch_size,
-                exact=cfg.kl.exact,
-            )  # old_logp, values, entropy, ref_logp, exact_kl: (B, T)
-            kl = kl_fn(s["old_logp"], s["ref_logp"]) * mask if ref else torch.zeros_like(mask)
-            rewards = per_token_rewards(scores.to(mask), kl, mask, beta=kl_ctl.value)  # (B, T)
+            mask = roll.completion_mask.float() * valid[:, None]  # (B, T), skipped rows left out
+            scores = out.total.to(mask)  # (B,)
+            if cfg.whiten_rewards:
+                scores = whiten(scores, valid.float())
+            kl = (
+                torch.zeros_like(mask)
+                if ref is None
+                else kl_fn(s["old_logp"], s["ref_logp"]) * mask
+            )
+            rewards = per_token_rewards(scores, kl, mask, beta=kl_ctl.value)  # (B, T)
 
             # 3. advantages and returns
             adv, returns = gae(rewards, s["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -451,81 +430,67 @@ def main(cfg: Config) -> dict[str, Any]:
                 adv = whiten(adv, mask)
             t3 = time.perf_counter()
 
-            # 4. PPO epochs over shuffled mini-batches (grad_accum micro-batches each)
-            stats: dict[str, list[torch.Tensor]] = {}
+            # 4. PPO epochs over shuffled mini-batches, each one optimizer step
+            stats: dict[str, torch.Tensor] = {}
             grad_norms = []
             for _ in range(cfg.ppo_epochs):
-                for mb in torch.randperm(B, device=acc.device).split(cfg.mini_batch_size):
-                    for idx in mb.split(micro):
-                        ids, attn, cols = trim(ro, idx)
-                        logits, values = ac(ids, attn, cols.stop, gen.temperature)
-                        logp = selective_log_softmax(logits, ids[:, -cols.stop :])  # (b, T')
-                        m = mask[idx, cols]
-                        pg, pg_m = policy_loss(
-                            logp, s["old_logp"][idx, cols], adv[idx, cols], m,
-                            cliprange=cfg.cliprange, reduction=cfg.loss_reduction,
+                for mb_rows in torch.randperm(B).split(cfg.mini_batch_size):
+                    mb_tokens = float(mask[mb_rows.to(mask.device)].sum())
+                    for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
+                        mb = take(roll, idx, old_logp=s["old_logp"], old_values=s["values"],
+                                  adv=adv, returns=returns, loss_mask=mask)  # fmt: skip
+                        loss, m = minibatch_loss(ac, mb, cfg, gen.temperature)
+                        w = accumulation_weight(
+                            mb["loss_mask"], cfg.loss_reduction,
+                            step_rows=len(mb_rows), step_tokens=mb_tokens,
                         )  # fmt: skip
-                        vf, vf_m = value_loss(
-                            values, s["values"][idx, cols], returns[idx, cols], m,
-                            cliprange_value=cfg.cliprange_value, reduction=cfg.loss_reduction,
-                        )  # fmt: skip
-                        ent, _ = entropy_loss(
-                            entropy_from_logits(logits), m, reduction=cfg.loss_reduction
-                        )
-                        loss = pg + cfg.vf_coef * vf + cfg.ent_coef * ent
-                        acc.backward(loss * len(idx) / len(mb))
-                        terms = {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent}
-                        terms |= {"loss/total": loss} | {
-                            f"ppo/{k}": v for k, v in (pg_m | vf_m).items()
-                        }
-                        for k, v in terms.items():
-                            stats.setdefault(k, []).append(v.detach())
+                        acc.backward(loss * w)
+                        for k, v in m.items():  # weighted: each optimizer step's sum is its mean
+                            stats[k] = stats.get(k, 0.0) + v * w
                     grad_norms.append(clip_and_step(acc, ac, opt, sched, cfg.optim.max_grad_norm))
             t4 = time.perf_counter()
 
-            # 5. KL controller, logs, samples, checkpoint
-            seq_kl = float(kl.sum(1).mean())  # KL per completion (nats), as the controller sees it
+            # 5. KL controller, one flat record, samples, evaluation, checkpoint
             beta = kl_ctl.value
-            kl_ctl.update(seq_kl, B)
-            raw = out.raw_total if out.raw_total is not None else out.total
+            seq_kl = float(acc.reduce(kl.sum(1).mean(), "mean"))  # nats per completion
+            kl_ctl.update(seq_kl, B * acc.num_processes)
             rec = {
-                "reward/mean": float(raw[out.valid].mean()) if out.valid.any() else math.nan,
-                "reward/std": float(raw[out.valid].std()) if out.valid.sum() > 1 else 0.0,
-                **reward_fn.metrics(out),
-                "kl/coef": beta,
-                f"kl/{cfg.kl.estimator}": seq_kl,
-                "kl/exact": float((s["exact_kl"] * mask).sum(1).mean()) if "exact_kl" in s else math.nan,
-                "entropy": float(masked_mean(s["entropy"], mask)),
-                "completion/length": float(ro.completion_mask.sum(1).float().mean()),
-                **{k: _mean(v) for k, v in stats.items()},
+                **rollout_metrics(roll, out, s, reward_fn),
+                **{k: float(v) / updates_per_step for k, v in stats.items()},
                 "value/explained_variance": float(explained_variance(s["values"], returns, mask)),
                 "value/mean": float(masked_mean(s["values"], mask)),
                 "returns/mean": float(masked_mean(returns, mask)),
-                "grad_norm": float(np.mean(grad_norms)),
+                "kl_coef": beta,
+                "grad_norm": sum(grad_norms) / len(grad_norms),
                 "lr": sched.get_last_lr()[0],
+                "epoch": prompts.epoch,
                 "time/generate": t1 - t0,
                 "time/score": t2 - t1,
                 "time/forward": t3 - t2,
                 "time/train": t4 - t3,
-            }  # fmt: skip
+            }
             if step % cfg.run.log_every == 0 or step == cfg.steps:
-                run.log(step, rec)
+                run.log(step, reduce_mean(acc, rec))
             if cfg.run.sample_every and step % cfg.run.sample_every == 0:
-                comps = out.components.items()
-                run.samples(step, [
-                    {"prompt": ro.prompts[i], "completion": ro.completions[i],
-                     "reward": float(raw[i]), **{f"reward/{k}": float(v[i]) for k, v in comps}}
-                    for i in range(min(8, B))
-                ])  # fmt: skip
-            state = {"kl_ctl": kl_ctl.state_dict(), "reward": reward_fn.state_dict()}
+                run.samples(step, sample_records(roll, out, adv[:, 0], cfg.n_samples))
+            if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                evaluate(step)
             if (
-                step == cfg.steps
+                (cfg.run.save_every and step % cfg.run.save_every == 0)
                 or stop.requested
-                or (cfg.run.save_every and step % cfg.run.save_every == 0)
+                or step == cfg.steps
             ):
+                state = {
+                    "prompts": prompts.state_dict(),
+                    "kl_ctl": kl_ctl.state_dict(),
+                    "reward": reward_fn.state_dict(),
+                }
                 run.save_checkpoint(step, modules, opt, sched, state)
             if stop.requested:
-                break
+                print(f"stopped at step {step}; resume with --run.resume {run.path}", flush=True)
+                return 130
+    if eval_rows:
+        evaluate(step)
     save_final(run, policy, head, tok, critic)
     run.close()
-    return rec
+    return 0
