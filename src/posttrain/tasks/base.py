@@ -51,6 +51,10 @@ class TaskConfig:
     """summarization: articles are truncated to this many tokens"""
     rouge: Literal["rouge1", "rouge2", "rougeL"] = "rouge1"
     """summarization: the ROUGE F-score used as the reward"""
+    completion_tokens: int = 0
+    """sentiment and summarization: most tokens generated per prompt (0: the task's default, 20 and 64)"""
+    classifier_device: str = "auto"
+    """sentiment classifier device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
     classifier: str = "vader"
     """sentiment reward: vader (embedded) or a sequence-classifier model (hub id or directory)"""
     positive_label: str = "POSITIVE"

@@ -1,0 +1,477 @@
+"""Prompting strategies: zero-shot, few-shot, chain of thought, self-consistency, self-reflection,
+tree of thought; and the training-prompt builder the algorithms share.
+
+A *prompt* is either raw text (for base models, or SFT-style "question -> <answer>x</answer>"
+training) or a list of chat messages (rendered by the tokenizer's chat template). Every strategy is
+a small function over a *generator*, `gen(prompts, GenerationConfig) -> list[str]` (cfg.n
+completions per prompt, contiguous), so it is batched over questions and testable with a fake:
+
+    gen = model_generator(model, tok)
+    outs = self_consistency(gen, questions, n=5, parse=parse_answer)
+    outs[0].completion   # the text the task scores; outs[0].trace holds the sampled paths
+
+`model_generator` wraps `posttrain.rollout.generate` and adds one thing: a chat prompt whose last
+message is from the assistant is *continued* (rendered without closing that message), which is how
+self-reflection and tree-of-thought extend partial answers.
+
+Training algorithms call `build_prompt(question, strategy, examples=..., instruction=...)` (through a
+task's rows) so that training and evaluation see the same prompt format.
+
+Calls to the generator per strategy (a test pins these): zero_shot, few_shot, cot, direct: 1;
+self_consistency: 1 (n samples per question); self_reflection: 3 (answer, critique, revision);
+tree_of_thought: depth expansions + depth scorings (model scorer) + 1 final answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.config import ConfigError
+from posttrain.rollout import GenerationConfig, Prompt
+
+Generator = Callable[[list[Prompt], GenerationConfig], list[str]]
+Parser = Callable[[str], Any]
+Example = tuple[str, str]  # (question, worked solution ending in <answer>x</answer>)
+
+DEFAULT_INSTRUCTION = (
+    "Answer the question. Be concise. Write the final answer inside <answer></answer>, "
+    "for example <answer>42</answer>."
+)
+COT_SUFFIX = "Think step by step in one or two short sentences, then give the final answer."
+CRITIQUE_REQUEST = (
+    "Check the answer above for mistakes (the conversion factor, the arithmetic, the units). "
+    "Reply in one or two short sentences."
+)
+REVISE_REQUEST = "Now give the corrected final answer inside <answer></answer>."
+VALUE_REQUEST = (
+    "Question: {question}\nPartial reasoning: {partial}\n"
+    "Is this reasoning on track to the right answer? Reply with one word: sure, likely or impossible."
+)
+VALUE_WORDS = {"sure": 1.0, "likely": 0.5, "impossible": 0.0}
+
+TRAINING_STRATEGIES = ("direct", "zero_shot", "few_shot", "cot")
+STRATEGIES = (
+    "default",
+    "direct",
+    "zero_shot",
+    "few_shot",
+    "cot",
+    "self_consistency",
+    "self_reflection",
+    "tree_of_thought",
+)
+
+
+@dataclass
+class PromptingConfig:
+    shots: int = 3
+    """few_shot: worked examples taken from the train split"""
+    samples: int = 5
+    """self_consistency: reasoning paths sampled per question"""
+    temperature: float = 0.7
+    """self_consistency and tree_of_thought: sampling temperature of the paths"""
+    breadth: int = 3
+    """tree_of_thought: thoughts sampled per kept path, and paths kept per level"""
+    depth: int = 2
+    """tree_of_thought: levels of partial thoughts before the final answer"""
+    thought_tokens: int = 40
+    """tree_of_thought: most tokens per thought (a thought also ends at a newline)"""
+    scorer: str = "model"
+    """tree_of_thought: who scores partial thoughts: model (the model rates itself) or verifier (the task's checker)"""
+    critique_tokens: int = 64
+    """self_reflection: most tokens of the critique"""
+
+
+@dataclass
+class Output:
+    """One question's result: the completion the task scores, and the intermediate texts."""
+
+    completion: str
+    trace: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers
+
+
+_NUM = r"[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
+_SCI = re.compile(
+    rf"({_NUM})\s*(?:[eE]([-+]?\d+)|(?:x|×|\*)\s*10\s*(?:\^|\*\*)\s*\(?([-+−]?\d+)\)?)?"
+)
+_FRACTION = re.compile(r"^\s*([-+−]?\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)")
+
+
+def answer_span(text: str) -> str | None:
+    """The text of the last <answer>...</answer> (an unclosed last <answer> runs to the end)."""
+    start = text.rfind("<answer>")
+    if start < 0:
+        return None
+    body = text[start + len("<answer>") :]
+    end = body.find("</answer>")
+    return body if end < 0 else body[:end]
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in `text`: `6000`, `6,000`, `-1.5`, `.5`, `1.5e3`, `1.5 x 10^3`, `3/4`.
+
+    Commas followed by three digits are thousands separators; a single other comma between digits
+    is a decimal comma (`2,5` -> 2.5). Units and words around the number are ignored.
+    """
+    text = text.strip().replace("\u2212", "-").replace("\u00a0", " ")
+    text = re.sub(r"(?<=\d) (?=\d{3}\b)", "", text)  # 6 000 -> 6000
+    m = _FRACTION.match(text)
+    if m and float(m.group(2)) != 0:
+        return float(m.group(1)) / float(m.group(2))
+    text = re.sub(r"(?<=\d),(?=\d{1,2}\b|\d{4,})", ".", text)  # decimal comma
+    for m in _SCI.finditer(text):
+        mant = m.group(1)
+        if not re.search(r"\d", mant):
+            continue
+        value = float(mant.replace(",", "").replace("−", "-"))
+        exp = m.group(2) or m.group(3)
+        if exp is not None:
+            value *= 10.0 ** int(exp.replace("−", "-"))
+        return value if math.isfinite(value) else None
+    return None
+
+
+def parse_answer(text: str) -> float | None:
+    """The number inside the last <answer>...</answer> tag, or None when missing/unparseable."""
+    span = answer_span(text)
+    return None if span is None else parse_number(span)
+
+
+def vote_key(value: Any) -> Hashable:
+    """Answers that count as the same vote: floats to 6 significant digits, text stripped/lowered."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, str):
+        return " ".join(value.lower().split())
+    return value
+
+
+def majority_vote(answers: Sequence[Any]) -> tuple[int | None, int]:
+    """(index of the first answer in the winning group, its vote count); None answers do not vote.
+
+    Ties go to the answer that appeared first. Returns (None, 0) when no answer parsed.
+    """
+    keys = [None if a is None else vote_key(a) for a in answers]
+    counts = Counter(k for k in keys if k is not None)
+    if not counts:
+        return None, 0
+    best = max(counts.values())
+    for i, k in enumerate(keys):
+        if k is not None and counts[k] == best:
+            return i, best
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building prompts
+
+
+def format_example(question: str, solution: str) -> str:
+    return f"Question: {question}\nAnswer: {solution}"
+
+
+def build_prompt(
+    question: str,
+    strategy: str = "cot",
+    *,
+    examples: Sequence[Example] = (),
+    instruction: str = DEFAULT_INSTRUCTION,
+    chat: bool = True,
+) -> Prompt:
+    """The prompt for one question under a single-call strategy.
+
+    direct: the raw question and a space, to be completed with `<answer>x</answer>` (SFT style, no
+    chat template). zero_shot: instruction + question. cot: the instruction asks for short
+    step-by-step reasoning first. few_shot: as cot, with each example as a user/assistant turn.
+    With chat=False the same content is laid out as "Question: ...\\nAnswer:" text.
+    """
+    if strategy == "direct":
+        return f"{question} "
+    if strategy not in ("zero_shot", "cot", "few_shot"):
+        raise ConfigError(
+            f"no single-call prompt for strategy {strategy!r}; use one of {', '.join(TRAINING_STRATEGIES)}"
+        )
+    if strategy == "few_shot" and not examples:
+        raise ConfigError("few_shot needs worked examples (the task's train split is empty?)")
+    system = instruction if strategy == "zero_shot" else f"{instruction} {COT_SUFFIX}"
+    shots = examples if strategy == "few_shot" else ()
+    if not chat:
+        parts = [
+            system,
+            *(format_example(q, s) for q, s in shots),
+            f"Question: {question}\nAnswer:",
+        ]
+        return "\n\n".join(parts)
+    msgs = [{"role": "system", "content": system}]
+    for q, s in shots:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": s}]
+    return [*msgs, {"role": "user", "content": question}]
+
+
+def extend(prompt: Prompt, assistant: str, user: str | None = None) -> Prompt:
+    """Append an assistant turn (and optionally a new user turn) to a chat or raw-text prompt.
+
+    Without `user`, the result ends in the assistant's text, which the generator continues.
+    """
+    if isinstance(prompt, str):
+        text = prompt + (" " if not prompt.endswith((" ", "\n")) else "") + assistant
+        return text + (f"\n\n{user}\nAnswer:" if user is not None else "")
+    msgs = [*prompt, {"role": "assistant", "content": assistant}]
+    return msgs + ([{"role": "user", "content": user}] if user is not None else [])
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+
+
+def model_generator(model: Any, tokenizer: Any, *, progress: bool = False) -> Generator:
+    """`gen(prompts, cfg) -> completions` over posttrain.rollout.generate.
+
+    Chat prompts ending in an assistant message are rendered so that the model continues that
+    message; the batch is then passed on as raw text.
+    """
+    from posttrain.rollout import generate
+
+    def gen(prompts: list[Prompt], cfg: GenerationConfig) -> list[str]:
+        if any(not isinstance(p, str) and p[-1]["role"] == "assistant" for p in prompts):
+            prompts = [render_continuation(tokenizer, p, cfg) for p in prompts]
+            cfg = dataclasses.replace(cfg, chat=False)
+        return generate(model, tokenizer, prompts, cfg, progress=progress).completions
+
+    return gen
+
+
+def render_continuation(tokenizer: Any, prompt: Prompt, cfg: GenerationConfig) -> str:
+    """Render a prompt to text; a final assistant message is left open for the model to continue."""
+    from posttrain.rollout import render_prompts
+
+    if isinstance(prompt, str):
+        return render_prompts(tokenizer, [prompt], cfg)[0]
+    head, tail = (
+        (prompt[:-1], prompt[-1]["content"]) if prompt[-1]["role"] == "assistant" else (prompt, "")
+    )
+    text = render_prompts(tokenizer, [head], dataclasses.replace(cfg, chat=True))[0] + tail
+    # The raw-text path tokenizes with special tokens; do not let a BOS appear twice.
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and text.startswith(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies (each: questions in, one Output per question out)
+
+
+def _answer_cfg(gen_cfg: GenerationConfig, **changes: Any) -> GenerationConfig:
+    return dataclasses.replace(gen_cfg, **{"stop": ["</answer>"], "n": 1, **changes})
+
+
+def single_call(
+    gen: Generator,
+    questions: Sequence[str],
+    strategy: str,
+    *,
+    gen_cfg: GenerationConfig,
+    examples: Sequence[Example] = (),
+    instruction: str = DEFAULT_INSTRUCTION,
+    chat: bool = True,
+) -> list[Output]:
+    """zero_shot, few_shot, cot or direct: one prompt per question, one generator call."""
+    prompts = [
+        build_prompt(q, strategy, examples=examples, instruction=instruction, chat=chat)
+        for q in questions
+    ]
+    chat = chat and strategy != "direct"
+    outs = gen(prompts, _answer_cfg(gen_cfg, chat=chat))
+    return [Output(o) for o in outs]
+
+
+def zero_shot(gen: Generator, questions: Sequence[str], **kw: Any) -> list[Output]:
+    return single_call(gen, questions, "zero_shot", **kw)
+
+
+def few_shot(gen: Generator, questions: Sequence[str], **kw: Any) -> list[Output]:
+    return single_call(gen, questions, "few_shot", **kw)
+
+
+def cot(gen: Generator, questions: Sequence[str], **kw: Any) -> list[Output]:
+    return single_call(gen, questions, "cot", **kw)
+
+
+def self_consistency(
+    gen: Generator,
+    questions: Sequence[str],
+    *,
+    gen_cfg: GenerationConfig,
+    n: int = 5,
+    temperature: float = 0.7,
+    parse: Parser = parse_answer,
+    instruction: str = DEFAULT_INSTRUCTION,
+    chat: bool = True,
+) -> list[Output]:
+    """Sample n chain-of-thought paths per question; keep a path whose answer wins the vote."""
+    prompts = [build_prompt(q, "cot", instruction=instruction, chat=chat) for q in questions]
+    outs = gen(prompts, _answer_cfg(gen_cfg, n=n, temperature=temperature, chat=chat))
+    results = []
+    for i in range(len(questions)):
+        paths = outs[i * n : (i + 1) * n]
+        best, _ = majority_vote([parse(p) for p in paths])
+        results.append(Output(paths[0 if best is None else best], trace=paths))
+    return results
+
+
+def self_reflection(
+    gen: Generator,
+    questions: Sequence[str],
+    *,
+    gen_cfg: GenerationConfig,
+    critique_tokens: int = 64,
+    instruction: str = DEFAULT_INSTRUCTION,
+    chat: bool = True,
+) -> list[Output]:
+    """Answer (cot), critique the answer, then revise it: three batched generator calls."""
+    prompts = [build_prompt(q, "cot", instruction=instruction, chat=chat) for q in questions]
+    first = gen(prompts, _answer_cfg(gen_cfg, chat=chat))
+    critique_prompts = [extend(p, a, CRITIQUE_REQUEST) for p, a in zip(prompts, first)]
+    critiques = gen(
+        critique_prompts,
+        dataclasses.replace(gen_cfg, n=1, stop=[], max_new_tokens=critique_tokens, chat=chat),
+    )
+    revise_prompts = [extend(p, c, REVISE_REQUEST) for p, c in zip(critique_prompts, critiques)]
+    final = gen(revise_prompts, _answer_cfg(gen_cfg, chat=chat))
+    return [Output(f, trace=[a, c]) for a, c, f in zip(first, critiques, final)]
+
+
+def model_value(gen: Generator, gen_cfg: GenerationConfig, chat: bool) -> Callable:
+    """A thought scorer that asks the model itself: sure / likely / impossible -> 1 / 0.5 / 0."""
+
+    def score(questions: list[str], partials: list[str]) -> list[float]:
+        prompts: list[Prompt] = [
+            VALUE_REQUEST.format(question=q, partial=p.strip()) for q, p in zip(questions, partials)
+        ]
+        cfg = dataclasses.replace(
+            gen_cfg, n=1, stop=[], max_new_tokens=4, temperature=0.0, chat=chat
+        )
+        replies = gen(prompts, cfg)
+        out = []
+        for r in replies:
+            words = re.findall(r"[a-z]+", r.lower())
+            out.append(next((VALUE_WORDS[w] for w in words if w in VALUE_WORDS), 0.25))
+        return out
+
+    return score
+
+
+def tree_of_thought(
+    gen: Generator,
+    questions: Sequence[str],
+    *,
+    gen_cfg: GenerationConfig,
+    breadth: int = 3,
+    depth: int = 2,
+    temperature: float = 0.7,
+    thought_tokens: int = 40,
+    scorer: Callable[[list[str], list[str]], list[float]] | None = None,
+    instruction: str = DEFAULT_INSTRUCTION,
+    chat: bool = True,
+) -> list[Output]:
+    """Breadth-first tree of thought (Yao et al. 2023, BFS variant).
+
+    Each level samples `breadth` next thoughts (one line each) for every kept path, scores the
+    partial paths with `scorer(questions, partials) -> scores` (default: the model rates itself),
+    and keeps the `breadth` best per question. Paths that already hold an <answer> are not extended.
+    After `depth` levels the best path is completed up to its answer.
+    """
+    scorer = scorer or model_value(gen, gen_cfg, chat)
+    roots = [build_prompt(q, "cot", instruction=instruction, chat=chat) for q in questions]
+    beams: list[list[tuple[float, str]]] = [[(0.0, "")] for _ in questions]
+    thought_cfg = dataclasses.replace(
+        gen_cfg,
+        n=breadth,
+        temperature=temperature,
+        max_new_tokens=thought_tokens,
+        stop=["\n", "</answer>"],
+        chat=chat,
+    )
+    for _ in range(depth):
+        open_ = [
+            (i, path) for i, beam in enumerate(beams) for _, path in beam if "</answer>" not in path
+        ]
+        if not open_:
+            break
+        outs = gen(
+            [extend(roots[i], path + "\n") if path else roots[i] for i, path in open_], thought_cfg
+        )
+        cands = [
+            (i, (path + "\n" + o.strip()).strip())
+            for k, (i, path) in enumerate(open_)
+            for o in outs[k * breadth : (k + 1) * breadth]
+        ]
+        scores = scorer([questions[i] for i, _ in cands], [p for _, p in cands])
+        for i in range(len(questions)):
+            done = [(s, p) for s, p in beams[i] if "</answer>" in p]
+            mine = done + [(s, p) for (j, p), s in zip(cands, scores) if j == i]
+            beams[i] = sorted(mine, key=lambda sp: -sp[0])[:breadth]
+    best = [beams[i][0][1] for i in range(len(questions))]
+    todo = [i for i, p in enumerate(best) if "</answer>" not in p]
+    results = [Output(p, trace=[p2 for _, p2 in beams[i]]) for i, p in enumerate(best)]
+    if todo:
+        finals = gen(
+            [extend(roots[i], best[i] + "\n") if best[i] else roots[i] for i in todo],
+            _answer_cfg(gen_cfg, chat=chat),
+        )
+        for i, f in zip(todo, finals):
+            results[i].completion = (best[i] + "\n" + f).strip()
+    return results
+
+
+def run_strategy(
+    strategy: str,
+    gen: Generator,
+    questions: Sequence[str],
+    *,
+    gen_cfg: GenerationConfig,
+    cfg: PromptingConfig | None = None,
+    examples: Sequence[Example] = (),
+    instruction: str = DEFAULT_INSTRUCTION,
+    chat: bool = True,
+    parse: Parser = parse_answer,
+    verifier: Callable[[list[str], list[str]], list[float]] | None = None,
+) -> list[Output]:
+    """Dispatch a strategy by name with its hyper-parameters from a PromptingConfig."""
+    cfg = cfg or PromptingConfig()
+    common = {"gen_cfg": gen_cfg, "instruction": instruction, "chat": chat}
+    if strategy in TRAINING_STRATEGIES:
+        return single_call(gen, questions, strategy, examples=list(examples)[: cfg.shots], **common)
+    if strategy == "self_consistency":
+        return self_consistency(
+            gen, questions, n=cfg.samples, temperature=cfg.temperature, parse=parse, **common
+        )
+    if strategy == "self_reflection":
+        return self_reflection(gen, questions, critique_tokens=cfg.critique_tokens, **common)
+    if strategy == "tree_of_thought":
+        if cfg.scorer not in ("model", "verifier"):
+            raise ConfigError(f"prompting.scorer must be model or verifier, not {cfg.scorer!r}")
+        if cfg.scorer == "verifier" and verifier is None:
+            raise ConfigError("this task has no thought verifier; use --prompting.scorer=model")
+        return tree_of_thought(
+            gen,
+            questions,
+            breadth=cfg.breadth,
+            depth=cfg.depth,
+            temperature=cfg.temperature,
+            thought_tokens=cfg.thought_tokens,
+            scorer=verifier if cfg.scorer == "verifier" else None,
+            **common,
+        )
+    raise ConfigError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")

@@ -1,0 +1,419 @@
+"""Unit conversion ("well reasoned unit conversion"): generated questions with exact answers.
+
+    "How many grams are there per 6 kg?"  ->  6000.0
+
+Questions cover length, mass, volume, time, speed, area, data size and temperature, in several
+phrasings, with integer and decimal values. Ground truth is exact: every unit has its defining
+factor to the dimension's base unit as a Fraction (1 inch = 0.0254 m exactly, 1 US gallon =
+3.785411784 L, ...), temperatures use the exact affine formulas, and the answer is the Fraction
+result rounded once to a float. A test checks the table against `pint` on every unit.
+
+Splits are reproducible from the seed and disjoint: questions are drawn from one seeded stream,
+de-duplicated on (from unit, to unit, value), and each distinct conversion is assigned to a split by
+a hash of itself and the seed (80 / 7 / 13 % of the stream), so no conversion appears in two splits
+whatever phrasing it gets, and a split's rows do not depend on the other splits' sizes.
+
+Answers are read from the last <answer>...</answer> (posttrain.prompting.parse_answer). A
+prediction p is correct when |p - y| <= rel_tol * |y| (rel_tol defaults to 1e-2); when the true
+answer y is 0 the test is |p| <= rel_tol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from posttrain.config import ConfigError
+from posttrain.prompting import Example, build_prompt, parse_answer
+from posttrain.rollout import GenerationConfig
+from posttrain.tasks.base import Batch, Split, TaskConfig
+
+DEFAULT_SIZES = {"train": 1000, "validation": 100, "test": 200}
+SPLIT_SHARES = (("train", 80), ("validation", 7), ("test", 13))  # out of 100 hash buckets
+
+INSTRUCTION = (
+    "You convert units. Be concise. Write the final number (no units) inside "
+    "<answer></answer>, for example <answer>6000</answer>."
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    dimension: str
+    singular: str
+    plural: str
+    abbrev: str
+    factor: Fraction  # value in the dimension's base unit (unused for temperature)
+    pint: str  # the same unit as a pint expression (checked in tests)
+
+
+def _u(dim: str, key: str, singular: str, plural: str, abbrev: str, factor: str, pint: str) -> Unit:
+    return Unit(key, dim, singular, plural, abbrev, Fraction(factor), pint)
+
+
+UNITS: list[Unit] = [
+    # length, base metre
+    _u("length", "mm", "millimeter", "millimeters", "mm", "0.001", "millimeter"),
+    _u("length", "cm", "centimeter", "centimeters", "cm", "0.01", "centimeter"),
+    _u("length", "m", "meter", "meters", "m", "1", "meter"),
+    _u("length", "km", "kilometer", "kilometers", "km", "1000", "kilometer"),
+    _u("length", "in", "inch", "inches", "in", "0.0254", "inch"),
+    _u("length", "ft", "foot", "feet", "ft", "0.3048", "foot"),
+    _u("length", "yd", "yard", "yards", "yd", "0.9144", "yard"),
+    _u("length", "mi", "mile", "miles", "mi", "1609.344", "mile"),
+    _u("length", "nmi", "nautical mile", "nautical miles", "nmi", "1852", "nautical_mile"),
+    # mass, base kilogram
+    _u("mass", "mg", "milligram", "milligrams", "mg", "0.000001", "milligram"),
+    _u("mass", "g", "gram", "grams", "g", "0.001", "gram"),
+    _u("mass", "kg", "kilogram", "kilograms", "kg", "1", "kilogram"),
+    _u("mass", "t", "metric ton", "metric tons", "t", "1000", "metric_ton"),
+    _u("mass", "oz", "ounce", "ounces", "oz", "0.028349523125", "ounce"),
+    _u("mass", "lb", "pound", "pounds", "lb", "0.45359237", "pound"),
+    _u("mass", "st", "stone", "stones", "st", "6.35029318", "stone"),
+    # volume, base litre (US customary units)
+    _u("volume", "ml", "milliliter", "milliliters", "mL", "0.001", "milliliter"),
+    _u("volume", "l", "liter", "liters", "L", "1", "liter"),
+    _u("volume", "m3", "cubic meter", "cubic meters", "m^3", "1000", "meter ** 3"),
+    _u("volume", "gal", "gallon", "gallons", "gal", "3.785411784", "gallon"),
+    _u("volume", "qt", "quart", "quarts", "qt", "0.946352946", "quart"),
+    _u("volume", "pt", "pint", "pints", "pt", "0.473176473", "pint"),
+    _u("volume", "cup", "cup", "cups", "cup", "0.2365882365", "cup"),
+    _u("volume", "floz", "fluid ounce", "fluid ounces", "fl oz", "0.0295735295625", "fluid_ounce"),
+    _u("volume", "tbsp", "tablespoon", "tablespoons", "tbsp", "0.01478676478125", "tablespoon"),
+    _u("volume", "tsp", "teaspoon", "teaspoons", "tsp", "0.00492892159375", "teaspoon"),
+    # time, base second
+    _u("time", "ms", "millisecond", "milliseconds", "ms", "0.001", "millisecond"),
+    _u("time", "s", "second", "seconds", "s", "1", "second"),
+    _u("time", "min", "minute", "minutes", "min", "60", "minute"),
+    _u("time", "h", "hour", "hours", "h", "3600", "hour"),
+    _u("time", "day", "day", "days", "day", "86400", "day"),
+    _u("time", "week", "week", "weeks", "week", "604800", "week"),
+    # speed, base metre per second
+    _u("speed", "m/s", "meter per second", "meters per second", "m/s", "1", "meter / second"),
+    _u(
+        "speed",
+        "km/h",
+        "kilometer per hour",
+        "kilometers per hour",
+        "km/h",
+        "5/18",
+        "kilometer / hour",
+    ),
+    _u("speed", "mph", "mile per hour", "miles per hour", "mph", "0.44704", "mile / hour"),
+    _u("speed", "kn", "knot", "knots", "kn", "463/900", "knot"),
+    _u("speed", "ft/s", "foot per second", "feet per second", "ft/s", "0.3048", "foot / second"),
+    # area, base square metre
+    _u(
+        "area",
+        "cm2",
+        "square centimeter",
+        "square centimeters",
+        "cm^2",
+        "0.0001",
+        "centimeter ** 2",
+    ),
+    _u("area", "m2", "square meter", "square meters", "m^2", "1", "meter ** 2"),
+    _u("area", "km2", "square kilometer", "square kilometers", "km^2", "1000000", "kilometer ** 2"),
+    _u("area", "ha", "hectare", "hectares", "ha", "10000", "hectare"),
+    _u("area", "acre", "acre", "acres", "acre", "4046.8564224", "43560 * foot ** 2"),
+    _u("area", "ft2", "square foot", "square feet", "ft^2", "0.09290304", "foot ** 2"),
+    _u("area", "in2", "square inch", "square inches", "in^2", "0.00064516", "inch ** 2"),
+    _u("area", "mi2", "square mile", "square miles", "mi^2", "2589988.110336", "mile ** 2"),
+    # data size, base byte (kilo = 1000, kibi = 1024)
+    _u("data", "bit", "bit", "bits", "bit", "0.125", "bit"),
+    _u("data", "B", "byte", "bytes", "B", "1", "byte"),
+    _u("data", "kB", "kilobyte", "kilobytes", "kB", "1000", "kilobyte"),
+    _u("data", "MB", "megabyte", "megabytes", "MB", "1000000", "megabyte"),
+    _u("data", "GB", "gigabyte", "gigabytes", "GB", "1000000000", "gigabyte"),
+    _u("data", "TB", "terabyte", "terabytes", "TB", "1000000000000", "terabyte"),
+    _u("data", "KiB", "kibibyte", "kibibytes", "KiB", "1024", "kibibyte"),
+    _u("data", "MiB", "mebibyte", "mebibytes", "MiB", "1048576", "mebibyte"),
+    _u("data", "GiB", "gibibyte", "gibibytes", "GiB", "1073741824", "gibibyte"),
+    # temperature (affine; factor unused)
+    _u("temperature", "C", "degree Celsius", "degrees Celsius", "°C", "1", "degC"),
+    _u("temperature", "F", "degree Fahrenheit", "degrees Fahrenheit", "°F", "1", "degF"),
+    _u("temperature", "K", "kelvin", "kelvins", "K", "1", "kelvin"),
+]
+BY_KEY = {u.key: u for u in UNITS}
+DIMENSIONS = sorted({u.dimension for u in UNITS})
+
+TEMPLATES = [
+    "How many {to} are there per {value} {src}?",
+    "Convert {value} {src} to {to}.",
+    "What is {value} {src} in {to}?",
+    "{value} {src} is how many {to}?",
+    "Express {value} {src} in {to}.",
+    "How many {to} is {value} {src}?",
+    "If something measures {value} {src}, how many {to} is that?",
+]
+TEMPERATURE_TEMPLATES = [
+    "Convert {value} {src} to {to}.",
+    "What is {value} {src} in {to}?",
+    "{value} {src} is how many {to}?",
+    "A thermometer reads {value} {src}. What is that in {to}?",
+]
+
+
+TEMPERATURE_RULES = {  # (from, to) -> (rule, arithmetic) for worked solutions
+    ("C", "F"): ("°F = °C * 9/5 + 32", "{v} * 9/5 + 32"),
+    ("F", "C"): ("°C = (°F - 32) * 5/9", "({v} - 32) * 5/9"),
+    ("C", "K"): ("K = °C + 273.15", "{v} + 273.15"),
+    ("K", "C"): ("°C = K - 273.15", "{v} - 273.15"),
+    ("F", "K"): ("K = (°F - 32) * 5/9 + 273.15", "({v} - 32) * 5/9 + 273.15"),
+    ("K", "F"): ("°F = (K - 273.15) * 9/5 + 32", "({v} - 273.15) * 9/5 + 32"),
+}
+
+
+def to_kelvin(value: Fraction, unit: str) -> Fraction:
+    if unit == "C":
+        return value + Fraction("273.15")
+    if unit == "F":
+        return (value - 32) * Fraction(5, 9) + Fraction("273.15")
+    return value
+
+
+def from_kelvin(value: Fraction, unit: str) -> Fraction:
+    if unit == "C":
+        return value - Fraction("273.15")
+    if unit == "F":
+        return (value - Fraction("273.15")) * Fraction(9, 5) + 32
+    return value
+
+
+def convert(value: str | Fraction | float, src: str, dst: str) -> float:
+    """Exact conversion of `value` from unit key `src` to unit key `dst`, rounded once to float."""
+    a, b = BY_KEY[src], BY_KEY[dst]
+    if a.dimension != b.dimension:
+        raise ValueError(f"cannot convert {a.dimension} ({src}) to {b.dimension} ({dst})")
+    v = Fraction(str(value)) if not isinstance(value, Fraction) else value
+    if a.dimension == "temperature":
+        return float(from_kelvin(to_kelvin(v, src), dst))
+    return float(v * a.factor / b.factor)
+
+
+def format_number(x: float | Fraction, digits: int = 10) -> str:
+    """A number as a model should write it: up to `digits` significant digits, no exponent unless
+    the number is very large or small, no trailing zeros (6000, 0.125, 1.5e-09)."""
+    x = float(x)
+    if x == 0:
+        return "0"
+    if abs(x) >= 1e15 or abs(x) < 1e-6:
+        mant, exp = f"{x:.{digits - 1}e}".split("e")
+        return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    s = f"{x:.{decimals}f}"
+    return s.rstrip("0").rstrip(".") if "." in s else s
+
+
+def solution(value: str, src: str, dst: str) -> str:
+    """A short worked solution ending in <answer>...</answer> (few-shot examples, SFT targets)."""
+    a, b = BY_KEY[src], BY_KEY[dst]
+    ans = format_number(convert(value, src, dst))
+    if a.dimension == "temperature":
+        rule, arithmetic = TEMPERATURE_RULES[(src, dst)]
+        return f"{rule}. {arithmetic.format(v=value)} = <answer>{ans}</answer>"
+    factor = format_number(a.factor / b.factor)
+    return f"1 {a.singular} = {factor} {b.plural}. {value} * {factor} = <answer>{ans}</answer>"
+
+
+def _value(rng: random.Random, dimension: str) -> str:
+    kind = rng.random()
+    if dimension == "temperature":  # kelvin values are drawn by the caller
+        return str(rng.randint(-40, 120)) if kind < 0.7 else f"{rng.uniform(-40, 120):.1f}"
+    if kind < 0.55:
+        return str(rng.randint(1, 100))
+    if kind < 0.75:
+        return str(rng.randint(101, 5000))
+    return f"{rng.uniform(0.1, 100):.{rng.choice([1, 2])}f}"
+
+
+def _bucket(key: str, seed: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16) % 100
+
+
+def split_of(key: str, seed: int) -> str:
+    b = _bucket(key, seed)
+    for name, share in SPLIT_SHARES:
+        if b < share:
+            return name
+        b -= share
+    raise AssertionError("shares sum to 100")
+
+
+def generate_questions(seed: int, sizes: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    """Rows for every split, drawn from one seeded stream (see the module docstring)."""
+    rng = random.Random(seed)
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in sizes}
+    seen: set[str] = set()
+    attempts = 0
+    limit = 50 * sum(sizes.values()) + 10_000
+    while any(len(out[s]) < n for s, n in sizes.items()):
+        attempts += 1
+        if attempts > limit:
+            raise ConfigError(f"could not generate {sizes} distinct unit conversion questions")
+        dim = rng.choice(DIMENSIONS)
+        src, dst = rng.sample([u for u in UNITS if u.dimension == dim], 2)
+        value = _value(rng, dim) if src.key != "K" else str(rng.randint(200, 400))
+        key = f"{src.key}|{dst.key}|{value}"
+        if key in seen:
+            continue
+        seen.add(key)
+        # draw every random choice before the split test, so that one split's rows do not depend
+        # on whether another split is already full
+        template = rng.choice(TEMPERATURE_TEMPLATES if dim == "temperature" else TEMPLATES)
+        short = rng.random() < 0.4
+        split = split_of(key, seed)
+        if split not in out or len(out[split]) >= sizes[split]:
+            continue
+        src_name = src.abbrev if short else (src.singular if value == "1" else src.plural)
+        question = template.format(value=value, src=src_name, to=dst.plural)
+        question = question[0].upper() + question[1:]
+        out[split].append(
+            {
+                "question": question,
+                "answer": convert(value, src.key, dst.key),
+                "value": value,
+                "from_unit": src.key,
+                "to_unit": dst.key,
+                "dimension": dim,
+                "solution": solution(value, src.key, dst.key),
+            }
+        )
+    return out
+
+
+def is_correct(pred: float | None, answer: float, rel_tol: float = 0.01) -> bool:
+    """|pred - answer| <= rel_tol * |answer|; for answer 0, |pred| <= rel_tol."""
+    if pred is None or not math.isfinite(pred):
+        return False
+    if answer == 0:
+        return abs(pred) <= rel_tol
+    return abs(pred - answer) <= rel_tol * abs(answer)
+
+
+_EQUATION = re.compile(
+    r"(-?\d[\d,]*\.?\d*(?:e-?\d+)?)\s*([*x×/])\s*(-?\d[\d,]*\.?\d*(?:e-?\d+)?)\s*=\s*(?:<answer>)?\s*(-?\d[\d,]*\.?\d*(?:e-?\d+)?)"
+)
+
+
+def check_arithmetic(text: str, rel_tol: float = 0.01) -> float:
+    """A verifier for partial reasoning that needs no ground truth: the share of `a * b = c` and
+    `a / b = c` statements in `text` that are arithmetically right (0.5 when there are none)."""
+    found = _EQUATION.findall(text)
+    if not found:
+        return 0.5
+    ok = 0
+    for a, op, b, c in found:
+        try:
+            x, y, z = (float(s.replace(",", "")) for s in (a, b, c))
+        except ValueError:
+            continue
+        if op == "/" and y == 0:
+            continue
+        ok += is_correct(z, x / y if op == "/" else x * y, rel_tol)
+    return ok / len(found)
+
+
+class UnitConversionTask:
+    """Generated unit-conversion questions; reward 1 for a correct <answer> (+ format_reward)."""
+
+    name = "unit_conversion"
+    instruction = INSTRUCTION
+
+    def __init__(self, cfg: TaskConfig):
+        if cfg.source is not None:
+            raise ConfigError(
+                "unit_conversion generates its own questions; for your own question/answer data "
+                "use --task.name=custom with --task.answer_column"
+            )
+        if cfg.rel_tol < 0:
+            raise ConfigError(f"task.rel_tol must be >= 0, got {cfg.rel_tol}")
+        self.cfg = cfg
+        self.chat = cfg.strategy != "direct"
+        self.sizes = {
+            "train": cfg.train_size or DEFAULT_SIZES["train"],
+            "validation": cfg.validation_size or DEFAULT_SIZES["validation"],
+            "test": cfg.test_size or DEFAULT_SIZES["test"],
+        }
+        self._rows: dict[str, list[dict[str, Any]]] | None = None
+
+    def _all(self) -> dict[str, list[dict[str, Any]]]:
+        if self._rows is None:
+            raw = generate_questions(self.cfg.seed, self.sizes)
+            examples = self.examples(train=raw["train"])
+            for rows in raw.values():
+                for r in rows:
+                    r["prompt"] = build_prompt(
+                        r["question"],
+                        self.cfg.strategy,
+                        examples=examples,
+                        instruction=self.instruction,
+                        chat=self.chat,
+                    )
+            self._rows = raw
+        return self._rows
+
+    def rows(self, split: Split) -> list[dict[str, Any]]:
+        if split not in self.sizes:
+            raise ConfigError(f"unknown split {split!r}; use train, validation or test")
+        return [dict(r) for r in self._all()[split]]
+
+    def examples(self, k: int = 3, train: list[dict[str, Any]] | None = None) -> list[Example]:
+        """Worked examples for few-shot prompts: the first train rows of k different dimensions
+        (temperature left out: its worked solution is a formula, not a factor)."""
+        train = self._all()["train"] if train is None else train
+        picked: list[Example] = []
+        dims: set[str] = set()
+        for r in train:
+            if r["dimension"] not in dims and r["dimension"] != "temperature":
+                dims.add(r["dimension"])
+                picked.append((r["question"], r["solution"]))
+            if len(picked) == k:
+                break
+        return picked
+
+    def generation(self) -> GenerationConfig:
+        direct = self.cfg.strategy in ("direct", "zero_shot")
+        return GenerationConfig(
+            max_new_tokens=24 if direct else 96,
+            temperature=1.0,
+            stop=["</answer>"],
+            chat=self.chat,
+        )
+
+    def parse(self, completion: str) -> float | None:
+        return parse_answer(completion)
+
+    def verify_thoughts(self, questions: list[str], partials: list[str]) -> list[float]:
+        """Tree-of-thought verifier: arithmetic consistency of each partial path."""
+        return [check_arithmetic(p, self.cfg.rel_tol) for p in partials]
+
+    def reward(self, prompts: list[str], completions: list[str], batch: Batch) -> torch.Tensor:
+        preds = [parse_answer(c) for c in completions]
+        r = [
+            float(is_correct(p, a, self.cfg.rel_tol)) + self.cfg.format_reward * (p is not None)
+            for p, a in zip(preds, batch["answer"])
+        ]
+        return torch.tensor(r, dtype=torch.float32)
+
+    def evaluate(
+        self, completions: list[str], batch: Batch
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        per = []
+        for c, a in zip(completions, batch["answer"]):
+            p = parse_answer(c)
+            per.append({"parsed": p, "correct": is_correct(p, a, self.cfg.rel_tol)})
+        n = max(len(per), 1)
+        summary = {
+            "accuracy": sum(r["correct"] for r in per) / n,
+            "answer_rate": sum(r["parsed"] is not None for r in per) / n,
+        }
+        return summary, per
