@@ -389,12 +389,20 @@ def build_pairs(
         raise ValueError(f"reward returned {scores.shape[0]} scores for {len(ro)} completions")
     records: list[Record] = []
     gaps: list[float] = []
+    skipped: Counter = Counter()
     for i, row in enumerate(rows):
         s = scores[i * gen.n : (i + 1) * gen.n]
         texts = ro.completions[i * gen.n : (i + 1) * gen.n]
-        best, worst = int(s.argmax()), int(s.argmin())
+        order = torch.sort(s, stable=True).indices  # ties: best and worst are still two samples
+        best, worst = int(order[-1]), int(order[0])
         gap = float(s[best] - s[worst])
-        if gap > min_gap and texts[best].strip() != texts[worst].strip() and texts[worst].strip():
+        if gap <= min_gap:
+            skipped["gap too small"] += 1
+        elif texts[best].strip() == texts[worst].strip() or not (
+            texts[best].strip() and texts[worst].strip()
+        ):
+            skipped["identical or empty text"] += 1
+        else:
             records.append(
                 {
                     "prompt": row["prompt"],
@@ -412,6 +420,7 @@ def build_pairs(
         "mean_reward": float(scores.mean()),
         "mean_gap": float(sum(gaps) / len(gaps)) if gaps else math.nan,
         "seconds": ro.seconds,
+        **{f"skipped: {k}": float(v) for k, v in skipped.items()},
     }
     return records, stats
 
@@ -436,8 +445,8 @@ def build_from_task(
     )
     if not records:
         raise ConfigError(
-            f"no pair had a reward gap above build.min_gap={build.min_gap} "
-            f"({len(rows)} prompts, n={build.n}); lower min_gap or raise n/temperature"
+            f"no pairs from {len(rows)} prompts (n={build.n}, min_gap={build.min_gap}): "
+            f"{stats}; lower build.min_gap or raise build.n / build.temperature"
         )
     return records, stats, gen
 

@@ -119,3 +119,25 @@ def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):
     assert "chosen == rejected" in capsys.readouterr().err
     code = main(["dpo", "--reference=adapter_disabled", "--run.out_dir", str(tmp_path)])
     assert code == 2
+
+
+def test_dpo_builds_pairs_from_a_task_and_evaluates(tiny_dir, tmp_path):
+    """--build.enabled samples pairs from the policy and the task reward (unit conversion here:
+    its prompts use the chat template, so training switches data.chat on), and --eval.enabled
+    logs the task reward before (step 0) and after training."""
+    run = _dpo(tiny_dir, "unused.jsonl", tmp_path, "built", "--build.enabled=true",
+               "--task.name=unit_conversion", "--build.prompts=6", "--build.n=3",
+               "--build.min_gap=-1", "--build.max_new_tokens=6", "--eval.enabled=true",
+               "--eval.size=3", "--eval.max_new_tokens=6", "--data.eval_fraction=0",
+               "--max_steps=1")  # fmt: skip
+    pairs = read_jsonl(run / "pairs.jsonl")
+    assert len(pairs) >= 2 and all(p["score_chosen"] >= p["score_rejected"] for p in pairs)
+    assert json.loads((run / "pairs_stats.json").read_text())["samples"] == 18
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert rows[0]["step"] == 0 and "task/reward" in rows[0]
+    assert rows[-1]["step"] == 1 and "task/reward" in rows[-1]
+    from posttrain.algos.dpo import Config
+    from posttrain.config import load_config
+
+    saved = load_config(Config, run / "config.toml")
+    assert saved.build.enabled and saved.task.name == "unit_conversion"

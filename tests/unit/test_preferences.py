@@ -183,7 +183,10 @@ def test_build_pairs_keeps_best_and_worst(tiny):
         assert p["score_chosen"] >= p["score_rejected"]
     assert stats["samples"] == 8
     none, stats = build_pairs(model, tok, rows, length_reward, gen, min_gap=1e9)
-    assert none == [] and stats["pairs"] == 0
+    assert none == [] and stats["pairs"] == 0 and stats["skipped: gap too small"] == 2
+    # all scores tied: best and worst are still two different samples (first and last)
+    ties, _ = build_pairs(model, tok, rows, lambda p, c, b: [0.0] * len(c), gen, min_gap=-1.0)
+    assert len(ties) == 2 and all(t["chosen"] != t["rejected"] for t in ties)
     with pytest.raises(ConfigError, match="at least 2 samples"):
         build_pairs(model, tok, rows, length_reward, GenerationConfig(n=1), min_gap=0.0)
 
