@@ -79,3 +79,12 @@ def test_reward_model_resume_is_exact(tiny_dir, pairs, tmp_path):
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-6)
+
+
+def test_reward_model_build_only(tiny_dir, tmp_path):
+    """--build.enabled --build.only samples pairs with model.name (a causal LM) and stops."""
+    run = _rm(tiny_dir, "unused.jsonl", tmp_path, "pairs", "--build.enabled=true",
+              "--build.only=true", "--task.name=unit_conversion", "--build.prompts=4",
+              "--build.n=2", "--build.min_gap=-1", "--build.max_new_tokens=4")  # fmt: skip
+    assert len(read_jsonl(run / "pairs.jsonl")) == 4
+    assert not (run / "final").exists()

@@ -198,3 +198,18 @@ def test_pairs_jsonl_roundtrip(tmp_path):
     assert load_records(PairsConfig(), str(path)) == [
         {"prompt": "a", "chosen": "b", "rejected": "c"}
     ]
+
+
+@pytest.mark.parametrize(
+    "module, name", [("dpo", "dpo_sentiment"), ("reward_model", "reward_model_sentiment")]
+)
+def test_shipped_configs_load(module, name):
+    import importlib
+    from pathlib import Path
+
+    from posttrain.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    mod = importlib.import_module(f"posttrain.algos.{module}")
+    cfg = load_config(mod.Config, root / "configs" / f"{name}.toml")
+    assert cfg.build.enabled and cfg.task.name == "sentiment" and cfg.model.name == "default"
