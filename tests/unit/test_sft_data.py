@@ -136,3 +136,19 @@ def test_load_rows_with_column_mapping_and_held_out_validation(tmp_path):
     cfg.data.format = "messages"
     with pytest.raises(ConfigError, match="missing column"):
         load_rows(cfg)
+
+
+@pytest.mark.parametrize(
+    "module,name",
+    [("sft", "sft_unit_conversion"), ("rft", "rft_unit_conversion"), ("distill", "distill")],
+)
+def test_shipped_configs_load(module, name):
+    import importlib
+    from pathlib import Path
+
+    from posttrain.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    mod = importlib.import_module(f"posttrain.algos.{module}")
+    cfg = load_config(mod.Config, root / "configs" / f"{name}.toml")
+    assert cfg.model.name == "default" and cfg.lora.enabled
