@@ -129,3 +129,27 @@ def test_ppo_grad_accum_matches_one_big_mini_batch(tiny_dir, tmp_path):
         assert (step_a - step_b).abs().max() <= 1e-3 * step_a.abs().max() + 1e-12, k
     ra, rb = _records(tmp_path / "runs" / "one")[0], _records(tmp_path / "runs" / "acc")[0]
     assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-5)
+
+
+def test_ppo_ctrl_c_checkpoints_and_resumes(tiny_dir, tmp_path):
+    """A SIGINT during step 2 (sent by the reward) finishes the step, checkpoints, exits 130."""
+    stopper = tmp_path / "stop_reward.py"
+    marker = tmp_path / "interrupted"
+    stopper.write_text(
+        "import os, pathlib, signal\ncalls = 0\n"
+        "def reward(prompts, completions, batch):\n"
+        "    global calls\n    calls += 1\n"
+        f"    marker = pathlib.Path({str(marker)!r})\n"
+        "    if calls == 2 and not marker.exists():  # once, not again after the resume\n"
+        "        marker.touch()\n        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return [len(c) / 10 for c in completions]\n"
+    )
+    args = _args(tiny_dir, tmp_path, "stop", "--steps", "4")
+    args[args.index("--reward.components") + 1] = f"python:{stopper}:reward"
+    assert main(args) == 130
+    run = tmp_path / "runs" / "stop"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
+    assert not (run / "final").exists()
+    assert main([*args, "--run.resume", str(run)]) == 0
+    assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
+    assert (run / "final" / "value_head.safetensors").is_file()
