@@ -7,6 +7,7 @@ Each is used by every online algorithm; the algorithm files keep their loss and 
   PromptStream                        train rows cycled in a seeded shuffle, resumable by a counter
   build_reference                     frozen copy, base weights with the LoRA adapter off, or none
   score_rollout                       no-grad pass: old_logp, ref_logp, entropy, exact KL (B, T)
+  sampler_scores                      the same from the sampler alone, when no forward is needed
   micro_batches / accumulation_weight split a step into micro-batches whose summed loss is exact
   evaluate_policy                     the task's metrics and the reward on validation rows
 """
@@ -23,7 +24,13 @@ from torch import Tensor
 
 from posttrain.config import ConfigError
 from posttrain.models import adapter_disabled, frozen_copy, is_peft
-from posttrain.ops import Reduction, completion_logits, entropy_from_logits, exact_kl
+from posttrain.ops import (
+    Reduction,
+    completion_logits,
+    entropy_from_logits,
+    exact_kl,
+    selective_log_softmax,
+)
 from posttrain.rollout import GenerationConfig, Rollout, generate
 from posttrain.tasks.base import columns
 
@@ -238,17 +245,27 @@ def score_rollout(
         t = mb["T"]
         ids = mb["input_ids"][:, -t:]
         logits = completion_logits(model, mb["input_ids"], mb["attention_mask"], t, temperature)
-        lp = torch.log_softmax(logits.float(), -1)
-        out["old_logp"][rows, :t] = lp.gather(-1, ids[..., None]).squeeze(-1) * mb["mask"]
+        out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * mb["mask"]
         out["entropy"][rows, :t] = entropy_from_logits(logits) * mb["mask"]
         if ref is not None:
             ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature)
-            ref_lp = torch.log_softmax(ref_logits.float(), -1)
-            out["ref_logp"][rows, :t] = ref_lp.gather(-1, ids[..., None]).squeeze(-1) * mb["mask"]
+            out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * mb["mask"]
             out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * mb["mask"]
     if ref is None:
         out["ref_logp"] = out["kl_exact"] = None
     return out
+
+
+def sampler_scores(roll: Rollout) -> dict[str, Tensor | None]:
+    """What `score_rollout` gives, without a forward pass, when there is no reference and no
+    importance ratio: old_logp from the sampler (`rollout.logp`, the same quantity); no entropy,
+    which the caller then measures in its training forward."""
+    return {
+        "old_logp": roll.logp * roll.completion_mask,
+        "entropy": None,
+        "ref_logp": None,
+        "kl_exact": None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,10 +342,11 @@ def rollout_metrics(
         "reward/mean": float(raw.mean()) if len(raw) else float("nan"),
         "reward/std": float(raw.std()) if len(raw) > 1 else 0.0,
         **reward_fn.metrics(out),
-        "entropy": float(masked_mean(scores["entropy"], mask)),
         "completion_length": float(mask.sum(1).mean()),
         "completion_eos": sum(r != "length" for r in roll.finish_reasons) / len(roll),
     }
+    if scores["entropy"] is not None:
+        m["entropy"] = float(masked_mean(scores["entropy"], mask))
     if scores["ref_logp"] is not None:
         old, ref = scores["old_logp"], scores["ref_logp"]
         m["kl/k1"] = float(((kl_k1(old, ref) * mask).sum(1)).mean())

@@ -117,10 +117,16 @@ def main(cfg: Config) -> int:
         rollout_batch,
         rollout_metrics,
         sample_records,
+        sampler_scores,
         score_rollout,
         take,
     )
-    from posttrain.ops import completion_logps
+    from posttrain.ops import (
+        completion_logits,
+        entropy_from_logits,
+        masked_mean,
+        selective_log_softmax,
+    )
     from posttrain.rewards import build_reward
     from posttrain.rollout import generate
     from posttrain.tasks import load_task
@@ -180,9 +186,12 @@ def main(cfg: Config) -> int:
             roll = generate(policy, tok, [r["prompt"] for r in rows], gen)
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
-            scores = score_rollout(
-                model, ref, roll, temperature=gen.temperature, n_micro=cfg.optim.grad_accum
-            )
+            if ref is None:  # nothing needs a forward pass before the update
+                scores = sampler_scores(roll)
+            else:
+                scores = score_rollout(
+                    model, ref, roll, temperature=gen.temperature, n_micro=cfg.optim.grad_accum
+                )
             t2 = time.perf_counter()
             # 2. advantages: (penalised) reward minus baseline, 0 for skipped samples
             mask = roll.completion_mask  # (B, T)
@@ -201,11 +210,13 @@ def main(cfg: Config) -> int:
             # 3. one optimizer step over grad_accum micro-batches
             loss_mask = mask * valid[:, None]
             totals: dict[str, float] = {}
+            n_tok = float(mask.sum())
             for idx in micro_batches(len(roll), cfg.optim.grad_accum):
                 mb = take(roll, idx, adv=adv, ref_logp=scores["ref_logp"], loss_mask=loss_mask)
-                logp = completion_logps(
+                logits = completion_logits(
                     model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature
-                )
+                )  # (b, T, V)
+                logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])
                 loss, m = reinforce_loss(
                     logp,
                     mb["loss_mask"],
@@ -218,6 +229,11 @@ def main(cfg: Config) -> int:
                 acc.backward(loss * w)
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * w
+                w_tok = accumulation_weight(
+                    mb["mask"], "token_mean", step_rows=0, step_tokens=n_tok
+                )
+                ent = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
+                totals["entropy"] = totals.get("entropy", 0.0) + float(ent) * w_tok
             lr = opt.param_groups[0]["lr"]
             grad_norm = clip_and_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
             t3 = time.perf_counter()
