@@ -75,7 +75,7 @@ def model_card(
             'tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
             "```",
             "",
-            "or `posttrain eval --model.name base --model.adapter PATH`.",
+            f"or `posttrain eval --model.name {_cli_name(base_model)} --model.adapter PATH`.",
         ]
     else:
         lines += [
@@ -100,6 +100,15 @@ def model_card(
     if config_toml:
         lines += ["", "## Training config", "", "```toml", config_toml.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _cli_name(base_model: str) -> str:
+    """How posttrain names the base model: `default` for the embedded one."""
+    from posttrain.models import DEFAULT_NAMES
+
+    if base_model.lower() in DEFAULT_NAMES or Path(base_model).name == "smollm2-135m-instruct":
+        return "default"
+    return base_model
 
 
 def _fmt(v: Any) -> str:

@@ -354,6 +354,7 @@ def fit(
             len(train_set), generator=torch.Generator().manual_seed(seed + epoch)
         )
         idx = order[i * per_step : (i + 1) * per_step].tolist()
+        idx = idx[acc.process_index :: acc.num_processes]  # each process takes its share
         chunks = [idx[s : s + tcfg.batch_size] for s in range(0, len(idx), tcfg.batch_size)]
         return [_to(collate_sft([train_set[j] for j in c], pad), acc.device) for c in chunks]
 
@@ -400,14 +401,20 @@ def fit(
 
 
 def task_accuracy(
-    model: Any, tok: Any, task: Any, rows: list[dict], prompts: list[str], max_new_tokens: int
+    model: Any,
+    tok: Any,
+    task: Any,
+    rows: list[dict],
+    prompts: list[str],
+    max_new_tokens: int,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Greedy generation on `prompts` scored by the task's evaluation metrics."""
     from posttrain.rollout import GenerationConfig, generate
     from posttrain.tasks.base import columns
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=["</answer>"])
-    roll = generate(model, tok, prompts, gen, progress=True)
+    roll = generate(model, tok, prompts, gen, progress=progress)
     summary, _ = task.evaluate(roll.completions, columns(rows))
     return {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
 
@@ -422,7 +429,9 @@ def test_eval(
     rows = task.rows("test")[: cfg.eval_limit]
     prompts = [fill(prompt_template, r) for r in rows]
     t0 = time.perf_counter()
-    summary["test"] = task_accuracy(model, tok, task, rows, prompts, cfg.eval_max_new_tokens)
+    summary["test"] = task_accuracy(
+        model, tok, task, rows, prompts, cfg.eval_max_new_tokens, cfg.run.progress
+    )
     summary["test"]["seconds"] = time.perf_counter() - t0
     run.log(summary["steps"], {f"test_{k}": v for k, v in summary["test"].items()})
 
