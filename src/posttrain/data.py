@@ -40,6 +40,12 @@ def load_table(source: str, split: str = "train", subset: str | None = None) -> 
             raise ConfigError(
                 f"cannot read {source!r}: use a .csv, .tsv, .json, .jsonl, .parquet or .pkl file"
             )
+        if _BUILDERS[suffix] == "pandas":
+            # datasets >= 5 refuses pickles in load_dataset; read it with pandas (a pickle can run
+            # code: load only files you trust)
+            import pandas as pd
+
+            return datasets.Dataset.from_pandas(pd.read_pickle(path), preserve_index=False)
         kwargs: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
         ds = datasets.load_dataset(_BUILDERS[suffix], data_files=str(path), split="train", **kwargs)
         return ds

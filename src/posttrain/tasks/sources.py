@@ -1,7 +1,7 @@
 """Where task rows come from: embedded package data, files, or hub datasets, with splits.
 
 `split_rows(cfg, split, defaults)` returns the rows (plain dicts) of one split:
-- a hub dataset that has the split: its rows, shuffled by the seed, capped at the split's size;
+- a hub dataset (or a directory saved with `save_to_disk`) that has the split: its rows, shuffled by the seed, capped at the split's size;
 - a hub dataset without it (e.g. no "validation"): carved from "train" (validation and test take
   the first rows of the seeded shuffle, train the rest, so they never overlap);
 - a file (CSV, JSON, JSONL, Parquet, pandas pickle: posttrain.data.load_table) or embedded data has
@@ -65,13 +65,13 @@ def split_rows(
     cfg: TaskConfig, split: str, defaults: dict[str, int], needed: list[str]
 ) -> list[dict[str, Any]]:
     """Rows of one split from cfg.source (see the module docstring). `needed`: required columns."""
-    from posttrain.data import load_table, require_columns
+    from posttrain.data import require_columns
 
     assert cfg.source is not None
     want = sizes(cfg, defaults)
     path = Path(cfg.source).expanduser()
-    if path.suffix.lower() in FILE_SUFFIXES or path.exists():  # a file: no splits
-        ds = load_table(cfg.source, "train", cfg.subset)
+    if path.suffix.lower() in FILE_SUFFIXES or path.is_file():  # a file: no splits
+        ds = load_file(cfg.source, cfg.subset)
         require_columns(ds, needed, cfg.source)
         rows = ds.to_list()
         if cfg.train_size:
@@ -98,9 +98,27 @@ def split_rows(
     return ds.select(range(min(want[split], len(ds)))).to_list()
 
 
+def load_file(source: str, subset: str | None = None) -> Any:
+    """A whole local table (posttrain.data.load_table), with read errors named."""
+    from posttrain.data import load_table
+
+    try:
+        ds = load_table(source, "train", subset)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot read {source!r} (is it empty?): {e}") from e
+    if len(ds) == 0:
+        raise ConfigError(f"{source}: the file has no rows")
+    return ds
+
+
 def _hub(cfg: TaskConfig) -> Any:
     import datasets
 
+    if Path(cfg.source or "").expanduser().is_dir():  # saved with save_to_disk
+        dd = datasets.load_from_disk(str(Path(cfg.source or "").expanduser()))
+        return dd if isinstance(dd, datasets.DatasetDict) else datasets.DatasetDict({"train": dd})
     try:
         return (
             datasets.load_dataset(cfg.source, cfg.subset)
