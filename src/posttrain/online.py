@@ -220,6 +220,11 @@ def accumulation_weight(
     return mask.shape[0] / step_rows
 
 
+def no_sync_unless(acc: Any, model: Any, last: bool) -> Any:
+    """Skip DDP's gradient all-reduce on every micro-batch of an optimizer step but the last."""
+    return contextlib.nullcontext() if last or acc.num_processes == 1 else acc.no_sync(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # The no-grad scoring pass
 

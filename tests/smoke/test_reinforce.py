@@ -62,3 +62,29 @@ def test_reinforce_runs_and_changes_weights(variant, tiny_dir, tmp_path, monkeyp
     before = load_file(str(tiny_dir / "model.safetensors"))
     after = load_file(str(run / "final" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ctrl_c_checkpoints_then_resume_finishes(tiny_dir, tmp_path, monkeypatch):
+    """A Ctrl-C during step 1 finishes the step, writes checkpoint 1 and exits with 130;
+    --run.resume then runs steps 2 and 3 (the baseline state comes back with it)."""
+    import posttrain.train as train
+
+    use_fake_task(monkeypatch)
+    original = train.StopOnInterrupt
+
+    class Interrupted(original):
+        def __enter__(self):
+            super().__enter__()
+            self.requested = True  # as if Ctrl-C arrived during the first step
+            return self
+
+    monkeypatch.setattr(train, "StopOnInterrupt", Interrupted)
+    args = _args(tiny_dir, tmp_path, "c", "--eval_limit=0")
+    assert main(args) == 130
+    run = tmp_path / "runs" / "c"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    monkeypatch.setattr(train, "StopOnInterrupt", original)
+    assert main(args + ["--run.resume", str(run)]) == 0
+    recs = [r for r in read_jsonl(run / "metrics.jsonl") if "loss/total" in r]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert recs[1]["baseline"] == pytest.approx(recs[0]["reward/mean"])  # moving average resumed

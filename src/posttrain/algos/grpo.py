@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -166,6 +166,46 @@ def advantages(rewards: Tensor, valid: Tensor, cfg: Config) -> Tensor:
     )
 
 
+def micro_batch_loss(
+    model: Any,
+    roll: Any,
+    rows: Tensor,
+    adv: Tensor,
+    scores: dict[str, Tensor | None],
+    loss_mask: Tensor,
+    cfg: Config,
+    temperature: float,
+    normaliser: float,
+) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    """Forward some rollout rows and return (clipped loss, its metrics, their loss mask)."""
+    from posttrain.online import take
+    from posttrain.ops import completion_logps
+
+    mb = take(
+        roll,
+        rows,
+        adv=adv,
+        old_logp=scores["old_logp"],
+        ref_logp=scores["ref_logp"],
+        loss_mask=loss_mask,
+    )
+    logp = completion_logps(model, mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    loss, m = clipped_policy_loss(
+        logp,
+        mb["old_logp"],
+        mb["adv"],
+        mb["loss_mask"],
+        clip_eps=cfg.clip_eps,
+        clip_eps_high=cfg.clip_eps_high,
+        ref_logp=mb["ref_logp"],
+        kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
+        kl_estimator=cfg.kl_estimator,
+        reduction=cfg.loss_reduction,
+        normaliser=normaliser,
+    )
+    return loss, m, mb["loss_mask"]
+
+
 def main(cfg: Config) -> int:
     from posttrain.online import (
         PromptStream,
@@ -173,15 +213,14 @@ def main(cfg: Config) -> int:
         build_reference,
         evaluate_policy,
         micro_batches,
+        no_sync_unless,
         reduce_mean,
         resolve_generation,
         rollout_batch,
         rollout_metrics,
         sample_records,
         score_rollout,
-        take,
     )
-    from posttrain.ops import completion_logps
     from posttrain.rewards import build_reward
     from posttrain.rollout import generate
     from posttrain.tasks import load_task
@@ -250,6 +289,7 @@ def main(cfg: Config) -> int:
                 rewards = rewards - cfg.kl_coef * masked_sum(kl_tok, mask, dim=1)
             adv = advantages(rewards, valid, cfg)  # (B,)
             loss_mask = mask * valid[:, None]
+
             # 3. inner epochs over shuffled minibatches; each minibatch is one optimizer step
             B = len(roll)
             totals: dict[str, float] = {}
@@ -259,38 +299,27 @@ def main(cfg: Config) -> int:
                 order = torch.randperm(B) if updates_per_step > 1 else torch.arange(B)
                 for mb_rows in micro_batches(B, cfg.num_minibatches, order):
                     mb_tokens = float(loss_mask[mb_rows.to(mask.device)].sum())
-                    for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
-                        mb = take(
-                            roll,
-                            idx,
-                            adv=adv,
-                            old_logp=scores["old_logp"],
-                            ref_logp=scores["ref_logp"],
-                            loss_mask=loss_mask,
-                        )
-                        logp = completion_logps(
-                            model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature
-                        )
-                        loss, m = clipped_policy_loss(
-                            logp,
-                            mb["old_logp"],
-                            mb["adv"],
-                            mb["loss_mask"],
-                            clip_eps=cfg.clip_eps,
-                            clip_eps_high=cfg.clip_eps_high,
-                            ref_logp=mb["ref_logp"],
-                            kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
-                            kl_estimator=cfg.kl_estimator,
-                            reduction=cfg.loss_reduction,
-                            normaliser=normaliser,
-                        )
-                        w = accumulation_weight(
-                            mb["loss_mask"],
-                            cfg.loss_reduction,
-                            step_rows=len(mb_rows),
-                            step_tokens=mb_tokens,
-                        )
-                        acc.backward(loss * w)
+                    chunks = micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows)
+                    for j, idx in enumerate(chunks):
+                        with no_sync_unless(acc, model, last=j == len(chunks) - 1):
+                            loss, m, lmask = micro_batch_loss(
+                                model,
+                                roll,
+                                idx,
+                                adv,
+                                scores,
+                                loss_mask,
+                                cfg,
+                                gen.temperature,
+                                normaliser,
+                            )
+                            w = accumulation_weight(
+                                lmask,
+                                cfg.loss_reduction,
+                                step_rows=len(mb_rows),
+                                step_tokens=mb_tokens,
+                            )
+                            acc.backward(loss * w)
                         for k, v in m.items():
                             totals[k] = totals.get(k, 0.0) + float(v) * w / updates_per_step
                     grad_norms.append(

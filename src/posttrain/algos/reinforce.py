@@ -112,6 +112,7 @@ def main(cfg: Config) -> int:
         build_reference,
         evaluate_policy,
         micro_batches,
+        no_sync_unless,
         reduce_mean,
         resolve_generation,
         rollout_batch,
@@ -211,28 +212,31 @@ def main(cfg: Config) -> int:
             loss_mask = mask * valid[:, None]
             totals: dict[str, float] = {}
             n_tok = float(mask.sum())
-            for idx in micro_batches(len(roll), cfg.optim.grad_accum):
+            chunks = micro_batches(len(roll), cfg.optim.grad_accum)
+            for j, idx in enumerate(chunks):
                 mb = take(roll, idx, adv=adv, ref_logp=scores["ref_logp"], loss_mask=loss_mask)
-                logits = completion_logits(
-                    model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature
-                )  # (b, T, V)
-                logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])
-                loss, m = reinforce_loss(
-                    logp,
-                    mb["loss_mask"],
-                    mb["adv"],
-                    ref_logp=mb["ref_logp"],
-                    kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
-                    kl_estimator=cfg.kl_estimator,
-                )
-                w = accumulation_weight(mb["mask"], "seq_mean", step_rows=len(roll), step_tokens=0)
-                acc.backward(loss * w)
+                with no_sync_unless(acc, model, last=j == len(chunks) - 1):
+                    logits = completion_logits(
+                        model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature
+                    )  # (b, T, V)
+                    logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])
+                    loss, m = reinforce_loss(
+                        logp,
+                        mb["loss_mask"],
+                        mb["adv"],
+                        ref_logp=mb["ref_logp"],
+                        kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
+                        kl_estimator=cfg.kl_estimator,
+                    )
+                    w = accumulation_weight(
+                        mb["mask"], "seq_mean", step_rows=len(roll), step_tokens=0
+                    )
+                    acc.backward(loss * w)
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + float(v) * w
-                w_tok = accumulation_weight(
-                    mb["mask"], "token_mean", step_rows=0, step_tokens=n_tok
-                )
+                # token entropy of the policy before the update (this forward's logits)
                 ent = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
+                w_tok = float(mb["mask"].sum()) / max(n_tok, 1.0)
                 totals["entropy"] = totals.get("entropy", 0.0) + float(ent) * w_tok
             lr = opt.param_groups[0]["lr"]
             grad_norm = clip_and_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
