@@ -116,3 +116,15 @@ def test_python_api(tiny):
         model, tok, task, strategy="few_shot", split="validation", limit=3, max_new_tokens=4
     )
     assert [r["completion"] for r in rows] == [r["completion"] for r in rows2]
+
+
+@pytest.mark.parametrize("name", ["unit_conversion", "sentiment", "summarization"])
+def test_shipped_eval_configs_load(name):
+    from pathlib import Path
+
+    from posttrain.config import load_config
+    from posttrain.evaluate import Config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"eval_{name}.toml"
+    cfg = load_config(Config, path, ["--model", "x"])
+    assert cfg.task.name == name and cfg.models == ["x"]
