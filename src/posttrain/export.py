@@ -208,6 +208,14 @@ def push(folder: str | Path, repo_id: str, private: bool = False, message: str =
 
 
 def cli(command: str, argv: list[str]) -> int:
+    """`posttrain merge ...` / `posttrain push ...`; returns the exit code (argparse's on --help)."""
+    try:
+        return _cli(command, argv)
+    except SystemExit as e:  # argparse exits on --help and on bad arguments
+        return int(e.code or 0)
+
+
+def _cli(command: str, argv: list[str]) -> int:
     if command == "merge":
         ap = argparse.ArgumentParser(
             prog="posttrain merge", description="merge a LoRA adapter into its base model"

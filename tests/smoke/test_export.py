@@ -109,6 +109,7 @@ def test_push_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
     assert main(["push", str(folder), "--repo-id", "me/units", "--private"]) == 0
     assert calls[0][0] == "create" and calls[0][2]["private"] is True
     assert calls[1][0] == "upload" and calls[1][2]["folder_path"] == str(folder)
+    assert main(["push", str(folder)]) == 2  # --repo-id is required (argparse's exit code)
 
     class Offline(FakeApi):
         def create_repo(self, repo_id, **kw):
