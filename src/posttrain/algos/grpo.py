@@ -32,11 +32,37 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from posttrain import tasks, train
+from posttrain.advantages import group_normalized_advantages, rloo_advantages
 from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig
-from posttrain.online import GenOverrides
-from posttrain.ops import aggregate_loss, kl_k1, kl_k3, masked_mean, masked_sum
-from posttrain.rewards import RewardConfig
+from posttrain.online import (
+    GenOverrides,
+    PromptStream,
+    accumulation_weight,
+    build_reference,
+    evaluate_policy,
+    micro_batches,
+    no_sync_unless,
+    reduce_mean,
+    resolve_generation,
+    rollout_batch,
+    rollout_metrics,
+    sample_records,
+    score_rollout,
+    take,
+)
+from posttrain.ops import (
+    aggregate_loss,
+    completion_logps,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+)
+from posttrain.rewards import RewardConfig, build_reward
+from posttrain.rollout import generate
 from posttrain.tasks.base import TaskConfig
+from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
@@ -157,8 +183,6 @@ def clipped_policy_loss(
 
 def advantages(rewards: Tensor, valid: Tensor, cfg: Config) -> Tensor:
     """(B,) -> (B,): leave-one-out or group-normalised, 0 for invalid rows."""
-    from posttrain.advantages import group_normalized_advantages, rloo_advantages
-
     if cfg.advantage == "rloo":
         return rloo_advantages(rewards, cfg.group_size, valid=valid)
     return group_normalized_advantages(
@@ -178,9 +202,6 @@ def micro_batch_loss(
     normaliser: float,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
     """Forward some rollout rows and return (clipped loss, its metrics, their loss mask)."""
-    from posttrain.online import take
-    from posttrain.ops import completion_logps
-
     mb = take(
         roll,
         rows,
@@ -207,40 +228,13 @@ def micro_batch_loss(
 
 
 def main(cfg: Config) -> int:
-    from posttrain.online import (
-        PromptStream,
-        accumulation_weight,
-        build_reference,
-        evaluate_policy,
-        micro_batches,
-        no_sync_unless,
-        reduce_mean,
-        resolve_generation,
-        rollout_batch,
-        rollout_metrics,
-        sample_records,
-        score_rollout,
-    )
-    from posttrain.rewards import build_reward
-    from posttrain.rollout import generate
-    from posttrain.tasks import load_task
-    from posttrain.train import (
-        StopOnInterrupt,
-        build_optimizer,
-        build_scheduler,
-        clip_and_step,
-        load_policy,
-        start,
-    )
-
     acc, run = start(cfg, "rloo" if isinstance(cfg, RLOOConfig) else "grpo")
-    task = load_task(cfg.task)
+    task = tasks.load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.group_size)
     normaliser = cfg.fixed_normaliser or gen.max_new_tokens
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
-    ref = build_reference(
-        cfg.ref, model, cfg.kl_coef
-    )  # before resume: a copy of the initial weights
+    # before any resume, so that a "copy" reference holds the initial weights
+    ref = build_reference(cfg.ref, model, cfg.kl_coef)
     reward_fn = build_reward(cfg.reward, task, acc.device)
     prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
     eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []
@@ -268,7 +262,7 @@ def main(cfg: Config) -> int:
     if eval_rows and first == 1:
         evaluate(0)
     step = first - 1
-    with StopOnInterrupt() as stop:
+    with train.StopOnInterrupt() as stop:
         for step in range(first, cfg.steps + 1):
             # 1. rollout: group_size completions per prompt, rows of a prompt contiguous
             t0 = time.perf_counter()

@@ -28,11 +28,39 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from posttrain import tasks, train
+from posttrain.advantages import MovingAverageBaseline, batch_mean_baseline
 from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig
-from posttrain.online import GenOverrides
-from posttrain.ops import kl_k1, kl_k3, masked_sum
-from posttrain.rewards import RewardConfig
+from posttrain.online import (
+    GenOverrides,
+    PromptStream,
+    accumulation_weight,
+    build_reference,
+    evaluate_policy,
+    micro_batches,
+    no_sync_unless,
+    reduce_mean,
+    resolve_generation,
+    rollout_batch,
+    rollout_metrics,
+    sample_records,
+    sampler_scores,
+    score_rollout,
+    take,
+)
+from posttrain.ops import (
+    completion_logits,
+    entropy_from_logits,
+    kl_k1,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+    selective_log_softmax,
+)
+from posttrain.rewards import RewardConfig, build_reward
+from posttrain.rollout import generate
 from posttrain.tasks.base import TaskConfig
+from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
@@ -105,48 +133,12 @@ def reinforce_loss(
 
 
 def main(cfg: Config) -> int:
-    from posttrain.advantages import MovingAverageBaseline, batch_mean_baseline
-    from posttrain.online import (
-        PromptStream,
-        accumulation_weight,
-        build_reference,
-        evaluate_policy,
-        micro_batches,
-        no_sync_unless,
-        reduce_mean,
-        resolve_generation,
-        rollout_batch,
-        rollout_metrics,
-        sample_records,
-        sampler_scores,
-        score_rollout,
-        take,
-    )
-    from posttrain.ops import (
-        completion_logits,
-        entropy_from_logits,
-        masked_mean,
-        selective_log_softmax,
-    )
-    from posttrain.rewards import build_reward
-    from posttrain.rollout import generate
-    from posttrain.tasks import load_task
-    from posttrain.train import (
-        StopOnInterrupt,
-        build_optimizer,
-        build_scheduler,
-        clip_and_step,
-        load_policy,
-        start,
-    )
-
     acc, run = start(cfg, "reinforce")
-    task = load_task(cfg.task)
+    task = tasks.load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
-    ref = build_reference(
-        cfg.ref, model, cfg.kl_coef
-    )  # before resume: a copy of the initial weights
+    # before any resume, so that a "copy" reference holds the initial weights
+    ref = build_reference(cfg.ref, model, cfg.kl_coef)
     reward_fn = build_reward(cfg.reward, task, acc.device)
     prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
     eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []
@@ -179,7 +171,7 @@ def main(cfg: Config) -> int:
     if eval_rows and first == 1:
         evaluate(0)
     step = first - 1
-    with StopOnInterrupt() as stop:
+    with train.StopOnInterrupt() as stop:
         for step in range(first, cfg.steps + 1):
             # 1. rollout and reward
             t0 = time.perf_counter()
