@@ -161,3 +161,25 @@ def test_task_recipe_trains_direct_answers_and_reports_accuracy(tiny_dir, tmp_pa
     card = (run / "final" / "README.md").read_text()
     assert "test accuracy" in card and "[train]" in card
     assert (tmp_path / "sft_model" / "adapter_config.json").is_file()
+
+
+def test_conversations_and_plain_text_through_the_cli(tiny_dir, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": f"world {i}"},
+            ]
+        }
+        for i in range(4)
+    ]
+    chats.write_text("\n".join(json.dumps(r) for r in rows))
+    assert _sft(tiny_dir, tmp_path / "a", chats, "--train.max_steps=2") == 0
+    rec = read_jsonl(_run_dir(tmp_path / "a") / "metrics.jsonl")[0]
+    # labels: "world", " <i>", "<|im_end|>", "\n" per conversation (BPE may merge; at least 3 each)
+    assert rec["tokens"] >= 12
+
+    text = tmp_path / "text.csv"
+    text.write_text("text\nthe quick brown fox\nhello world\nthe movie was great\nfun\n")
+    assert _sft(tiny_dir, tmp_path / "b", text, "--train.max_steps=1") == 0
