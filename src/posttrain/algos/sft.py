@@ -340,7 +340,10 @@ def fit(
     sched = build_scheduler(opt, ocfg, total)
     state: dict[str, Any] = {}
     if resume:
-        state = run.load_checkpoint({"policy": model}, opt, sched)
+        try:
+            state = run.load_checkpoint({"policy": model}, opt, sched)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--run.resume: {e}; start a new run instead") from None
         print(f"resumed from step {state['step']}", flush=True)
     model, opt = acc.prepare(model, opt)
     model.train()
