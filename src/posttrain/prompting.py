@@ -53,6 +53,7 @@ VALUE_REQUEST = (
     "Question: {question}\nPartial reasoning: {partial}\n"
     "Is this reasoning on track to the right answer? Reply with one word: sure, likely or impossible."
 )
+EXTRACTION_CUE = "\nTherefore, the final answer is <answer>"
 VALUE_WORDS = {"sure": 1.0, "likely": 0.5, "impossible": 0.0}
 
 TRAINING_STRATEGIES = ("direct", "zero_shot", "few_shot", "cot")
@@ -86,6 +87,8 @@ class PromptingConfig:
     """tree_of_thought: who scores partial thoughts: model (the model rates itself) or verifier (the task's checker)"""
     critique_tokens: int = 64
     """self_reflection: most tokens of the critique"""
+    answer_extraction: bool = False
+    """zero_shot, few_shot, cot: when a completion has no <answer>, continue it with "Therefore, the final answer is <answer>" (the second stage of Kojima et al. 2022)"""
 
 
 @dataclass
@@ -285,15 +288,36 @@ def single_call(
     examples: Sequence[Example] = (),
     instruction: str = DEFAULT_INSTRUCTION,
     chat: bool = True,
+    extract_answer: bool = False,
 ) -> list[Output]:
-    """zero_shot, few_shot, cot or direct: one prompt per question, one generator call."""
+    """zero_shot, few_shot, cot or direct: one prompt per question, one generator call (two with
+    `extract_answer`, see `extract_answers`)."""
     prompts = [
         build_prompt(q, strategy, examples=examples, instruction=instruction, chat=chat)
         for q in questions
     ]
     chat = chat and strategy != "direct"
     outs = gen(prompts, _answer_cfg(gen_cfg, chat=chat))
-    return [Output(o) for o in outs]
+    if not extract_answer:
+        return [Output(o) for o in outs]
+    return extract_answers(gen, prompts, outs, gen_cfg=_answer_cfg(gen_cfg, chat=chat))
+
+
+def extract_answers(
+    gen: Generator, prompts: Sequence[Prompt], outs: Sequence[str], *, gen_cfg: GenerationConfig
+) -> list[Output]:
+    """Kojima et al. (2022)'s answer extraction: a completion without an <answer> tag is continued
+    after "Therefore, the final answer is <answer>" (one more call, only for those completions)."""
+    todo = [i for i, o in enumerate(outs) if "<answer>" not in o]
+    results = [Output(o) for o in outs]
+    if not todo:
+        return results
+    heads = [outs[i].rstrip() + EXTRACTION_CUE for i in todo]
+    cfg = dataclasses.replace(gen_cfg, max_new_tokens=16, n=1)
+    tails = gen([extend(prompts[i], h) for i, h in zip(todo, heads)], cfg)
+    for i, h, t in zip(todo, heads, tails):
+        results[i] = Output(h + t, trace=[outs[i]])
+    return results
 
 
 def zero_shot(gen: Generator, questions: Sequence[str], **kw: Any) -> list[Output]:
@@ -452,7 +476,14 @@ def run_strategy(
     cfg = cfg or PromptingConfig()
     common = {"gen_cfg": gen_cfg, "instruction": instruction, "chat": chat}
     if strategy in TRAINING_STRATEGIES:
-        return single_call(gen, questions, strategy, examples=list(examples)[: cfg.shots], **common)
+        return single_call(
+            gen,
+            questions,
+            strategy,
+            examples=list(examples)[: cfg.shots],
+            extract_answer=cfg.answer_extraction and strategy != "direct",
+            **common,
+        )
     if strategy == "self_consistency":
         return self_consistency(
             gen, questions, n=cfg.samples, temperature=cfg.temperature, parse=parse, **common

@@ -238,3 +238,15 @@ def test_every_strategy_on_tiny_model(tiny, strategy):
     assert len(outs) == 2 and all(isinstance(o.completion, str) for o in outs)
     expected = {"self_consistency": [4], "self_reflection": [2, 2, 2], "tree_of_thought": [4, 4, 2]}
     assert calls == expected.get(strategy, [2])
+
+
+def test_answer_extraction_second_stage_only_where_missing():
+    gen = FakeGen(["6 kg is 6 * 1000 grams", "<answer>3</answer>", "6000</answer>"])
+    cfg = PromptingConfig(answer_extraction=True)
+    outs = run_strategy("cot", gen, ["q0", "q1"], gen_cfg=GEN, cfg=cfg)
+    assert [len(c[0]) for c in gen.calls] == [2, 1]  # the second call only for q0
+    cont = gen.calls[1][0][0]
+    assert cont[-1]["role"] == "assistant"
+    assert cont[-1]["content"].endswith("Therefore, the final answer is <answer>")
+    assert parse_answer(outs[0].completion) == 6000.0 and outs[0].trace == ["6 kg is 6 * 1000 grams"]
+    assert outs[1].completion == "<answer>3</answer>"
