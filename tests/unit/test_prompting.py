@@ -248,5 +248,6 @@ def test_answer_extraction_second_stage_only_where_missing():
     cont = gen.calls[1][0][0]
     assert cont[-1]["role"] == "assistant"
     assert cont[-1]["content"].endswith("Therefore, the final answer is <answer>")
-    assert parse_answer(outs[0].completion) == 6000.0 and outs[0].trace == ["6 kg is 6 * 1000 grams"]
+    assert parse_answer(outs[0].completion) == 6000.0
+    assert outs[0].trace == ["6 kg is 6 * 1000 grams"]
     assert outs[1].completion == "<answer>3</answer>"
