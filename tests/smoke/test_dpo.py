@@ -108,6 +108,9 @@ def test_beta_sweep_writes_runs_and_plot(tiny_dir, pairs, tmp_path):
     assert (root / "beta_sweep.png").stat().st_size > 1000
     summary = json.loads((root / "sweep.json").read_text())
     assert set(summary) == {"0.1", "0.5"} and "eval/loss" in summary["0.5"]
+    # the second beta reuses the first run's reference log-probs instead of recomputing them
+    first, second = (root / f"beta_{b}" / "reference_logps.json" for b in ("0.1", "0.5"))
+    assert first.read_text() == second.read_text()
 
 
 def test_bad_input_is_a_clear_error(tiny_dir, tmp_path, capsys):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -75,6 +76,8 @@ class EvalConfig:
     """task split to evaluate on"""
     size: int = 64
     """prompts evaluated"""
+    before: bool = True
+    """also evaluate before training (logged at step 0)"""
     max_new_tokens: int = 0
     """tokens per completion (0: the task's default)"""
 
@@ -112,6 +115,8 @@ class Config:
     """held-out loss/accuracy every this many steps (0: at the end only)"""
     eval_batch_size: int = 16
     """pairs per forward pass when evaluating or precomputing reference log-probs"""
+    reference_cache: str | None = None
+    """reference_logps.json of a run on the same pairs and starting model: reused, not recomputed"""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
@@ -380,6 +385,8 @@ def train(cfg: Config) -> Path:
     ref_model = None
     if cfg.loss_type.needs_reference and cfg.reference == "precomputed":
         cache = run.path / "reference_logps.json"
+        if not cache.is_file() and cfg.reference_cache:
+            shutil.copyfile(cfg.reference_cache, cache)
         if not cache.is_file():
             t0 = time.perf_counter()
             refs = {
@@ -390,7 +397,12 @@ def train(cfg: Config) -> Path:
             print(f"reference log-probs cached ({time.perf_counter() - t0:.1f}s)", flush=True)
         refs = json.loads(cache.read_text())
         for items, key in ((train_items, "train"), (eval_items, "eval")):
-            for it, ref in zip(items, refs[key], strict=True):
+            if len(refs[key]) != len(items):
+                raise ConfigError(
+                    f"{cache} holds {len(refs[key])} {key} pairs but the data has {len(items)}: "
+                    "it was computed on other data; drop --reference_cache"
+                )
+            for it, ref in zip(items, refs[key]):
                 it["ref"] = ref
     elif cfg.loss_type.needs_reference and cfg.reference == "frozen_copy":
         ref_model = frozen_copy(policy)
@@ -404,7 +416,7 @@ def train(cfg: Config) -> Path:
     state: dict[str, Any] = {}
     if cfg.run.resume:
         state = run.load_checkpoint({"policy": acc.unwrap_model(policy)}, opt, sched)
-    elif cfg.eval.enabled:
+    elif cfg.eval.enabled and cfg.eval.before:
         summary, samples = task_eval(cfg, policy, tok)
         run.log(0, summary)
         run.samples(0, samples[:16])
@@ -475,8 +487,21 @@ def sweep(cfg: Config) -> Path:
     for beta in cfg.sweep.betas:
         sub = copy.deepcopy(base)
         sub.beta, sub.run.name = beta, f"beta_{beta:g}"
-        curves[beta] = read_jsonl(train(sub) / "metrics.jsonl")
-    summary = {str(b): _final(rows) for b, rows in curves.items()}
+        path = train(sub)
+        curves[beta] = read_jsonl(path / "metrics.jsonl")
+        # Later betas start from the same policy on the same pairs: reuse the first run's reference
+        # log-probs and its before-training evaluation.
+        if (path / "reference_logps.json").is_file():
+            base.reference_cache = str(path / "reference_logps.json")
+        base.eval.before = False
+    summary: dict[str, Any] = {str(b): _final(rows) for b, rows in curves.items()}
+    before = [
+        r["task/reward"]
+        for r in next(iter(curves.values()))
+        if r["step"] == 0 and "task/reward" in r
+    ]
+    if before:
+        summary["task/reward_before"] = before[0]
     (root / "sweep.json").write_text(json.dumps(summary, indent=1))
     plot_sweep(curves, root / "beta_sweep.png")
     print(f"beta sweep: {json.dumps(summary)}\nplot: {root / 'beta_sweep.png'}")
@@ -488,9 +513,6 @@ def _final(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in rows:
         out.update({k: r[k] for k in (*keys, "task/reward") if k in r and r["step"] > 0})
-    before = [r["task/reward"] for r in rows if r["step"] == 0 and "task/reward" in r]
-    if before:
-        out["task/reward_before"] = before[0]
     return out
 
 
