@@ -223,3 +223,23 @@ def test_score_rollout_matches_sampling_logps(tiny, lora):
     assert whole["ref_logp"] is None
     assert torch.allclose(whole["values"], s["values"], atol=1e-5)  # micro-batching changes nothing
     assert (s["values"] * (1 - mask)).abs().sum() == 0 and s["values"].abs().sum() > 0
+
+
+def test_drop_left_padding_keeps_logps(tiny):
+    """Cutting prompt columns that are padding in every row of a micro-batch changes nothing."""
+    from posttrain.algos.ppo import drop_left_padding
+    from posttrain.online import take
+    from posttrain.ops import completion_logps
+    from posttrain.rollout import generate
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    prompts = ["hi", "The quick brown fox jumps over the lazy dog and more words"]
+    roll = generate(model, tok, prompts, GenerationConfig(max_new_tokens=4))
+    mb = take(roll, torch.tensor([0]))
+    short = drop_left_padding(mb)
+    assert short["input_ids"].shape[1] < mb["input_ids"].shape[1]
+    assert short["attention_mask"][0, 0] == 1
+    full = completion_logps(model, mb["input_ids"], mb["attention_mask"], mb["T"])
+    cut = completion_logps(model, short["input_ids"], short["attention_mask"], mb["T"])
+    assert torch.allclose(full, cut, atol=1e-5)

@@ -272,6 +272,14 @@ def kl_controller(cfg: KLConfig) -> AdaptiveKLController | FixedKLController:
 # Helpers for main
 
 
+def drop_left_padding(mb: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch from `online.take` without the prompt columns that are padding in all of its
+    rows (prompts are left-padded to the longest of the whole rollout). Positions come from the
+    attention mask, so log-probs and values do not change; the forward pass gets shorter."""
+    first = int(mb["attention_mask"].any(0).long().argmax())
+    return mb | {k: mb[k][:, first:] for k in ("input_ids", "attention_mask")}
+
+
 @torch.no_grad()
 def score_rollout(
     ac: Any, ref: Reference | None, roll: Rollout, *, temperature: float, n_micro: int
@@ -282,7 +290,7 @@ def score_rollout(
     keys = ("old_logp", "values", "entropy", "ref_logp", "kl_exact")
     out = {k: torch.zeros(B, T, device=roll.completion_mask.device) for k in keys}
     for rows in micro_batches(B, n_micro):
-        mb = take(roll, rows)
+        mb = drop_left_padding(take(roll, rows))
         t, m = mb["T"], mb["mask"]
         ids = mb["input_ids"][:, -t:]
         logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature)
@@ -439,6 +447,7 @@ def main(cfg: Config) -> int:
                     for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
                         mb = take(roll, idx, old_logp=s["old_logp"], old_values=s["values"],
                                   adv=adv, returns=returns, loss_mask=mask)  # fmt: skip
+                        mb = drop_left_padding(mb)
                         loss, m = minibatch_loss(ac, mb, cfg, gen.temperature)
                         w = accumulation_weight(
                             mb["loss_mask"], cfg.loss_reduction,
