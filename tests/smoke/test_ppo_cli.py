@@ -81,18 +81,22 @@ def test_ppo_lora_trains_adapter_and_value_head(tiny_dir, tmp_path):
 
 
 def test_ppo_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
-    """2 steps, then --run.resume to 4 steps == 4 steps in one go (weights, value head, beta)."""
-    assert main(_args(tiny_dir, tmp_path, "whole", "--steps", "4", "--run.save_every", "2")) == 0
-    assert main(_args(tiny_dir, tmp_path, "split", "--steps", "2", "--run.save_every", "2")) == 0
+    """2 steps, then --run.resume to 4 steps == 4 steps in one go (weights, value head, beta,
+    the reward normaliser's running statistics, the prompt order)."""
+    more = ["--run.save_every", "2", "--reward.normalize"]
+    assert main(_args(tiny_dir, tmp_path, "whole", "--steps", "4", *more)) == 0
+    assert main(_args(tiny_dir, tmp_path, "split", "--steps", "2", *more)) == 0
     split = tmp_path / "runs" / "split"
-    assert main(_args(tiny_dir, tmp_path, "x", "--steps", "4", "--run.resume", str(split))) == 0
+    assert (
+        main(_args(tiny_dir, tmp_path, "x", "--steps", "4", *more, "--run.resume", str(split))) == 0
+    )
     whole = tmp_path / "runs" / "whole"
     for name in ("model.safetensors", "value_head.safetensors"):
         a, b = load_file(str(whole / "final" / name)), load_file(str(split / "final" / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     ra, rb = _records(whole), _records(split)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
-    for key in ("reward/mean", "loss/total", "kl_coef", "kl/k1"):
+    for key in ("reward/mean", "loss/total", "kl_coef", "kl/k1", "reward/running_std"):
         assert ra[-1][key] == pytest.approx(rb[-1][key], rel=1e-6), key
 
 

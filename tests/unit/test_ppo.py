@@ -243,3 +243,38 @@ def test_drop_left_padding_keeps_logps(tiny):
     full = completion_logps(model, mb["input_ids"], mb["attention_mask"], mb["T"])
     cut = completion_logps(model, short["input_ids"], short["attention_mask"], mb["T"])
     assert torch.allclose(full, cut, atol=1e-5)
+
+
+def test_minibatch_loss_zero_advantage_zero_policy_gradient(tiny):
+    """Through the real forward: with zero advantages and vf_coef = ent_coef = 0 the policy gets
+    no gradient; an entropy bonus (ent_coef > 0) gives it one; the value loss reaches the head."""
+    from posttrain.algos.ppo import drop_left_padding, minibatch_loss
+    from posttrain.online import take
+    from posttrain.rollout import generate
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    roll = generate(
+        model, tok, ["hello", "The quick brown fox"], GenerationConfig(max_new_tokens=5)
+    )
+    ac = ActorCritic(model, ValueHead(hidden_size(model)))
+    s = score_rollout(ac, None, roll, temperature=1.0, n_micro=1)
+    zeros = torch.zeros_like(roll.logp)
+    mb = drop_left_padding(
+        take(roll, torch.arange(2), old_logp=s["old_logp"], old_values=s["values"], adv=zeros,
+             returns=zeros + 1.0, loss_mask=roll.completion_mask)
+    )  # fmt: skip
+
+    def grads(**kw):
+        ac.zero_grad(set_to_none=True)
+        cfg = load_config(Config, None, [f"--{k}={v}" for k, v in kw.items()])
+        loss, m = minibatch_loss(ac, mb, cfg, 1.0)
+        loss.backward()
+        pol = sum(p.grad.abs().sum() for p in model.parameters() if p.grad is not None)
+        head = ac.value_head.summary.weight.grad
+        return float(pol), 0.0 if head is None else float(head.abs().sum()), m
+
+    pol, head, m = grads(vf_coef=0, ent_coef=0)
+    assert pol == 0.0 and head == 0.0 and m["ppo/ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    assert grads(vf_coef=0, ent_coef=0.1)[0] > 0
+    assert grads(vf_coef=0.1, ent_coef=0)[1] > 0

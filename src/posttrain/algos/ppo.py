@@ -318,7 +318,9 @@ def minibatch_loss(
         logp, mb["old_logp"], mb["adv"], m, cliprange=cfg.cliprange, reduction=red
     )
     vf, vf_m = value_loss(values, mb["old_values"], mb["returns"], m, cliprange_value=cfg.cliprange_value, reduction=red)  # fmt: skip
-    ent, _ = entropy_loss(entropy_from_logits(logits), m, reduction=red)
+    # without an entropy bonus the entropy is only logged: keep it out of the backward graph
+    ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())
+    ent, _ = entropy_loss(ent_tok, m, reduction=red)
     loss = pg + cfg.vf_coef * vf + cfg.ent_coef * ent
     metrics = {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent, "loss/total": loss}
     metrics |= {f"ppo/{k}": v for k, v in (pg_m | vf_m).items()}
