@@ -46,9 +46,9 @@ class TaskConfig:
     seed: int = 0
     """seed for generated data and for split assignment"""
     prompt_tokens: int = 10
-    """sentiment: tokens of the review kept as the prompt"""
+    """sentiment: whitespace words of the review kept as the prompt (model-independent; see docs/tasks.md)"""
     article_tokens: int = 512
-    """summarization: articles are truncated to this many tokens"""
+    """summarization: articles are truncated to this many whitespace words"""
     rouge: Literal["rouge1", "rouge2", "rougeL"] = "rouge1"
     """summarization: the ROUGE F-score used as the reward"""
     completion_tokens: int = 0
