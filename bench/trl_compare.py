@@ -1,0 +1,594 @@
+"""posttrain next to Hugging Face TRL: seconds per optimizer step, generation tokens/s, peak RSS.
+
+    pip install -e ".[bench]"            # TRL is a bench extra, never a runtime dependency
+    python bench/trl_compare.py                           # every workload, embedded default, fp32
+    python bench/trl_compare.py --workloads grpo,rloo --steps 5 --warmup 2 --dtype bfloat16
+    python bench/trl_compare.py --model path/to/model --threads 2 --rounds 2
+
+Each (workload, side) runs in its own subprocess, so the peak RSS (`ru_maxrss` of the child) is that
+side's alone; the two sides alternate within one run (posttrain first for one workload, TRL first
+for the next, and the order flips every round), so a change in machine load hits both. A child
+trains `warmup + steps` optimizer steps and exits right after the last one (no final checkpoint,
+evaluation or save on either side). One step's time is the wall time between the ends of two
+consecutive optimizer steps: data, generation, reward, reference, forward, backward, optimizer and
+the step's log line all count, on both sides. The table gives the median over the timed steps.
+
+posttrain runs through its CLI in-process (`posttrain.cli.main`), unchanged; the child only wraps
+`Run.log` (the end of a step) and `rollout.generate` (generation time and tokens) to time them. TRL
+runs its trainers (SFTTrainer, DPOTrainer, GRPOTrainer, RLOOTrainer) with a TrainerCallback at each
+step end, and its generation (`_generate_single_turn`) wrapped the same way. TRL has no REINFORCE
+and no PPO any more, so those rows compare against TRL's RLOO at the same generated token count.
+Both sides: fp32 (or bf16 autocast with --dtype bfloat16), no gradient checkpointing (TRL's
+default is on), CPU, the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workloads import (  # noqa: E402
+    COMMON,
+    DEFAULT_WORKLOADS,
+    WORKLOADS,
+    Workload,
+    dpo_rows,
+    prompt_messages,
+    sft_rows,
+)
+
+SIDES = ("posttrain", "trl")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default", help="`default` or a local model directory")
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
+    ap.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma-separated, from: {', '.join(WORKLOADS)}",
+    )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="bfloat16: bf16 autocast on both sides (weights stay fp32)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=1, help="repeat each pair of runs")
+    ap.add_argument("--max-length", type=int, default=128, help="SFT/DPO longest sequence")
+    ap.add_argument("--sides", default="posttrain,trl", help="which sides to run")
+    ap.add_argument(
+        "--timeout", type=int, default=1800, help="seconds per child before it is killed"
+    )
+    ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.warmup < 1:
+        ap.error("--warmup must be at least 1: a step is timed from the end of the one before")
+    if args.steps < 1:
+        ap.error("--steps must be at least 1")
+    unknown = [w for w in args.workloads.split(",") if w not in WORKLOADS]
+    if unknown:
+        ap.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+    bad = [s for s in args.sides.split(",") if s not in SIDES]
+    if bad:
+        ap.error(f"unknown side(s) {', '.join(bad)}; choose from {', '.join(SIDES)}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# In the child: a recorder of step ends and generation calls
+
+
+class Recorder:
+    """Step-end times and generation calls; writes the result and exits after the last step."""
+
+    def __init__(self, args: argparse.Namespace, side: str, w: Workload):
+        self.args, self.side, self.w = args, side, w
+        self.total = args.warmup + args.steps
+        self.ends: list[float] = []
+        self.gens: list[tuple[int, int, float]] = []  # (step it belongs to, tokens, seconds)
+        self.start = time.perf_counter()
+
+    def generated(self, tokens: int, seconds: float) -> None:
+        self.gens.append((len(self.ends) + 1, tokens, seconds))
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        if len(self.ends) >= self.total:
+            self.finish()
+
+    def finish(self) -> None:
+        import resource
+
+        w = self.args.warmup
+        steps = [b - a for a, b in zip(self.ends[w - 1 :], self.ends[w:])]
+        timed = [g for g in self.gens if g[0] > w]
+        res = {
+            "side": self.side,
+            "workload": self.w.name,
+            "step_seconds": steps,
+            "gen_tokens": sum(g[1] for g in timed),
+            "gen_seconds": sum(g[2] for g in timed),
+            "gen_calls": len(timed),
+            # Linux reports ru_maxrss in KiB (macOS in bytes)
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            / (2**20 if sys.platform == "darwin" else 2**10),
+            "wall_seconds": time.perf_counter() - self.start,
+        }
+        Path(self.args.result).write_text(json.dumps(res))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # skip the final checkpoint/save/eval of either library
+
+
+def model_dir(name: str) -> str:
+    if name in ("default", "smollm2", "smollm2-135m-instruct"):
+        from posttrain.models import embedded_dir
+
+        return str(embedded_dir())
+    return name
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# posttrain side: the CLI, in-process
+
+
+def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -> list[str]:
+    total = args.warmup + args.steps
+    common = [
+        f"--model.name={model_dir(args.model)}",
+        "--model.dtype=float32",
+        f"--optim.lr={w.lr}",
+        "--optim.warmup_steps=0",
+        "--optim.schedule=constant",
+        "--optim.weight_decay=0",
+        "--optim.max_grad_norm=1.0",
+        "--optim.grad_accum=1",
+        f"--run.out_dir={tmp / 'runs'}",
+        f"--run.threads={args.threads}",
+        "--run.progress=false",
+        "--run.save_every=0",
+        "--run.seed=0",
+        f"--lora.enabled={str(w.lora).lower()}",
+        "--lora.r=16",
+        "--lora.alpha=32",
+        "--lora.dropout=0",
+    ]
+    n_rows = max(total * w.batch, 16)
+    if w.kind == "sft":
+        data = write_jsonl(tmp / "sft.jsonl", sft_rows(tok, n_rows))
+        return ["sft", *common, f"--data.source={data}", "--data.format=prompt_completion",
+                "--data.validation_size=0", f"--data.max_length={args.max_length}",
+                f"--train.batch_size={w.batch}", f"--train.max_steps={total}",
+                "--train.eval_every=0", "--eval_limit=0"]  # fmt: skip
+    if w.kind == "dpo":
+        data = write_jsonl(tmp / "pairs.jsonl", dpo_rows(tok, n_rows))
+        return ["dpo", *common, f"--data.source={data}", "--data.eval_fraction=0",
+                f"--data.max_prompt_tokens={args.max_length}",
+                f"--data.max_completion_tokens={args.max_length}", "--beta=0.1",
+                "--loss_type=dpo", "--reference=precomputed", f"--batch_size={w.batch}",
+                f"--max_steps={total}", f"--eval_batch_size={w.batch}"]  # fmt: skip
+    reward = f"--reward.components=python:{HERE / 'workloads.py'}:posttrain_reward"
+    online = [*common, "--task.name=unit_conversion", reward, f"--gen.max_new_tokens={w.new_tokens}",
+              "--gen.temperature=1.0", "--gen.top_k=0", "--gen.top_p=1.0", "--gen.stop=[]",
+              "--gen.chat=true", f"--steps={total}", "--eval_limit=0", "--run.sample_every=0"]  # fmt: skip
+    if w.kind in ("grpo", "rloo"):
+        return [w.kind, *online, f"--batch_size={w.batch // w.group}", f"--group_size={w.group}",
+                f"--kl_coef={w.kl}", "--inner_epochs=1", "--num_minibatches=1",
+                "--clip_eps=0.2"]  # fmt: skip
+    if w.kind == "reinforce":
+        return ["reinforce", *online, f"--batch_size={w.batch}", "--samples_per_prompt=1",
+                f"--kl_coef={w.kl}", "--baseline=moving_average"]  # fmt: skip
+    if w.kind == "ppo":
+        return ["ppo", *online, f"--batch_size={w.batch}", "--samples_per_prompt=1",
+                f"--mini_batch_size={w.batch}", "--ppo_epochs=1", f"--kl.coef={w.kl}",
+                f"--forward_batch_size={w.batch}"]  # fmt: skip
+    raise ValueError(f"no posttrain command for workload kind {w.kind!r}")
+
+
+def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None:
+    import torch
+
+    import posttrain.rollout as rollout
+    from posttrain.models import load_tokenizer
+    from posttrain.runs import Run
+
+    tok = load_tokenizer(model_dir(args.model))
+    orig_generate = rollout.generate
+
+    def timed_generate(*a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        roll = orig_generate(*a, **k)
+        rec.generated(roll.num_tokens, time.perf_counter() - t0)
+        return roll
+
+    rollout.generate = timed_generate  # the algorithms import it inside main()
+    if w.kind == "generate":
+        run_generate_posttrain(w, args, rec, tok)
+        return
+    logged: set[int] = set()
+    orig_log = Run.log
+
+    def log(self: Run, step: int, metrics: dict[str, Any], echo: bool = True) -> dict[str, Any]:
+        if step not in logged and step > 0:  # one step end per optimizer step
+            logged.add(step)
+            rec.step_end()
+        return orig_log(self, step, metrics, echo=False)
+
+    Run.log = log  # type: ignore[method-assign]
+    from posttrain.cli import main
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    with autocast:
+        rc = main(posttrain_argv(w, args, tok, tmp))
+    raise SystemExit(f"posttrain {w.kind} ended (rc={rc}) before {rec.total} steps were logged")
+
+
+def run_generate_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tok: Any) -> None:
+    import torch
+
+    import posttrain.rollout as rollout
+    from posttrain.models import load_model
+
+    model, _ = load_model(model_dir(args.model), dtype="float32")
+    gen = rollout.GenerationConfig(
+        max_new_tokens=w.new_tokens, temperature=1.0, n=w.group, chat=True
+    )
+    prompts = prompt_messages(rec.total * w.batch // w.group)
+    per = w.batch // w.group
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        for s in range(rec.total):
+            rollout.generate(model, tok, prompts[s * per : (s + 1) * per], gen)
+            rec.step_end()
+
+
+# ---------------------------------------------------------------------------------------------
+# TRL side: its trainers with a step-end callback
+
+
+def trl_common(w: Workload, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    return dict(
+        output_dir=str(tmp / "trl"),
+        max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=w.batch,
+        gradient_accumulation_steps=1,
+        learning_rate=w.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=args.dtype == "bfloat16",
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+
+
+def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    path = model_dir(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if w.kind == "generate":
+        run_generate_trl(w, args, rec, tok, path)
+        return
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft_config = None
+    if w.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            rec.step_end()
+
+    common = trl_common(w, args, tmp)
+    n_rows = max(rec.total * w.batch, 16)
+    if w.kind == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        cfg = SFTConfig(
+            **common, max_length=args.max_length, completion_only_loss=True, packing=False
+        )
+        trainer: Any = SFTTrainer(model=model, args=cfg, processing_class=tok,
+                                  train_dataset=Dataset.from_list(sft_rows(tok, n_rows)),
+                                  peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+    elif w.kind == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        cfg = DPOConfig(**common, max_length=args.max_length, beta=0.1, loss_type=["sigmoid"],
+                        precompute_ref_log_probs=True, precompute_ref_batch_size=w.batch)  # fmt: skip
+        trainer = DPOTrainer(model=model, args=cfg, processing_class=tok,
+                             train_dataset=Dataset.from_list(dpo_rows(tok, n_rows)),
+                             peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+    else:
+        from workloads import trl_reward
+
+        online = dict(num_generations=4, max_completion_length=w.new_tokens, temperature=1.0,
+                      top_k=0, top_p=1.0, beta=w.trl_kl, num_iterations=1, epsilon=0.2,
+                      log_completions=False)  # fmt: skip
+        data = Dataset.from_list([{"prompt": p} for p in prompt_messages(n_rows)])
+        if w.kind == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            cfg = GRPOConfig(**common, **online, loss_type="grpo", scale_rewards="group")
+            trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg,
+                                  processing_class=tok, train_dataset=data,
+                                  peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+        else:  # rloo, and TRL's stand-in for reinforce and ppo
+            from trl import RLOOConfig, RLOOTrainer
+
+            cfg = RLOOConfig(**common, **online)
+            trainer = RLOOTrainer(model=model, reward_funcs=trl_reward, args=cfg,
+                                  processing_class=tok, train_dataset=data,
+                                  peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+        orig = trainer._generate_single_turn
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            out = orig(*a, **k)
+            ids = out[0] if isinstance(out, tuple) else out  # GRPO also returns logprobs
+            rec.generated(sum(len(x) for x in ids), time.perf_counter() - t0)
+            return out
+
+        trainer._generate_single_turn = timed
+    trainer.train()
+    raise SystemExit(f"TRL {w.trl} ended before {rec.total} steps")
+
+
+def run_generate_trl(
+    w: Workload, args: argparse.Namespace, rec: Recorder, tok: Any, path: str
+) -> None:
+    """What TRL's trainers do to sample without vLLM: left-padded batch, model.generate, KV cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok.padding_side = "left"
+    gcfg = GenerationConfig(max_new_tokens=w.new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                            top_p=1.0, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)  # fmt: skip
+    per = w.batch // w.group
+    prompts = prompt_messages(rec.total * per)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    with torch.no_grad(), autocast:
+        for s in range(rec.total):
+            texts = [
+                tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                for p in prompts[s * per : (s + 1) * per]
+                for _ in range(w.group)
+            ]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            t0 = time.perf_counter()
+            out = model.generate(**enc, generation_config=gcfg)
+            comp = out[:, enc["input_ids"].shape[1] :]
+            # tokens up to and including the first EOS, as TRL counts them
+            is_eos = comp == tok.eos_token_id
+            first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, comp.shape[1])
+            rec.generated(int(first.sum()), time.perf_counter() - t0)
+            rec.step_end()
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    w = WORKLOADS[args.workload]
+    rec = Recorder(args, args.child, w)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{args.child}-") as tmp:
+        if args.child == "posttrain":
+            run_posttrain(w, args, rec, Path(tmp))
+        else:
+            run_trl(w, args, rec, Path(tmp))
+    raise SystemExit("the child finished without recording its steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# The parent: alternate the sides, collect, print the table
+
+
+def run_child(side: str, w: Workload, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    result = tmp / f"{w.name}-{side}-{time.monotonic_ns()}.json"
+    log = result.with_suffix(".log")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--workload", w.name,
+           "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), "--dtype", args.dtype, "--result", str(result),
+           "--max-length", str(args.max_length)]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+        "WANDB_DISABLED": "true",
+    }
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  timeout=args.timeout)  # fmt: skip
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if not result.is_file():
+        tail = log.read_text()[-3000:]
+        print(f"  {w.name} / {side}: failed (rc={rc})\n{tail}", file=sys.stderr, flush=True)
+        return {"side": side, "workload": w.name, "error": f"rc={rc}"}
+    res = json.loads(result.read_text())
+    print(
+        f"  {w.name:10s} {side:9s} median {statistics.median(res['step_seconds']):.3f} s/step, "
+        f"peak RSS {res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return res
+
+
+def machine_info(args: argparse.Namespace) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import transformers
+        import trl
+
+        versions = f"transformers {transformers.__version__}, TRL {trl.__version__}"
+    except ImportError:
+        versions = "TRL not installed"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, load {load:.1f} at start; Python "
+        f"{platform.python_version()}, torch {torch.__version__}, {versions}; "
+        f"{args.threads} threads, {args.dtype}"
+        f"{' autocast' if args.dtype == 'bfloat16' else ''}, model {args.model}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s)"
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return format(x, spec) if x is not None else "-"
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(workload, side) -> median s/step, gen tok/s, tokens per step, max peak RSS over rounds."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in results:
+        if "error" in r:
+            out.setdefault((r["workload"], r["side"]), {"error": r["error"]})
+            continue
+        cur = out.setdefault((r["workload"], r["side"]), {"steps": [], "tok": 0, "sec": 0.0,
+                                                          "rss": 0.0})  # fmt: skip
+        cur["steps"] += r["step_seconds"]
+        cur["tok"] += r["gen_tokens"]
+        cur["sec"] += r["gen_seconds"]
+        cur["rss"] = max(cur["rss"], r["peak_rss_mb"])
+    for v in out.values():
+        if "steps" in v:
+            v["s_step"] = statistics.median(v["steps"])
+            v["tok_s"] = v["tok"] / v["sec"] if v["sec"] else None
+            v["tok_step"] = v["tok"] / len(v["steps"]) if v["tok"] else None
+    return out
+
+
+def table(
+    summary: dict[tuple[str, str], dict[str, Any]], names: list[str], info: str, max_len: int
+) -> str:
+    lines = [
+        f"machine: {info}",
+        f"both sides: {COMMON}",
+        "",
+        "| workload | TRL side | s/step posttrain | s/step TRL | speed-up (TRL s / posttrain s) "
+        "| gen tok/s posttrain | gen tok/s TRL | gen tok/s ratio | gen tokens/step posttrain "
+        "| gen tokens/step TRL | peak RSS MB posttrain | peak RSS MB TRL | RSS ratio "
+        "| hyper-parameters |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name in names:
+        w = WORKLOADS[name]
+        p = summary.get((name, "posttrain"), {})
+        t = summary.get((name, "trl"), {})
+        ps, ts = p.get("s_step"), t.get("s_step")
+        pe = p.get("error") and f"failed ({p['error']})"
+        te = t.get("error") and f"failed ({t['error']})"
+        lines.append(
+            f"| {name} | {w.trl} | {pe or _fmt(ps, '.3f')} | {te or _fmt(ts, '.3f')} "
+            f"| {_ratio(ts, ps)} | {_fmt(p.get('tok_s'), '.1f')} | {_fmt(t.get('tok_s'), '.1f')} "
+            f"| {_ratio(p.get('tok_s'), t.get('tok_s'))} | {_fmt(p.get('tok_step'), '.0f')} "
+            f"| {_fmt(t.get('tok_step'), '.0f')} | {_fmt(p.get('rss'), '.0f')} "
+            f"| {_fmt(t.get('rss'), '.0f')} | {_ratio(p.get('rss'), t.get('rss'))} | {w.notes.format(max_len=max_len)} |"
+        )
+    lines += [
+        "",
+        "speed-up > 1: posttrain takes less time per optimizer step; gen tok/s ratio is "
+        "posttrain / TRL; RSS ratio < 1: posttrain peaks lower. A step is timed end to end "
+        "(generation, reward, reference, forward, backward, optimizer, log line).",
+    ]
+    return "\n".join(lines)
+
+
+def parent(args: argparse.Namespace) -> int:
+    sides = args.sides.split(",")
+    if "trl" in sides:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print(
+                "TRL is not installed: pip install -e '.[bench]' (or pip install --no-deps trl), "
+                "or run --sides posttrain",
+                file=sys.stderr,
+            )
+            return 2
+    names = args.workloads.split(",")
+    info = machine_info(args)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
+        for r in range(args.rounds):
+            for i, name in enumerate(names):
+                order = sides if (i + r) % 2 == 0 else sides[::-1]
+                for side in order:
+                    results.append(run_child(side, WORKLOADS[name], args, Path(tmp)))
+    summary = summarize(results)
+    print(table(summary, names, info, args.max_length))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=1))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    return parent(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

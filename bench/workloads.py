@@ -1,0 +1,208 @@
+"""The workloads that bench/trl_compare.py runs on both sides: data, reward, hyper-parameters.
+
+Everything both libraries must agree on lives here, so a difference in the table is a difference in
+the libraries and not in the inputs: the same unit-conversion rows rendered through the same chat
+template, the same preference pairs, the same Python reward, the same optimizer settings.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# Shared by every workload (both sides): AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0,
+# constant learning rate, no warm-up, clip grad norm 1.0, no gradient accumulation, seed 0, one log
+# line per step, no evaluation and no checkpoint inside the timed steps.
+COMMON = "AdamW wd 0, constant lr, clip 1.0, accum 1, log every step, no eval/ckpt"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    """row name in the table"""
+    kind: str
+    """sft | dpo | grpo | rloo | reinforce | ppo | generate"""
+    trl: str
+    """what runs on the TRL side (its trainer, or model.generate)"""
+    lr: float = 1e-5
+    """peak learning rate (both sides)"""
+    lora: bool = False
+    """LoRA r=16, alpha=32, dropout 0, all linear layers (both sides)"""
+    batch: int = 8
+    """SFT/DPO: examples (pairs) per step; online: completions per step"""
+    group: int = 4
+    """online: completions per prompt (prompts per step = batch / group)"""
+    new_tokens: int = 32
+    """online/generate: most new tokens per completion"""
+    kl: float = 0.0
+    """online: KL coefficient on the posttrain side (0: no reference model)"""
+    trl_kl: float = 0.0
+    """online: TRL's beta (0: no reference model)"""
+    notes: str = ""
+    """hyper-parameters and differences, printed next to the row"""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in [
+        Workload(
+            "sft_lora",
+            "sft",
+            "SFTTrainer",
+            lr=2e-4,
+            lora=True,
+            notes="LoRA r16 a32 all-linear, batch 8, max len {max_len}, completion-only loss, lr 2e-4",
+        ),
+        Workload(
+            "sft_full",
+            "sft",
+            "SFTTrainer",
+            lr=1e-5,
+            notes="full weights, batch 8, max len {max_len}, completion-only loss, lr 1e-5",
+        ),
+        Workload(
+            "dpo_full",
+            "dpo",
+            "DPOTrainer",
+            lr=1e-6,
+            notes="full, 8 pairs, max len {max_len}, beta 0.1 sigmoid, ref log-probs precomputed (both), lr 1e-6",
+        ),
+        Workload(
+            "dpo_lora",
+            "dpo",
+            "DPOTrainer",
+            lr=5e-5,
+            lora=True,
+            notes="LoRA r16, 8 pairs, max len {max_len}, beta 0.1 sigmoid, ref precomputed (both), lr 5e-5",
+        ),
+        Workload(
+            "grpo",
+            "grpo",
+            "GRPOTrainer",
+            lr=1e-6,
+            kl=0.04,
+            trl_kl=0.04,
+            notes="full, 2 prompts x 4, 32 new tok, T=1, k3 KL 0.04 (ref copy), clip 0.2, seq-mean loss, 1 update/rollout, lr 1e-6",
+        ),
+        Workload(
+            "rloo",
+            "rloo",
+            "RLOOTrainer",
+            lr=1e-6,
+            kl=0.05,
+            trl_kl=0.05,
+            notes="full, 2 prompts x 4, 32 new tok, T=1, k1 KL 0.05 in reward (ref copy), clip 0.2, 1 update/rollout, lr 1e-6",
+        ),
+        Workload(
+            "reinforce",
+            "reinforce",
+            "RLOOTrainer",
+            lr=1e-6,
+            group=1,
+            notes="posttrain REINFORCE 8 prompts x 1, moving-avg baseline, no KL vs TRL RLOO 2 x 4 beta 0 "
+            "(TRL has no REINFORCE); 32 new tok, T=1, lr 1e-6",
+        ),
+        Workload(
+            "ppo",
+            "ppo",
+            "RLOOTrainer",
+            lr=1e-6,
+            group=1,
+            kl=0.2,
+            trl_kl=0.05,
+            notes="posttrain PPO 8 prompts x 1, value head, KL 0.2 (ref copy), 1 epoch x 1 minibatch vs TRL RLOO "
+            "2 x 4 beta 0.05 (ref copy; TRL has no PPO); 32 new tok, T=1, lr 1e-6",
+        ),
+        Workload(
+            "generate",
+            "generate",
+            "model.generate",
+            group=4,
+            notes="8 completions (2 prompts x 4), 32 new tok, T=1, KV cache; posttrain.rollout.generate vs "
+            "transformers generate (TRL's sampler without vLLM)",
+        ),
+    ]
+}
+
+DEFAULT_WORKLOADS = [
+    "sft_lora",
+    "sft_full",
+    "dpo_full",
+    "dpo_lora",
+    "grpo",
+    "rloo",
+    "reinforce",
+    "ppo",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: unit-conversion rows, rendered through the model's own chat template
+
+
+def task_rows(n: int) -> list[dict[str, Any]]:
+    """The first n training rows of the unit-conversion task (deterministic, offline)."""
+    from posttrain.tasks import load_task
+    from posttrain.tasks.base import TaskConfig
+
+    rows = load_task(TaskConfig(name="unit_conversion")).rows("train")
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def prompt_text(tok: Any, row: dict[str, Any]) -> str:
+    """The chat-templated prompt (system + user, generation prompt open) as one string."""
+    return tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+
+
+def sft_rows(tok: Any, n: int) -> list[dict[str, str]]:
+    """prompt/completion text pairs: the worked solution is the completion."""
+    return [{"prompt": prompt_text(tok, r), "completion": r["solution"]} for r in task_rows(n)]
+
+
+def _wrong(solution: str) -> str:
+    """The solution with a wrong final answer (x 1.7), for the rejected side of a pair."""
+
+    def swap(m: re.Match) -> str:
+        try:
+            return f"<answer>{float(m.group(1)) * 1.7:.6g}</answer>"
+        except ValueError:
+            return "<answer>0</answer>"
+
+    out = re.sub(r"<answer>(.*?)</answer>", swap, solution)
+    return out if out != solution else solution + " <answer>0</answer>"
+
+
+def dpo_rows(tok: Any, n: int) -> list[dict[str, str]]:
+    """prompt/chosen/rejected: the right worked solution against the same with a wrong answer."""
+    return [
+        {"prompt": prompt_text(tok, r), "chosen": r["solution"], "rejected": _wrong(r["solution"])}
+        for r in task_rows(n)
+    ]
+
+
+def prompt_messages(n: int) -> list[list[dict[str, str]]]:
+    """Chat prompts (system + user messages) for the online workloads."""
+    return [r["prompt"] for r in task_rows(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward: one Python function, called through each library's own reward interface
+
+
+def format_score(text: str) -> float:
+    """1.5 for a closed <answer></answer>, 0.5 for an opened one, minus 0.002 per character."""
+    opened, closed = "<answer>" in text, "</answer>" in text
+    return 1.0 * (opened and closed) + 0.5 * opened - 0.002 * len(text)
+
+
+def posttrain_reward(prompts: list[str], completions: list[str], batch: Any) -> list[float]:
+    """posttrain's python: reward signature (prompts, completions, batch) -> (B,) floats."""
+    return [format_score(c) for c in completions]
+
+
+def trl_reward(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
+    """TRL's reward-function signature; conversational completions are lists of messages."""
+    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+    return [format_score(t) for t in texts]
