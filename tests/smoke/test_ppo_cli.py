@@ -66,6 +66,11 @@ def test_ppo_full_finetune_changes_policy_and_value_head(tiny_dir, tmp_path):
     assert head["summary.weight"].abs().sum() > 0  # starts at zero
     samples = (run / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 4 and "completion" in json.loads(samples[0])
+    # a new run can start from the trained value head instead of a zero one
+    warm = ["--steps", "1", "--value_head", str(run / "final")]
+    assert main(_args(tiny_dir, tmp_path, "warm", *warm)) == 0
+    assert _records(tmp_path / "runs" / "warm")[0]["value/mean"] != 0.0
+    assert recs[0]["value/mean"] == 0.0
 
 
 def test_ppo_lora_trains_adapter_and_value_head(tiny_dir, tmp_path):

@@ -278,3 +278,17 @@ def test_minibatch_loss_zero_advantage_zero_policy_gradient(tiny):
     assert pol == 0.0 and head == 0.0 and m["ppo/ratio"].item() == pytest.approx(1.0, abs=1e-5)
     assert grads(vf_coef=0, ent_coef=0.1)[0] > 0
     assert grads(vf_coef=0.1, ent_coef=0)[1] > 0
+
+
+def test_rewards_through_gae_give_score_minus_remaining_kl():
+    """gamma = lam = 1 and zero values: the return at token t is the score minus beta times the KL
+    of tokens t..end, e.g. row 0 (3 tokens, score 1, kl 0.1/0.2/0.3, beta 0.5):
+    returns = [1 - 0.3, 1 - 0.25, 1 - 0.15] = [0.7, 0.75, 0.85]; row 1 (1 token): [2 - 0.25]."""
+    from posttrain.advantages import gae
+
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    r = per_token_rewards(torch.tensor([1.0, 2.0]), kl, mask, beta=0.5)
+    adv, returns = gae(r, torch.zeros(2, 3), mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(returns, torch.tensor([[0.7, 0.75, 0.85], [1.75, 0.0, 0.0]]))
+    assert torch.allclose(adv, returns)
