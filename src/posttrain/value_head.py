@@ -49,7 +49,7 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def _trunk_forward(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int
 ):
     from posttrain.ops import position_ids_from_mask
 
@@ -57,10 +57,20 @@ def _trunk_forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n_completion + 1,
+        logits_to_keep=logits_to_keep,
         output_hidden_states=True,
         use_cache=False,
     )
+
+
+def prepare_critic(model: nn.Module) -> nn.Module:
+    """A separate critic reads only hidden states: freeze its LM head (unless it is tied to the
+    input embeddings, which do get gradients), so that no trainable parameter is left without a
+    gradient (DistributedDataParallel refuses those) and AdamW does not carry its state."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and (emb is None or head.weight is not emb.weight):
+        head.requires_grad_(False)
+    return model
 
 
 class ActorCritic(nn.Module):
@@ -81,15 +91,15 @@ class ActorCritic(nn.Module):
         temperature: float = 1.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits (B, T, V) predicting the last T = n_completion tokens, values (B, T)."""
-        out = _trunk_forward(self.policy, input_ids, attention_mask, n_completion)
+        out = _trunk_forward(self.policy, input_ids, attention_mask, n_completion + 1)
         logits = out.logits[:, :-1]  # (B, T, V): position t predicts token t + 1
         if temperature != 1.0:
             logits = logits / temperature
         if self.critic is None:
             hidden = out.hidden_states[-1]
         else:
-            hidden = _trunk_forward(self.critic, input_ids, attention_mask, n_completion)
-            hidden = hidden.hidden_states[-1]
+            # the critic's own logits are never used: keep one position
+            hidden = _trunk_forward(self.critic, input_ids, attention_mask, 1).hidden_states[-1]
         # the hidden state that predicts completion token t is the state before token t
         values = self.value_head(hidden[:, -(n_completion + 1) : -1])  # (B, T)
         return logits, values

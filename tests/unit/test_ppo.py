@@ -292,3 +292,24 @@ def test_rewards_through_gae_give_score_minus_remaining_kl():
     adv, returns = gae(r, torch.zeros(2, 3), mask, gamma=1.0, lam=1.0)
     assert torch.allclose(returns, torch.tensor([[0.7, 0.75, 0.85], [1.75, 0.0, 0.0]]))
     assert torch.allclose(adv, returns)
+
+
+def test_separate_critic_values_and_frozen_lm_head(tiny_dir):
+    """With a separate critic the values come from the critic's trunk, and its unused LM head is
+    frozen (untied in the tiny model)."""
+    from posttrain.models import load_model
+    from posttrain.value_head import prepare_critic
+
+    policy, _ = load_model(str(tiny_dir))
+    critic = prepare_critic(load_model(str(tiny_dir))[0])
+    assert not critic.lm_head.weight.requires_grad and critic.model.norm.weight.requires_grad
+    head = ValueHead(hidden_size(policy))
+    torch.nn.init.normal_(head.summary.weight)
+    ac = ActorCritic(policy, head, critic)
+    with torch.no_grad():
+        critic.model.norm.weight.mul_(2.0)  # the critic now differs from the policy
+    ids = torch.randint(3, 300, (2, 7))
+    attn = torch.ones_like(ids)
+    _, values = ac(ids, attn, 3)
+    hidden = critic(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+    assert torch.allclose(values, head(hidden[-1][:, 3:6]), atol=1e-5)

@@ -371,13 +371,21 @@ def main(cfg: Config) -> int:
         load_policy,
         start,
     )
-    from posttrain.value_head import ActorCritic, ValueHead, hidden_size, load_value_head
+    from posttrain.value_head import (
+        ActorCritic,
+        ValueHead,
+        hidden_size,
+        load_value_head,
+        prepare_critic,
+    )
 
     acc, run = start(cfg, "ppo")
     task = load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
     policy, tok = load_policy(cfg.model, cfg.lora, acc.device)
-    critic = load_policy(cfg.model, cfg.lora, acc.device)[0] if cfg.critic == "separate" else None
+    critic = None
+    if cfg.critic == "separate":
+        critic = prepare_critic(load_policy(cfg.model, cfg.lora, acc.device)[0])
     head = load_value_head(cfg.value_head) if cfg.value_head else ValueHead(hidden_size(policy))
     ac = ActorCritic(policy, head.to(acc.device), critic)
     ac.eval()  # dropout off: the ratio on a freshly sampled batch is exactly 1
