@@ -38,8 +38,15 @@ test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# make bench: generation throughput (sequential vs batched), then posttrain next to TRL.
+# TRL is installed with --no-deps: its dependencies (transformers, accelerate, datasets, ...) are
+# already posttrain's, and pip must not move the pinned torch/transformers. Pass BENCH_ARGS to
+# choose, e.g. make bench BENCH_ARGS="--workloads grpo,rloo --dtype bfloat16".
+BENCH_ARGS ?=
 bench: $(STAMP)
+	@$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install -q --no-deps "trl>=1.0,<2"
 	$(PY) bench/generation.py
+	$(PY) bench/trl_compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
