@@ -88,7 +88,7 @@ class PromptingConfig:
     critique_tokens: int = 64
     """self_reflection: most tokens of the critique"""
     answer_extraction: bool = False
-    """zero_shot, few_shot, cot: when a completion has no <answer>, continue it with "Therefore, the final answer is <answer>" (the second stage of Kojima et al. 2022)"""
+    """every strategy but direct: when a final completion has no <answer>, continue it with "Therefore, the final answer is <answer>" (the second stage of Kojima et al. 2022)"""
 
 
 @dataclass
@@ -342,10 +342,17 @@ def self_consistency(
     parse: Parser = parse_answer,
     instruction: str = DEFAULT_INSTRUCTION,
     chat: bool = True,
+    extract_answer: bool = False,
 ) -> list[Output]:
     """Sample n chain-of-thought paths per question; keep a path whose answer wins the vote."""
     prompts = [build_prompt(q, "cot", instruction=instruction, chat=chat) for q in questions]
     outs = gen(prompts, _answer_cfg(gen_cfg, n=n, temperature=temperature, chat=chat))
+    if extract_answer:  # greedy answer extraction for each path without a tag
+        each = [p for p in prompts for _ in range(n)]
+        outs = [
+            o.completion
+            for o in extract_answers(gen, each, outs, gen_cfg=_answer_cfg(gen_cfg, chat=chat))
+        ]
     results = []
     for i in range(len(questions)):
         paths = outs[i * n : (i + 1) * n]
@@ -362,6 +369,7 @@ def self_reflection(
     critique_tokens: int = 64,
     instruction: str = DEFAULT_INSTRUCTION,
     chat: bool = True,
+    extract_answer: bool = False,
 ) -> list[Output]:
     """Answer (cot), critique the answer, then revise it: three batched generator calls."""
     prompts = [build_prompt(q, "cot", instruction=instruction, chat=chat) for q in questions]
@@ -373,6 +381,13 @@ def self_reflection(
     )
     revise_prompts = [extend(p, c, REVISE_REQUEST) for p, c in zip(critique_prompts, critiques)]
     final = gen(revise_prompts, _answer_cfg(gen_cfg, chat=chat))
+    if extract_answer:
+        final = [
+            o.completion
+            for o in extract_answers(
+                gen, revise_prompts, final, gen_cfg=_answer_cfg(gen_cfg, chat=chat)
+            )
+        ]
     return [Output(f, trace=[a, c]) for a, c, f in zip(first, critiques, final)]
 
 
@@ -408,6 +423,7 @@ def tree_of_thought(
     scorer: Callable[[list[str], list[str]], list[float]] | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
     chat: bool = True,
+    extract_answer: bool = False,
 ) -> list[Output]:
     """Breadth-first tree of thought (Yao et al. 2023, BFS variant).
 
@@ -456,6 +472,12 @@ def tree_of_thought(
         )
         for i, f in zip(todo, finals):
             results[i].completion = (best[i] + "\n" + f).strip()
+    if extract_answer:
+        fixed = extract_answers(
+            gen, roots, [r.completion for r in results], gen_cfg=_answer_cfg(gen_cfg, chat=chat)
+        )
+        for r, f in zip(results, fixed):
+            r.completion = f.completion
     return results
 
 
@@ -484,6 +506,7 @@ def run_strategy(
             extract_answer=cfg.answer_extraction and strategy != "direct",
             **common,
         )
+    common["extract_answer"] = cfg.answer_extraction
     if strategy == "self_consistency":
         return self_consistency(
             gen, questions, n=cfg.samples, temperature=cfg.temperature, parse=parse, **common

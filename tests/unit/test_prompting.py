@@ -251,3 +251,25 @@ def test_answer_extraction_second_stage_only_where_missing():
     assert parse_answer(outs[0].completion) == 6000.0
     assert outs[0].trace == ["6 kg is 6 * 1000 grams"]
     assert outs[1].completion == "<answer>3</answer>"
+
+
+def test_answer_extraction_in_self_consistency_before_the_vote():
+    gen = FakeGen(["reason a", "<answer>8</answer>", "reason c", "7</answer>", "7</answer>"])
+    cfg = PromptingConfig(samples=3, answer_extraction=True)
+    (out,) = run_strategy("self_consistency", gen, ["q0"], gen_cfg=GEN, cfg=cfg)
+    assert [(len(p), c.n) for p, c in gen.calls] == [(1, 3), (2, 1)]  # paths 0 and 2 extracted
+    assert parse_answer(out.completion) == 7.0  # 7 wins 2 to 1
+
+
+@pytest.mark.parametrize("strategy", ["cot", "self_reflection", "tree_of_thought"])
+def test_answer_extraction_on_tiny_model(tiny, strategy):
+    """The random tiny model never writes <answer>, so every final completion is extracted."""
+    model, tok = tiny
+    cfg = PromptingConfig(
+        breadth=2, depth=1, thought_tokens=3, critique_tokens=3, answer_extraction=True
+    )
+    outs = run_strategy(
+        strategy, model_generator(model, tok), ["Convert 2 kg to g."],
+        gen_cfg=dataclasses.replace(GEN, max_new_tokens=3), cfg=cfg,
+    )  # fmt: skip
+    assert "Therefore, the final answer is <answer>" in outs[0].completion
