@@ -110,7 +110,11 @@ def evaluate(
     )
     gen = model_generator(model, tokenizer)
     prompting = prompting or PromptingConfig()
-    examples = task.examples(k=prompting.shots) if hasattr(task, "examples") else []
+    examples: list = []
+    if strategy == "few_shot" and hasattr(task, "examples"):
+        # the whole train split as a pool when examples are picked per question
+        pool = prompting.examples == "nearest" and hasattr(task, "example_pool")
+        examples = task.example_pool() if pool else task.examples(k=prompting.shots)
     # Strategies use the chat template when the tokenizer has one, raw "Question: ... Answer:" text
     # otherwise; `direct` is always raw text.
     chat = getattr(tokenizer, "chat_template", None) is not None

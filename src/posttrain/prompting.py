@@ -87,6 +87,8 @@ class PromptingConfig:
     """tree_of_thought: who scores partial thoughts: model (the model rates itself) or verifier (the task's checker)"""
     critique_tokens: int = 64
     """self_reflection: most tokens of the critique"""
+    examples: str = "first"
+    """few_shot: which train examples: first (the same k for every question) or nearest (the k with the most words in common with the question)"""
     answer_extraction: bool = False
     """every strategy but direct: when a final completion has no <answer>, continue it with "Therefore, the final answer is <answer>" (the second stage of Kojima et al. 2022)"""
 
@@ -286,14 +288,21 @@ def single_call(
     *,
     gen_cfg: GenerationConfig,
     examples: Sequence[Example] = (),
+    shots: int = 3,
+    nearest: bool = False,
     instruction: str = DEFAULT_INSTRUCTION,
     chat: bool = True,
     extract_answer: bool = False,
 ) -> list[Output]:
     """zero_shot, few_shot, cot or direct: one prompt per question, one generator call (two with
-    `extract_answer`, see `extract_answers`)."""
+    `extract_answer`, see `extract_answers`). few_shot uses the first `shots` examples, or with
+    `nearest` the `shots` examples whose questions share the most words with each question."""
+
+    def pick(q: str) -> Sequence[Example]:
+        return nearest_examples(q, examples, shots) if nearest else examples[:shots]
+
     prompts = [
-        build_prompt(q, strategy, examples=examples, instruction=instruction, chat=chat)
+        build_prompt(q, strategy, examples=pick(q), instruction=instruction, chat=chat)
         for q in questions
     ]
     chat = chat and strategy != "direct"
@@ -301,6 +310,20 @@ def single_call(
     if not extract_answer:
         return [Output(o) for o in outs]
     return extract_answers(gen, prompts, outs, gen_cfg=_answer_cfg(gen_cfg, chat=chat))
+
+
+def nearest_examples(question: str, pool: Sequence[Example], k: int) -> list[Example]:
+    """The k examples whose questions are most similar to `question` (Jaccard overlap of lower-cased
+    word sets; ties keep pool order), most similar last, right before the question (Liu et al. 2022
+    choose in-context examples by similarity the same way, with embeddings)."""
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"°?[a-z][a-z0-9^/]*", text.lower()))  # numbers do not count
+
+    q = words(question)
+    scores = [len(q & words(e[0])) / max(len(q | words(e[0])), 1) for e in pool]
+    top = sorted(range(len(pool)), key=lambda i: (-scores[i], i))[:k]
+    return [pool[i] for i in reversed(top)]
 
 
 def extract_answers(
@@ -497,12 +520,16 @@ def run_strategy(
     """Dispatch a strategy by name with its hyper-parameters from a PromptingConfig."""
     cfg = cfg or PromptingConfig()
     common = {"gen_cfg": gen_cfg, "instruction": instruction, "chat": chat}
+    if cfg.examples not in ("first", "nearest"):
+        raise ConfigError(f"prompting.examples must be first or nearest, not {cfg.examples!r}")
     if strategy in TRAINING_STRATEGIES:
         return single_call(
             gen,
             questions,
             strategy,
-            examples=list(examples)[: cfg.shots],
+            examples=examples,
+            shots=cfg.shots,
+            nearest=cfg.examples == "nearest",
             extract_answer=cfg.answer_extraction and strategy != "direct",
             **common,
         )

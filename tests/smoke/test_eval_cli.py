@@ -116,6 +116,14 @@ def test_python_api(tiny):
         model, tok, task, strategy="few_shot", split="validation", limit=3, max_new_tokens=4
     )
     assert [r["completion"] for r in rows] == [r["completion"] for r in rows2]
+    # few-shot examples picked per question from the whole train split
+    from posttrain.prompting import PromptingConfig
+
+    near, _ = evaluate(
+        model, tok, task, strategy="few_shot", split="validation", limit=2, max_new_tokens=2,
+        prompting=PromptingConfig(examples="nearest"),
+    )  # fmt: skip
+    assert near["examples"] == 2
 
 
 @pytest.mark.parametrize("name", ["unit_conversion", "sentiment", "summarization"])

@@ -273,3 +273,23 @@ def test_answer_extraction_on_tiny_model(tiny, strategy):
         gen_cfg=dataclasses.replace(GEN, max_new_tokens=3), cfg=cfg,
     )  # fmt: skip
     assert "Therefore, the final answer is <answer>" in outs[0].completion
+
+
+def test_nearest_examples_and_few_shot_selection():
+    from posttrain.prompting import nearest_examples
+
+    pool = [
+        ("Convert 3 kg to grams.", "a"),
+        ("What is 5 miles in feet?", "b"),
+        ("How many grams are there per 2 kg?", "c"),
+    ]
+    # "How many grams are there per 6 kg?" shares all 6 words with c (Jaccard 1), 2 of 7 with a
+    assert nearest_examples("How many grams are there per 6 kg?", pool, 2) == [pool[0], pool[2]]
+    gen = FakeGen(["<answer>1</answer>"])
+    cfg = PromptingConfig(shots=1, examples="nearest")
+    run_strategy(
+        "few_shot", gen, ["What is 7 miles in yards?"], gen_cfg=GEN, cfg=cfg, examples=pool
+    )
+    assert gen.calls[0][0][0][1]["content"] == "What is 5 miles in feet?"
+    with pytest.raises(ConfigError, match="first or nearest"):
+        run_strategy("cot", gen, ["q"], gen_cfg=GEN, cfg=PromptingConfig(examples="random"))

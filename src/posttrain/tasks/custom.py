@@ -124,6 +124,16 @@ class CustomTask:
             for r in train
         ]
 
+    def example_pool(self) -> list[tuple[str, str]]:
+        """Every train row as an example (for examples picked per question)."""
+        if not self.cfg.answer_column:
+            return []
+        c = self.cfg
+        return [
+            (str(r[c.prompt_column]), f"<answer>{r[c.answer_column]}</answer>")
+            for r in self._raw("train")
+        ]
+
     def generation(self) -> GenerationConfig:
         if self.cfg.answer_column:
             return GenerationConfig(

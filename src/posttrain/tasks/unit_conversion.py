@@ -380,6 +380,10 @@ class UnitConversionTask:
                 break
         return picked
 
+    def example_pool(self) -> list[Example]:
+        """Every train row as a worked example (for examples picked per question)."""
+        return [(r["question"], r["solution"]) for r in self._all()["train"]]
+
     def generation(self) -> GenerationConfig:
         direct = self.cfg.strategy in ("direct", "zero_shot")
         return GenerationConfig(
