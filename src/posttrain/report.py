@@ -33,7 +33,14 @@ OFFLINE = frozenset({"sft", "dpo", "reward-model", "distill"})
 # keys looked up in the config, in order of preference (see docs/report.md)
 PROMPTS_KEYS = ("prompts_per_step", "num_prompts", "prompt_batch_size", "batch_size")
 SAMPLES_PER_PROMPT_KEYS = ("group_size", "num_generations", "samples_per_prompt", "k")
-EPOCHS_KEYS = ("ppo_epochs", "epochs_per_rollout", "update_epochs", "num_iterations", "epochs")
+EPOCHS_KEYS = (
+    "ppo_epochs",
+    "inner_epochs",
+    "epochs_per_rollout",
+    "update_epochs",
+    "num_iterations",
+)
+NUM_MINIBATCH_KEYS = ("num_minibatches", "num_mini_batches")
 MINIBATCH_KEYS = ("mini_batch_size", "minibatch_size", "update_batch_size")
 MICRO_KEYS = ("micro_batch_size", "micro_batch")
 STEPS_KEYS = ("steps", "total_steps", "max_steps", "num_steps")
@@ -148,8 +155,13 @@ def implied(cfg: dict[str, Any], command: str = "") -> list[tuple[str, str, str]
     """
     rows: list[tuple[str, str, str]] = []
     steps_key, steps = _find(cfg, STEPS_KEYS)
-    if steps is not None:
+    if steps:  # 0 means "from epochs" in the offline commands
         rows.append(("optimizer steps (training steps)", f"{steps:g}", steps_key))
+    else:
+        steps = None
+        epochs_key, epochs = _find(cfg, ("epochs",))
+        if epochs:
+            rows.append(("epochs over the training data", f"{epochs:g}", epochs_key))
     bkey, batch = _find(cfg, PROMPTS_KEYS)
     accum = (cfg.get("optim") or {}).get("grad_accum", 1) or 1
     seq_key, seq = _find(cfg, SEQ_KEYS)
@@ -176,11 +188,16 @@ def implied(cfg: dict[str, Any], command: str = "") -> list[tuple[str, str, str]
     ekey, epochs = _find(cfg, EPOCHS_KEYS)
     mkey, mini = _find(cfg, MINIBATCH_KEYS)
     ukey, micro = _find(cfg, MICRO_KEYS)
+    nkey, n_mini = _find(cfg, NUM_MINIBATCH_KEYS)
     if mini is None and micro is not None:
         mkey, mini = f"{ukey} x optim.grad_accum", micro * accum
     epochs = epochs or 1
-    per_epoch = math.ceil(samples / mini) if mini else 1
-    how = f"{ekey or '1 epoch'} x ceil(samples / {mkey})" if mini else (ekey or "1 epoch, 1 batch")
+    if n_mini:
+        per_epoch, how = n_mini, f"{ekey or '1 epoch'} x {nkey}"
+    elif mini:
+        per_epoch, how = math.ceil(samples / mini), f"{ekey or '1 epoch'} x ceil(samples / {mkey})"
+    else:
+        per_epoch, how = 1, ekey or "1 epoch, 1 batch"
     rows.append(("optimizer updates per rollout", f"{epochs * per_epoch:g}", how))
     gkey, new = _find(cfg, ("max_new_tokens",), GEN_SECTIONS)
     if new is not None:

@@ -137,6 +137,13 @@ def test_implied_for_offline_and_missing_keys():
     got = {q: v for q, v, _ in implied(cfg, "dpo")}
     assert got == {"pairs per step": "8", "tokens per step (at most)": "2048"}
     assert implied({"optim": {"lr": 1.0}}, "grpo") == []
+    # sft: max_steps = 0 means "train for `epochs`"; grpo: updates = inner_epochs x num_minibatches
+    sft = {"train": {"batch_size": 4, "max_steps": 0, "epochs": 3}, "optim": {"grad_accum": 2}}
+    got = {q: v for q, v, _ in implied(sft, "sft")}
+    assert got == {"epochs over the training data": "3", "examples per step": "8"}
+    grpo = {"batch_size": 2, "group_size": 4, "inner_epochs": 2, "num_minibatches": 2}
+    got = {q: v for q, v, _ in implied(grpo, "grpo")}
+    assert (got["samples per step"], got["optimizer updates per rollout"]) == ("8", "4")
     assert implied({}, "sft") == []
 
 
