@@ -87,8 +87,8 @@ class PromptingConfig:
     """tree_of_thought: who scores partial thoughts: model (the model rates itself) or verifier (the task's checker)"""
     critique_tokens: int = 64
     """self_reflection: most tokens of the critique"""
-    examples: str = "first"
-    """few_shot: which train examples: first (the same k for every question) or nearest (the k with the most words in common with the question)"""
+    examples: str = "nearest"
+    """few_shot: which train examples: nearest (per question, the k with the most words in common) or first (the same k for every question)"""
     answer_extraction: bool = False
     """every strategy but direct: when a final completion has no <answer>, continue it with "Therefore, the final answer is <answer>" (the second stage of Kojima et al. 2022)"""
 
