@@ -56,7 +56,7 @@ class Config:
     temperature: float = 0.0
     """decoding temperature of answers (0: greedy)"""
     max_new_tokens: int = 0
-    """most new tokens per answer (0: the task's default)"""
+    """most new tokens per answer (0: the task's default; 24 for the direct strategy)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
@@ -102,11 +102,10 @@ def evaluate(
             "Use --strategy default"
         )
     gen_cfg = task.generation()
+    # `direct` answers are a bare <answer>x</answer>: 24 tokens are plenty
+    default_tokens = 24 if strategy == "direct" else gen_cfg.max_new_tokens
     gen_cfg = dataclasses.replace(
-        gen_cfg,
-        temperature=temperature,
-        n=1,
-        max_new_tokens=max_new_tokens or gen_cfg.max_new_tokens,
+        gen_cfg, temperature=temperature, n=1, max_new_tokens=max_new_tokens or default_tokens
     )
     gen = model_generator(model, tokenizer)
     prompting = prompting or PromptingConfig()
