@@ -293,3 +293,19 @@ def test_nearest_examples_and_few_shot_selection():
     assert gen.calls[0][0][0][1]["content"] == "What is 5 miles in feet?"
     with pytest.raises(ConfigError, match="first or nearest"):
         run_strategy("cot", gen, ["q"], gen_cfg=GEN, cfg=PromptingConfig(examples="random"))
+
+
+def test_strategies_on_raw_text_prompts():
+    """Without a chat template every prompt stays a string; continuations append to it."""
+    gen = FakeGen(["<answer>5</answer>", "Looks right.", "<answer>5</answer>"])
+    self_reflection(gen, ["Convert 5 m to m."], gen_cfg=GEN, chat=False)
+    first, critique, revise = (c[0][0] for c in gen.calls)
+    assert all(isinstance(p, str) for p in (first, critique, revise))
+    assert not any(c[1].chat for c in gen.calls)
+    assert critique.startswith(first) and "Check the answer above" in critique
+    assert revise.startswith(critique) and revise.endswith("inside <answer></answer>.\nAnswer:")
+    gen = FakeGen(["step one"])
+    tree_of_thought(
+        gen, ["q"], gen_cfg=GEN, breadth=1, depth=1, scorer=lambda q, p: [1.0] * len(p), chat=False
+    )
+    assert gen.calls[-1][0][0].endswith("Answer: step one\n")
