@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout", type=int, default=1800, help="seconds per child before it is killed"
     )
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
+    ap.add_argument("--report", default=None, help="only print the table of an --out file")
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -569,21 +570,36 @@ def parent(args: argparse.Namespace) -> int:
     names = args.workloads.split(",")
     info = machine_info(args)
     results: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every child, so an interrupted run keeps what it measured
+        if args.out:
+            saved = {"machine": info, "workloads": names, "max_length": args.max_length,
+                     "results": results}  # fmt: skip
+            Path(args.out).write_text(json.dumps(saved, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
         for r in range(args.rounds):
             for i, name in enumerate(names):
                 order = sides if (i + r) % 2 == 0 else sides[::-1]
                 for side in order:
                     results.append(run_child(side, WORKLOADS[name], args, Path(tmp)))
-    summary = summarize(results)
-    print(table(summary, names, info, args.max_length))
-    if args.out:
-        Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=1))
+                    save()
+    print(table(summarize(results), names, info, args.max_length))
     return 0 if all("error" not in r for r in results) else 1
+
+
+def report(path: str) -> int:
+    """Print the table of a results file written by --out (also of an interrupted run)."""
+    saved = json.loads(Path(path).read_text())
+    names = [n for n in saved["workloads"] if any(r["workload"] == n for r in saved["results"])]
+    print(table(summarize(saved["results"]), names, saved["machine"], saved["max_length"]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        return report(args.report)
     if args.child:
         child(args)
         return 0
