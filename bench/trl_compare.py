@@ -233,7 +233,7 @@ def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Pat
         if step not in logged and step > 0:  # one step end per optimizer step
             logged.add(step)
             rec.step_end()
-        return orig_log(self, step, metrics, echo=False)
+        return orig_log(self, step, metrics, echo=echo)  # TRL prints its log lines too
 
     Run.log = log  # type: ignore[method-assign]
     from posttrain.cli import main
