@@ -36,7 +36,7 @@ GROUPS: dict[str, tuple[str, frozenset[str]]] = {
     "kl": ("KL divergence", frozenset({"kl"})),
     "loss": ("Loss terms", frozenset({"loss", "losses", "nll"})),
     "entropy": ("Entropy", frozenset({"entropy"})),
-    "length": ("Completion length", frozenset({"len", "length", "lengths", "tokens"})),
+    "length": ("Lengths and token counts", frozenset({"len", "length", "lengths", "tokens"})),
     "lr": ("Learning rate", frozenset({"lr", "learning_rate"})),
     "time": (
         "Step time (seconds)",

@@ -416,12 +416,14 @@ def samples_section(samples: list[dict[str, Any]]) -> str:
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the HTML report of one run (default RUN_DIR/report.html) and its PNGs (RUN_DIR/plots)."""
+    """Write the HTML report of one run (default RUN_DIR/report.html) and its PNGs (RUN_DIR/plots,
+    or OUT_STEM_plots/ beside `out`, so a report of someone else's run leaves it untouched)."""
     r = load_run(run_dir)
     run: Path = r["path"]
+    plots_dir = run / "plots" if out is None else Path(out).parent / f"{Path(out).stem}_plots"
     out = Path(out) if out else run / "report.html"
     command = r["info"].get("command", "")
-    pngs = plot_records(r["metrics"], run / "plots", title=r["name"]) if r["metrics"] else []
+    pngs = plot_records(r["metrics"], plots_dir, title=r["name"]) if r["metrics"] else []
     keys = list(series(r["metrics"]))
     last = r["metrics"][-1].get("step") if r["metrics"] else None
     started = r["info"].get("started")
