@@ -2,7 +2,7 @@
 
 For each training command: `python -m posttrain <cmd> ... --run.save_every=2` runs in a
 subprocess and is killed (SIGKILL: no handler, no flush, no atexit) as soon as it has printed
-step 3's metrics line (of 4), so its last checkpoint is step 2 and
+step 3's metrics line (of 6), so its last checkpoint is step 2 (4 if the kill came late) and
 metrics.jsonl / samples.jsonl already hold records past it. `--run.resume RUN_DIR` then finishes
 the run. Against an uninterrupted run with the same config: every metric but the wall-clock times,
 every sample and every final weight must be identical, and metrics.jsonl must hold each step once.
@@ -27,7 +27,7 @@ from posttrain.plots import group_of
 from posttrain.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 4
+STEPS = 6  # room after the kill point: the kill lands before the run ends, even on a busy machine
 KILL_AFTER = 3  # the step whose metrics line triggers the kill
 TIMEOUT = 240
 
@@ -137,7 +137,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(command, tiny_dir, t
     killed = tmp_path / "runs" / "killed"
     run_and_kill(_args(command, tiny_dir, tmp_path, "killed"), tmp_path)
     ckpts = sorted(p.name for p in (killed / "checkpoints").glob("step_*"))
-    assert ckpts == ["step_000002"], ckpts
+    assert ckpts in (["step_000002"], ["step_000002", "step_000004"]), ckpts
     assert not (killed / "final").exists()
     assert max(r["step"] for r in read_jsonl(killed / "metrics.jsonl")) >= KILL_AFTER
 
