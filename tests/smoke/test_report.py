@@ -151,7 +151,7 @@ class Browser:
         if session:
             msg["sessionId"] = session
         os.write(self._w, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60  # a cold start on a busy machine
         while True:
             m = self._next(deadline)
             if m.get("id") == self._id:
@@ -160,7 +160,7 @@ class Browser:
                 return m.get("result", {})
             self.events.append(m)
 
-    def wait_for(self, method: str, session: str, timeout: float = 30) -> dict:
+    def wait_for(self, method: str, session: str, timeout: float = 60) -> dict:
         deadline = time.monotonic() + timeout
         seen = 0
         while True:
