@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,7 +112,11 @@ def launch(commands: dict[str, list[str]], tmp_path: Path) -> str:
     `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml`; returns the output."""
     (tmp_path / "posttrain_2proc.py").write_text(WRAPPER)
     (tmp_path / "commands.json").write_text(json.dumps(commands))
+    with socket.socket() as sock:  # a free rendezvous port: other launches may hold 29500
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    cmd += ["--main_process_port", str(port)]
     cmd += [str(tmp_path / "posttrain_2proc.py"), str(tmp_path / "commands.json")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     env["POSTTRAIN_TEST_TIMEOUT"] = str(TIMEOUT)
