@@ -30,7 +30,8 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
     """An `accelerate.Accelerator` and the run directory (created on the main process only).
 
     Under `accelerate launch` every process gets the same run directory name (it is broadcast from
-    the main process), seeds are offset per process for sampling, and only the main one writes.
+    the main process) and the same seed, so every process shuffles data the same way and takes its
+    own shard of each step; only the main process writes files.
     """
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
