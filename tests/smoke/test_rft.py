@@ -132,6 +132,9 @@ def test_rft_command_samples_filters_and_trains(tiny_dir, tmp_path, monkeypatch)
     assert 3 <= len(data["records"]) <= 9
     assert {"question", "answer", "reasoning"} <= set(data["records"][0])
     assert (run / "rft_data_1.json").is_file()
+    samples = read_jsonl(run / "samples.jsonl")
+    assert len(samples) == 2 * 3 * 3  # two rounds x 3 questions x k = 3
+    assert {"question", "completion", "reward"} <= set(samples[0])
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]  # two iterations of two steps, numbered on
     assert (run / "final" / "adapter_config.json").is_file()

@@ -184,8 +184,11 @@ def sample_records(
     prompts: list[Any],
     gen_cfg: GenerationConfig,
     cfg: Config,
+    raw: list[dict[str, Any]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Sample cfg.k completions per prompt, score them with the task's reward, select."""
+    """Sample cfg.k completions per prompt, score them with the task's reward, select.
+
+    `raw`, when given, receives every sample as {question, completion, reward}."""
     import dataclasses
 
     gen_cfg = dataclasses.replace(gen_cfg, n=cfg.k)
@@ -193,6 +196,11 @@ def sample_records(
     batch = columns([r for r in rows for _ in range(cfg.k)])
     questions = [str(r.get("question", "")) for r in rows for _ in range(cfg.k)]
     rewards = torch.as_tensor(task.reward(questions, completions, batch), dtype=torch.float32)
+    if raw is not None:
+        raw += [
+            {"question": q, "completion": c, "reward": float(r)}
+            for q, c, r in zip(questions, completions, rewards)
+        ]
     return select(
         rows,
         completions,
@@ -242,8 +250,10 @@ def main(cfg: Config) -> int:
                 else [fill(cfg.prompt_template, r) for r in rows]
             )
             gen = model_generator(acc.unwrap_model(model), tok, progress=cfg.run.progress)
-            new, stats = sample_records(gen, task, rows, prompts, cfg.gen, cfg)
+            raw: list[dict[str, Any]] = []
+            new, stats = sample_records(gen, task, rows, prompts, cfg.gen, cfg, raw)
             run.write_json(path.name, {"stats": stats, "records": new})
+            run.samples(offset, raw[: 8 * cfg.k])  # the first questions' samples, for a look
             run.log(offset, {f"rft/{k}": v for k, v in stats.items()} | {"iteration": it})
             summary[f"sampling_{it}"] = stats
         for r in new:
