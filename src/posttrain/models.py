@@ -324,9 +324,14 @@ def is_peft(model: Any) -> bool:
 
 @contextlib.contextmanager
 def adapter_disabled(model: Any) -> Iterator[Any]:
-    """The base model's forward: the LoRA adapter switched off (no second copy in memory)."""
-    if is_peft(model):
-        with model.disable_adapter():
+    """The base model's forward: the LoRA adapter switched off (no second copy in memory).
+
+    Works through a DDP/accelerate wrapper too (the adapter of the wrapped module is switched off,
+    and the wrapper is yielded back).
+    """
+    inner = model if is_peft(model) else getattr(model, "module", model)
+    if is_peft(inner):
+        with inner.disable_adapter():
             yield model
     else:
         yield model

@@ -189,7 +189,8 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
     return {
         k: float((a[k] - b[k]).abs().max())
         for k in a
-        if not torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5)
+        # DDP's all-reduce sums gradients in another order than one backward: float noise
+        if not torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-5)
     }
 
 
@@ -211,19 +212,9 @@ def check_in_sync(run: Path) -> dict[str, torch.Tensor]:
 
 
 # Known failures, kept visible (strict: the test fails once they are fixed, to drop the mark).
-NOT_SHARDED = (
-    "{}: every process trains on the same batch_size examples (the step's examples are not split "
-    "by process index), so 2 processes x batch 2 see 2 examples where 1 x 4 sees 4"
-)
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param("sft", marks=pytest.mark.xfail(strict=True, reason=NOT_SHARDED.format("sft"))),
-        pytest.param("dpo", marks=pytest.mark.xfail(strict=True, reason=NOT_SHARDED.format("dpo"))),
-    ],
-)
+@pytest.mark.parametrize("command", ["sft", "dpo"])
 def test_two_processes_equal_one_with_the_whole_batch(command, two_procs, tiny_dir, tmp_path):
     two = ran(two_procs, command)
     assert main(_args(command, tiny_dir, tmp_path, "one", batch=4)) == 0

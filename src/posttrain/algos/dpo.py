@@ -387,14 +387,18 @@ def train(cfg: Config) -> Path:
         cache = run.path / "reference_logps.json"
         if not cache.is_file() and cfg.reference_cache:
             shutil.copyfile(cfg.reference_cache, cache)
-        if not cache.is_file():
+        # Only the main process computes and writes the cache; the others wait, then read it.
+        if acc.is_main_process and not cache.is_file():
             t0 = time.perf_counter()
             refs = {
                 "train": precompute_reference(policy, train_items, pad, cfg.eval_batch_size),
                 "eval": precompute_reference(policy, eval_items, pad, cfg.eval_batch_size),
             }
-            cache.write_text(json.dumps(refs))
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(refs))
+            tmp.replace(cache)
             print(f"reference log-probs cached ({time.perf_counter() - t0:.1f}s)", flush=True)
+        acc.wait_for_everyone()
         refs = json.loads(cache.read_text())
         for items, key in ((train_items, "train"), (eval_items, "eval")):
             if len(refs[key]) != len(items):
@@ -407,8 +411,10 @@ def train(cfg: Config) -> Path:
     elif cfg.loss_type.needs_reference and cfg.reference == "frozen_copy":
         ref_model = frozen_copy(policy)
 
-    micro, accum = cfg.batch_size, cfg.optim.grad_accum
-    spe = steps_per_epoch(len(train_items), micro, accum)
+    # batch_size is per process: a micro-batch holds batch_size x processes pairs, and each
+    # process takes its own slice of it (DDP averages the gradients of equal-sized slices).
+    micro, accum, world = cfg.batch_size, cfg.optim.grad_accum, acc.num_processes
+    spe = steps_per_epoch(len(train_items), micro * world, accum)
     total = cfg.max_steps or cfg.epochs * spe
     opt = build_optimizer(policy, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, total)
@@ -431,12 +437,18 @@ def train(cfg: Config) -> Path:
             t0 = time.perf_counter()
             lr = sched.get_last_lr()[0]
             sums: dict[str, float] = {}
-            for idx in step_micro_batches(step, len(train_items), micro, accum, cfg.run.seed):
-                loss, m = micro_batch_loss(
-                    cfg, policy, [train_items[i] for i in idx], pad, ref_model
-                )
-                acc.backward(loss / accum)  # equal micro-batch sizes: mean of means = batch mean
+            batches = step_micro_batches(step, len(train_items), micro * world, accum, cfg.run.seed)
+            for j, idx in enumerate(batches):
+                mine = idx[acc.process_index :: world]
+                sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(policy)
+                with sync:
+                    loss, m = micro_batch_loss(
+                        cfg, policy, [train_items[i] for i in mine], pad, ref_model
+                    )
+                    acc.backward(loss / accum)  # equal micro-batches: mean of means = batch mean
                 for k, v in m.items():
+                    v = torch.as_tensor(v, dtype=torch.float32, device=acc.device)
+                    v = acc.reduce(v, reduction="mean") if world > 1 else v
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
             grad_norm = clip_and_step(acc, policy, opt, sched, cfg.optim.max_grad_norm)
             step += 1

@@ -73,7 +73,7 @@ class TrainConfig:
     max_steps: int = 0
     """optimizer steps (0: epochs x steps per epoch); overrides epochs when set"""
     batch_size: int = 16
-    """examples per micro-batch; an optimizer step sees batch_size x optim.grad_accum examples"""
+    """examples per micro-batch on each process; a step sees batch_size x grad_accum x processes"""
     eval_every: int = 50
     """eval loss on the validation rows every this many steps (0: only at the end)"""
     eval_batch_size: int = 32
@@ -174,6 +174,14 @@ def accumulate(
         metrics = {"loss": loss.detach(), **metrics}
         for k, v in metrics.items():
             out[k] = out.get(k, 0) + v.detach()
+    if acc.num_processes > 1:  # the step's loss over every process; counts summed
+        out = {
+            k: acc.reduce(
+                torch.as_tensor(v, device=acc.device, dtype=torch.float32),
+                reduction="mean" if k == "loss" else "sum",
+            )
+            for k, v in out.items()
+        }
     return out
 
 
@@ -332,7 +340,8 @@ def fit(
     """Train on encoded examples; -> (prepared model, summary). Checkpoints and resumes itself."""
     from posttrain.train import StopOnInterrupt, build_optimizer, build_scheduler, clip_and_step
 
-    per_step = tcfg.batch_size * ocfg.grad_accum
+    # batch_size is per process: a step reads batch_size x grad_accum x processes examples
+    per_step = tcfg.batch_size * ocfg.grad_accum * acc.num_processes
     steps_per_epoch = math.ceil(len(train_set) / per_step)
     total = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     seed = run.rcfg.seed
