@@ -61,6 +61,8 @@ class TaskConfig:
     """sentiment classifier: the label name (or index) that means positive"""
     rel_tol: float = 0.01
     """unit conversion: relative tolerance for a correct answer"""
+    difficulty: Literal["standard", "easy"] = "standard"
+    """unit conversion: standard (all units, any values) or easy (integer factors, values 1-50)"""
     format_reward: float = 0.0
     """unit conversion: reward for a parseable <answer> tag, added to the correctness reward"""
     strategy: str = "cot"

@@ -36,6 +36,7 @@ from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import Batch, Split, TaskConfig
 
 DEFAULT_SIZES = {"train": 1000, "validation": 100, "test": 200}
+EASY_SIZES = {"train": 600, "validation": 50, "test": 200}  # about 2,000 distinct easy questions
 SPLIT_SHARES = (("train", 80), ("validation", 7), ("test", 13))  # out of 100 hash buckets
 
 INSTRUCTION = (
@@ -248,9 +249,30 @@ def split_of(key: str, seed: int) -> str:
     raise AssertionError("shares sum to 100")
 
 
-def generate_questions(seed: int, sizes: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
-    """Rows for every split, drawn from one seeded stream (see the module docstring)."""
+def easy_pairs() -> list[tuple[Unit, Unit]]:
+    """(from, to) unit pairs of the easy level: the answer is the value times a small integer
+    (at most 24, or 60) or a power of ten, e.g. kg -> g (x1000), ft -> in (x12), h -> min (x60)."""
+    pairs = []
+    for a in UNITS:
+        for b in UNITS:
+            if a is b or a.dimension != b.dimension or a.dimension == "temperature":
+                continue
+            r = a.factor / b.factor
+            if r.denominator == 1 and (2 <= r <= 24 or r in (60, 100, 1000)):
+                pairs.append((a, b))
+    return pairs
+
+
+def generate_questions(
+    seed: int, sizes: dict[str, int], difficulty: str = "standard"
+) -> dict[str, list[dict[str, Any]]]:
+    """Rows for every split, drawn from one seeded stream (see the module docstring).
+
+    difficulty "easy" draws only `easy_pairs()` with integer values 1-50: a curriculum level that
+    a 135M model can learn (it rarely multiplies arbitrary decimals right).
+    """
     rng = random.Random(seed)
+    easy = easy_pairs() if difficulty == "easy" else []
     out: dict[str, list[dict[str, Any]]] = {s: [] for s in sizes}
     seen: set[str] = set()
     attempts = 0
@@ -259,9 +281,13 @@ def generate_questions(seed: int, sizes: dict[str, int]) -> dict[str, list[dict[
         attempts += 1
         if attempts > limit:
             raise ConfigError(f"could not generate {sizes} distinct unit conversion questions")
-        dim = rng.choice(DIMENSIONS)
-        src, dst = rng.sample([u for u in UNITS if u.dimension == dim], 2)
-        value = _value(rng, dim) if src.key != "K" else str(rng.randint(200, 400))
+        if easy:
+            src, dst = rng.choice(easy)
+            dim, value = src.dimension, str(rng.randint(1, 50))
+        else:
+            dim = rng.choice(DIMENSIONS)
+            src, dst = rng.sample([u for u in UNITS if u.dimension == dim], 2)
+            value = _value(rng, dim) if src.key != "K" else str(rng.randint(200, 400))
         key = f"{src.key}|{dst.key}|{value}"
         if key in seen:
             continue
@@ -338,16 +364,17 @@ class UnitConversionTask:
             raise ConfigError(f"task.rel_tol must be >= 0, got {cfg.rel_tol}")
         self.cfg = cfg
         self.chat = cfg.strategy != "direct"
+        defaults = EASY_SIZES if cfg.difficulty == "easy" else DEFAULT_SIZES
         self.sizes = {
-            "train": cfg.train_size or DEFAULT_SIZES["train"],
-            "validation": cfg.validation_size or DEFAULT_SIZES["validation"],
-            "test": cfg.test_size or DEFAULT_SIZES["test"],
+            "train": cfg.train_size or defaults["train"],
+            "validation": cfg.validation_size or defaults["validation"],
+            "test": cfg.test_size or defaults["test"],
         }
         self._rows: dict[str, list[dict[str, Any]]] | None = None
 
     def _all(self) -> dict[str, list[dict[str, Any]]]:
         if self._rows is None:
-            raw = generate_questions(self.cfg.seed, self.sizes)
+            raw = generate_questions(self.cfg.seed, self.sizes, self.cfg.difficulty)
             examples = self.examples(train=raw["train"])
             for rows in raw.values():
                 for r in rows:
