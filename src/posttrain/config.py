@@ -337,6 +337,9 @@ def parse_overrides(args: list[str], cls: type) -> list[tuple[str, Any]]:
     merged: dict[str, Any] = {}
     for key, value in pairs:
         tp = _field_type(cls, key)
+        if get_origin(tp) in (Union, types.UnionType):  # list[str] | None -> list[str]
+            inner = [a for a in get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 and value.lower() not in ("none", "null") else tp
         if tp is not None and get_origin(tp) is list:
             merged.setdefault(key, [])
             merged[key] = merged[key] + _list_items(value, get_args(tp)[0])

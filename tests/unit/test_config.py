@@ -31,6 +31,8 @@ class Cfg:
     """tags"""
     note: str | None = None
     """an optional note"""
+    stops: list[str] | None = None
+    """optional strings"""
     flag: bool = False
     """a flag"""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -47,6 +49,9 @@ def test_overrides_and_types():
         Cfg, None, ["--tags", "a, b", "--tags", "c", "--note=none", "--optim.betas=[0.9, 0.95]"]
     )
     assert cfg.tags == ["a, b", "c"] and cfg.note is None and cfg.optim.betas == [0.9, 0.95]
+    cfg = load_config(Cfg, None, ["--stops", "a, b", "--stops", "\n"])
+    assert cfg.stops == ["a, b", "\n"]
+    assert load_config(Cfg, None, ["--stops=none"]).stops is None
 
 
 def test_toml_roundtrip(tmp_path):
