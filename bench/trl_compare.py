@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.warmup < 1:
         ap.error("--warmup must be at least 1: a step is timed from the end of the one before")
@@ -409,11 +410,13 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     w = WORKLOADS[args.workload]
     rec = Recorder(args, args.child, w)
-    with tempfile.TemporaryDirectory(prefix=f"bench-{args.child}-") as tmp:
-        if args.child == "posttrain":
-            run_posttrain(w, args, rec, Path(tmp))
-        else:
-            run_trl(w, args, rec, Path(tmp))
+    # under the parent's temporary directory: the child ends with os._exit, which skips cleanup
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="bench-child-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    if args.child == "posttrain":
+        run_posttrain(w, args, rec, tmp)
+    else:
+        run_trl(w, args, rec, tmp)
     raise SystemExit("the child finished without recording its steps")
 
 
@@ -427,7 +430,7 @@ def run_child(side: str, w: Workload, args: argparse.Namespace, tmp: Path) -> di
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--workload", w.name,
            "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--dtype", args.dtype, "--result", str(result),
-           "--max-length", str(args.max_length)]  # fmt: skip
+           "--workdir", str(result.with_suffix("")), "--max-length", str(args.max_length)]  # fmt: skip
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
