@@ -48,6 +48,9 @@ class GenerationConfig:
     """prompts longer than this keep their last tokens"""
     token_budget: int = 32768
     """micro-batch size limit in tokens (rows x (prompt + max_new_tokens)); bounds memory"""
+    max_batch_size: int = 64
+    """micro-batch size limit in rows: past this the KV cache copies of each step cost more
+    than batching saves on a CPU"""
 
 
 @dataclass
@@ -258,7 +261,7 @@ def _micro_batches(lengths: list[int], cfg: GenerationConfig) -> list[list[int]]
     cur: list[int] = []
     for i in order:
         width = (lengths[cur[0]] if cur else lengths[i]) + cfg.max_new_tokens
-        if cur and (len(cur) + 1) * width > cfg.token_budget:
+        if cur and ((len(cur) + 1) * width > cfg.token_budget or len(cur) >= cfg.max_batch_size):
             batches.append(cur)
             cur = []
         cur.append(i)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.ops import completion_logps
-from posttrain.rollout import GenerationConfig, generate, generate_sequential
+from posttrain.rollout import GenerationConfig, _micro_batches, generate, generate_sequential
 
 PROMPTS = [
     "How many grams",
@@ -50,9 +50,12 @@ def test_micro_batches_give_same_result(tiny):
     model, tok = tiny
     cfg = GenerationConfig(temperature=0.0, max_new_tokens=8)
     small = GenerationConfig(temperature=0.0, max_new_tokens=8, token_budget=40)
+    rows = GenerationConfig(temperature=0.0, max_new_tokens=8, max_batch_size=3)
     a = generate(model, tok, PROMPTS, cfg)
     b = generate(model, tok, PROMPTS, small)
-    assert a.completions == b.completions
+    c = generate(model, tok, PROMPTS, rows)
+    assert a.completions == b.completions == c.completions
+    assert _micro_batches([5] * 7, rows) == [[0, 1, 2], [3, 4, 5], [6]]
 
 
 def test_eos_stops_and_masks(tiny):
