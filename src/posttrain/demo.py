@@ -2,8 +2,9 @@
 
 1. baseline: SmolLM2-135M-Instruct on unit-conversion test questions (the easy level: integer
    factors), asked directly ("{question} " -> answer) and with few-shot worked examples;
-2. RFT (Yuan et al. 2023): sample k few-shot reasoning paths per training question, keep the
-   correct ones, LoRA fine-tune on "question -> reasoning <answer>x</answer>";
+2. RFT (Yuan et al. 2023): sample k reasoning paths per training question, prompted with the 3
+   most similar other train questions as worked examples; keep the correct ones; LoRA fine-tune
+   on "question -> reasoning <answer>x</answer>";
 3. the fine-tuned adapter answers the same test questions directly, with no examples;
 4. an HTML report with the curves, the before/after table and sample generations.
 
@@ -27,7 +28,7 @@ from posttrain.config import RunConfig
 
 @dataclass
 class Config:
-    questions: int = 64
+    questions: int = 96
     """training questions RFT samples reasoning paths for"""
     k: int = 4
     """samples per training question"""
@@ -97,6 +98,7 @@ def main(cfg: Config) -> int:
     rcfg.eval_max_new_tokens = 48
     rcfg.gen = dataclasses.replace(rcfg.gen, max_new_tokens=48, temperature=0.7)
     rcfg.train = dataclasses.replace(rcfg.train, epochs=cfg.epochs, batch_size=8, eval_every=0)
+    rcfg.optim = dataclasses.replace(rcfg.optim, warmup_steps=2)
     rcfg.run = dataclasses.replace(cfg.run, name=name, save_every=0)
     rcfg.task = task_cfg
     rft.main(rcfg)

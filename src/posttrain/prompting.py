@@ -25,6 +25,7 @@ tree_of_thought: depth expansions + depth scorings (model scorer) + 1 final answ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections import Counter
@@ -312,16 +313,19 @@ def single_call(
     return extract_answers(gen, prompts, outs, gen_cfg=_answer_cfg(gen_cfg, chat=chat))
 
 
+@functools.lru_cache(maxsize=65536)
+def question_words(text: str) -> frozenset[str]:
+    """Lower-cased words of a question; numbers do not count."""
+    return frozenset(re.findall(r"°?[a-z][a-z0-9^/]*", text.lower()))
+
+
 def nearest_examples(question: str, pool: Sequence[Example], k: int) -> list[Example]:
     """The k examples whose questions are most similar to `question` (Jaccard overlap of lower-cased
     word sets; ties keep pool order), most similar last, right before the question (Liu et al. 2022
     choose in-context examples by similarity the same way, with embeddings)."""
 
-    def words(text: str) -> set[str]:
-        return set(re.findall(r"°?[a-z][a-z0-9^/]*", text.lower()))  # numbers do not count
-
-    q = words(question)
-    scores = [len(q & words(e[0])) / max(len(q | words(e[0])), 1) for e in pool]
+    q = question_words(question)
+    scores = [len(q & question_words(e[0])) / max(len(q | question_words(e[0])), 1) for e in pool]
     top = sorted(range(len(pool)), key=lambda i: (-scores[i], i))[:k]
     return [pool[i] for i in reversed(top)]
 

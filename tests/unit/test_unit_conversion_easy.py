@@ -27,3 +27,11 @@ def test_easy_splits_are_disjoint_and_exact():
         factor = BY_KEY[r["from_unit"]].factor / BY_KEY[r["to_unit"]].factor
         assert 1 <= int(r["value"]) <= 50
         assert r["answer"] == float(Fraction(r["value"]) * factor)
+
+
+def test_few_shot_rows_use_similar_examples_but_never_their_own_question():
+    task = load_task(TaskConfig(difficulty="easy", strategy="few_shot"))
+    for row in task.rows("train")[:50]:
+        shown = [m["content"] for m in row["prompt"][1:-1] if m["role"] == "user"]
+        assert len(shown) == 3 and row["question"] not in shown
+        assert row["prompt"][-1] == {"role": "user", "content": row["question"]}

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from posttrain.config import ConfigError
-from posttrain.prompting import Example, build_prompt, parse_answer
+from posttrain.prompting import Example, build_prompt, nearest_examples, parse_answer
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import Batch, Split, TaskConfig
 
@@ -376,12 +376,20 @@ class UnitConversionTask:
         if self._rows is None:
             raw = generate_questions(self.cfg.seed, self.sizes, self.cfg.difficulty)
             examples = self.examples(train=raw["train"])
+            pool = [(r["question"], r["solution"]) for r in raw["train"]]
             for rows in raw.values():
                 for r in rows:
+                    if self.cfg.strategy == "few_shot":
+                        # the 3 most similar train questions (as `posttrain eval --strategy
+                        # few_shot` picks them), never the question itself
+                        others = [e for e in pool if e[0] != r["question"]]
+                        shots = nearest_examples(r["question"], others, 3)
+                    else:
+                        shots = examples
                     r["prompt"] = build_prompt(
                         r["question"],
                         self.cfg.strategy,
-                        examples=examples,
+                        examples=shots,
                         instruction=self.instruction,
                         chat=self.chat,
                     )
