@@ -193,7 +193,10 @@ def _sample(
         if cfg.temperature <= 0:
             nxt = scaled.argmax(-1)
         else:
-            probs = torch.softmax(_filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+            if cfg.top_k > 0 or cfg.top_p < 1.0:
+                probs = torch.softmax(_filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+            else:  # no truncation: the sampling distribution is exp(logp_all)
+                probs = logp_all.exp()
             nxt = torch.multinomial(probs, 1).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         ids_steps.append(nxt)
