@@ -147,8 +147,16 @@ LossFn = Callable[[Any, dict[str, torch.Tensor], Any], tuple[torch.Tensor, dict[
 def sft_step_loss(
     model: Any, batch: dict[str, torch.Tensor], normaliser: Any
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sft_loss(logits, batch["labels"], normaliser=normaliser)
+    # The output head runs only from the first column whose next token carries a label (prompts
+    # come first in every row): on unit conversion that skips ~70 % of the (B, L, V) logits.
+    labels = batch["labels"]
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(0)  # (L-1,)
+    first = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1] - 1
+    keep = labels.shape[1] - first
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    )
+    return sft_loss(out.logits, labels[:, first:], normaliser=normaliser)
 
 
 def accumulate(
