@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -331,6 +332,35 @@ def reduce_mean(acc: Any, metrics: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([float(metrics[k]) for k in keys], device=acc.device)
     t = acc.reduce(t, reduction="mean")
     return dict(zip(keys, t.tolist()))
+
+
+def end_of_step(
+    step: int,
+    cfg: Any,
+    *,
+    acc: Any,
+    run: Any,
+    rec: dict[str, float],
+    samples: Callable[[], list[dict[str, Any]]],
+    evaluate: Callable[[int], None] | None,
+    save: Callable[[int], None],
+    stop: Any,
+) -> bool:
+    """What every online-RL step ends with: log the (process-averaged) record, write samples,
+    evaluate every cfg.eval_every steps, checkpoint (periodically, on Ctrl-C and at the last
+    step). Returns True when Ctrl-C asked the loop to stop."""
+    if step % cfg.run.log_every == 0 or step == cfg.steps:
+        run.log(step, reduce_mean(acc, rec))
+    if cfg.run.sample_every and step % cfg.run.sample_every == 0:
+        run.samples(step, samples())
+    if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        evaluate(step)
+    periodic = cfg.run.save_every and step % cfg.run.save_every == 0
+    if periodic or stop.requested or step == cfg.steps:
+        save(step)
+    if stop.requested:
+        print(f"stopped at step {step}; resume with --run.resume {run.path}", flush=True)
+    return bool(stop.requested)
 
 
 def rollout_metrics(

@@ -316,9 +316,8 @@ def generate(
                 model, p_ids.to(device), p_mask.to(device), cfg, eos_ids, pad, stopper
             )
             for j, i in enumerate(batch):
-                keep = int(p_mask[j].sum())
                 results[i] = (
-                    row_ids[i][len(row_ids[i]) - keep :] if keep else [],
+                    row_ids[i],
                     c_ids[j].cpu(),
                     c_mask[j].cpu(),
                     logp[j].cpu(),

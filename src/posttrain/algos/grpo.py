@@ -25,6 +25,7 @@ eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -40,6 +41,7 @@ from posttrain.online import (
     PromptStream,
     accumulation_weight,
     build_reference,
+    end_of_step,
     evaluate_policy,
     micro_batches,
     no_sync_unless,
@@ -335,17 +337,12 @@ def main(cfg: Config) -> int:
                 "time/score": t2 - t1,
                 "time/train": t3 - t2,
             }
-            if step % cfg.run.log_every == 0 or step == cfg.steps:
-                run.log(step, reduce_mean(acc, rec))
-            if cfg.run.sample_every and step % cfg.run.sample_every == 0:
-                run.samples(step, sample_records(roll, out, adv, cfg.n_samples))
-            if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                evaluate(step)
-            save_every = cfg.run.save_every and step % cfg.run.save_every == 0
-            if save_every or stop.requested or step == cfg.steps:
-                save(step)
-            if stop.requested:
-                print(f"stopped at step {step}; resume with --run.resume {run.path}", flush=True)
+            samples = functools.partial(sample_records, roll, out, adv, cfg.n_samples)
+            evaluate_now = evaluate if eval_rows else None
+            if end_of_step(
+                step, cfg, acc=acc, run=run, rec=rec, samples=samples,
+                evaluate=evaluate_now, save=save, stop=stop,
+            ):  # fmt: skip
                 return 130
     if eval_rows:
         evaluate(step)

@@ -22,6 +22,7 @@ off during the update (the model stays in eval mode), so on-policy ratios are ex
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -352,6 +353,7 @@ def main(cfg: Config) -> int:
         PromptStream,
         accumulation_weight,
         build_reference,
+        end_of_step,
         evaluate_policy,
         reduce_mean,
         resolve_generation,
@@ -413,6 +415,14 @@ def main(cfg: Config) -> int:
         metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen)
         run.log(step, reduce_mean(acc, metrics))
         run.samples(step, samples)
+
+    def save(step: int) -> None:
+        state = {
+            "prompts": prompts.state_dict(),
+            "kl_ctl": kl_ctl.state_dict(),
+            "reward": reward_fn.state_dict(),
+        }
+        run.save_checkpoint(step, modules, opt, sched, state)
 
     if eval_rows and first == 1:
         evaluate(0)
@@ -488,25 +498,12 @@ def main(cfg: Config) -> int:
                 "time/forward": t3 - t2,
                 "time/train": t4 - t3,
             }
-            if step % cfg.run.log_every == 0 or step == cfg.steps:
-                run.log(step, reduce_mean(acc, rec))
-            if cfg.run.sample_every and step % cfg.run.sample_every == 0:
-                run.samples(step, sample_records(roll, out, adv[:, 0], cfg.n_samples))
-            if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                evaluate(step)
-            if (
-                (cfg.run.save_every and step % cfg.run.save_every == 0)
-                or stop.requested
-                or step == cfg.steps
-            ):
-                state = {
-                    "prompts": prompts.state_dict(),
-                    "kl_ctl": kl_ctl.state_dict(),
-                    "reward": reward_fn.state_dict(),
-                }
-                run.save_checkpoint(step, modules, opt, sched, state)
-            if stop.requested:
-                print(f"stopped at step {step}; resume with --run.resume {run.path}", flush=True)
+            samples = functools.partial(sample_records, roll, out, adv[:, 0], cfg.n_samples)
+            evaluate_now = evaluate if eval_rows else None
+            if end_of_step(
+                step, cfg, acc=acc, run=run, rec=rec, samples=samples,
+                evaluate=evaluate_now, save=save, stop=stop,
+            ):  # fmt: skip
                 return 130
     if eval_rows:
         evaluate(step)
