@@ -20,11 +20,18 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from posttrain.config import LoraConfig, ModelConfig
+
+# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every forward of a
+# LoRA model: one FutureWarning per step that says nothing to a posttrain user.
+warnings.filterwarnings(
+    "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 if TYPE_CHECKING:
     import torch
