@@ -6,6 +6,13 @@ tokens)), left-padded so that generation starts at the same column for every row
 token by token with the model's KV cache. Sampling: greedy (temperature 0), temperature, top-k,
 top-p; stops at EOS (the tokenizer's and the model's) and at stop strings.
 
+Seeded sampling (`generate(..., seeds=)`, one seed per prompt): row j of prompt i draws its random
+numbers from its own generator seeded with mix_seed(seeds[i], j), one uniform per token, and picks
+the token by inverting the cumulative distribution. Its tokens then do not depend on the other rows
+of the batch, the micro-batching or the process that samples it (up to float noise in the logits);
+online RL uses this so that 2 processes x 2 prompts sample what 1 process x 4 prompts samples.
+Without seeds, sampling draws from torch's global RNG (torch.multinomial).
+
 `Rollout.logp` holds the log-probability of each sampled token under the sampling policy, that is
 log_softmax(logits / temperature) before top-k/top-p truncation (temperature 1 for greedy): the same
 quantity a teacher-forced pass with the same temperature gives, so PPO-style ratios start at 1.
@@ -128,6 +135,36 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def mix_seed(*values: int) -> int:
+    """One 63-bit seed from integers (splitmix64 over each in turn): nearby inputs, such as
+    consecutive prompt positions, give unrelated seeds."""
+    mask = (1 << 64) - 1
+    x = 0
+    for v in values:
+        x = ((x ^ (int(v) & mask)) + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+    return x >> 1
+
+
+def _row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """(B, steps) float64 uniforms in [0, 1), row b from its own CPU generator seeded seeds[b]
+    (the same numbers on every device and in every batch)."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in gens])
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row: the first index whose cumulative probability exceeds u x total.
+    probs (B, V) >= 0, u (B,) in [0, 1) -> (B,). Zero-probability tokens are never picked."""
+    cdf = probs.double().cumsum(-1)  # (B, V)
+    nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    # u x total can round up to the total: stay on the last token with probability > 0
+    last = (probs > 0).long().cumsum(-1).argmax(-1)
+    return torch.minimum(nxt, last)
+
+
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set logits outside the top-k / nucleus to -inf. logits (B, V)."""
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -164,10 +201,16 @@ def _sample(
     eos_ids: list[int],
     pad_id: int,
     stopper: _StopChecker,
+    row_seeds: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Decode up to max_new_tokens for a left-padded batch -> ids, mask, logp (B, T), reasons."""
+    """Decode up to max_new_tokens for a left-padded batch -> ids, mask, logp (B, T), reasons.
+    With row_seeds (B,), row b samples from its own generator (`_row_uniforms`)."""
     B = input_ids.shape[0]
     device = input_ids.device
+    sampled = cfg.temperature > 0
+    uniforms = None
+    if sampled and row_seeds is not None:
+        uniforms = _row_uniforms(row_seeds, cfg.max_new_tokens).to(device)  # (B, max_new_tokens)
     eos = torch.tensor(eos_ids, device=device)
     temp = cfg.temperature if cfg.temperature > 0 else 1.0
     pos = position_ids_from_mask(attention_mask)
@@ -190,14 +233,17 @@ def _sample(
     for step in range(cfg.max_new_tokens):
         scaled = logits / temp
         logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
-        if cfg.temperature <= 0:
+        if not sampled:
             nxt = scaled.argmax(-1)
         else:
             if cfg.top_k > 0 or cfg.top_p < 1.0:
                 probs = torch.softmax(_filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
             else:  # no truncation: the sampling distribution is exp(logp_all)
                 probs = logp_all.exp()
-            nxt = torch.multinomial(probs, 1).squeeze(-1)
+            if uniforms is None:
+                nxt = torch.multinomial(probs, 1).squeeze(-1)
+            else:
+                nxt = _inverse_cdf(probs, uniforms[:, step])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         ids_steps.append(nxt)
         logp_steps.append(torch.where(done, 0.0, logp_all.gather(-1, nxt[:, None]).squeeze(-1)))
@@ -281,17 +327,29 @@ def generate(
     *,
     progress: bool = False,
     batch_size: int | None = None,
+    seeds: list[int] | None = None,
 ) -> Rollout:
-    """Sample cfg.n completions for every prompt, batched. Returns rows in input order."""
+    """Sample cfg.n completions for every prompt, batched. Returns rows in input order.
+
+    seeds: one per prompt; sample j of prompt i then draws from a generator seeded with
+    mix_seed(seeds[i], j), whatever else is in the batch (None: torch's global RNG).
+    """
     cfg = cfg or GenerationConfig()
     if not prompts:
         raise ValueError("generate() got no prompts")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     texts = render_prompts(tokenizer, prompts, cfg)
     chat = cfg.chat or not isinstance(prompts[0], str)
     enc = encode_prompts(tokenizer, texts, cfg.max_prompt_tokens, chat)
     rows = [i for i in range(len(prompts)) for _ in range(cfg.n)]  # prompt index per row
+    row_seeds = (
+        [mix_seed(seeds[i], j) for i in range(len(prompts)) for j in range(cfg.n)]
+        if seeds is not None
+        else None
+    )
     row_ids = [enc[i] for i in rows]
     batches = (
         [list(range(s, min(s + batch_size, len(rows)))) for s in range(0, len(rows), batch_size)]
@@ -313,7 +371,14 @@ def generate(
         for batch in batches:
             p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
             c_ids, c_mask, logp, reasons = _sample(
-                model, p_ids.to(device), p_mask.to(device), cfg, eos_ids, pad, stopper
+                model,
+                p_ids.to(device),
+                p_mask.to(device),
+                cfg,
+                eos_ids,
+                pad,
+                stopper,
+                [row_seeds[i] for i in batch] if row_seeds is not None else None,
             )
             for j, i in enumerate(batch):
                 results[i] = (
