@@ -88,6 +88,9 @@ class BuildConfig:
     """tokens per completion (0: the task's default)"""
     min_gap: float = 0.1
     """keep a pair only if reward(best) - reward(worst) exceeds this"""
+    pairs_per_prompt: int = 1
+    """disjoint pairs kept per prompt: 1 = best vs worst; m = the i-th best vs the i-th worst for
+    i < m (at most n // 2), each kept only if its own gap exceeds min_gap"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,17 +178,25 @@ def load_records(
 def split_records(
     records: list[Record], fraction: float, seed: int
 ) -> tuple[list[Record], list[Record]]:
-    """(train, held-out): a seeded random `fraction` held out (at least 1 row when fraction > 0)."""
+    """(train, held-out): a seeded random `fraction` of the distinct prompts held out with all
+    their pairs (at least 1 prompt when fraction > 0), so that no held-out prompt was seen in
+    training when a prompt has several pairs. With one pair per prompt this is a split of rows."""
     if fraction <= 0:
         return records, []
     if fraction >= 1:
         raise ConfigError("data.eval_fraction must be below 1")
-    n_eval = max(1, round(len(records) * fraction))
-    if n_eval >= len(records):
-        raise ConfigError(f"{len(records)} pairs are too few to hold out {fraction:.0%} of them")
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(perm[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    keys = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in records))
+    n_eval = max(1, round(len(keys) * fraction))
+    if n_eval >= len(keys):
+        raise ConfigError(
+            f"{len(records)} pairs over {len(keys)} prompts are too few to hold out "
+            f"{fraction:.0%} of the prompts"
+        )
+    perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = {keys[i] for i in perm[:n_eval]}
+    is_held = [json.dumps(r["prompt"], sort_keys=True) in held for r in records]
+    train = [r for r, h in zip(records, is_held, strict=True) if not h]
+    return train, [r for r, h in zip(records, is_held, strict=True) if h]
 
 
 def write_jsonl(path: str | Path, records: list[Record]) -> Path:
@@ -367,19 +378,27 @@ def build_pairs(
     gen: GenerationConfig,
     *,
     min_gap: float,
+    pairs_per_prompt: int = 1,
     progress: bool = False,
 ) -> tuple[list[Record], dict[str, float]]:
     """Sample gen.n >= 2 completions per row["prompt"], score them, keep (best, worst) pairs.
 
     reward_fn(prompts, completions, batch) -> (B,) tensor or list, with the rows' other fields as a
     columnar batch (the task reward signature). A pair is kept when best - worst > min_gap and the
-    two texts differ. Returns (records, stats).
+    two texts differ. With pairs_per_prompt = m > 1 the samples sorted by score also give the
+    pairs (2nd best, 2nd worst), ... up to m disjoint pairs (no sample is used twice), each
+    checked the same way. Returns (records, stats).
     """
     from posttrain.rollout import generate
     from posttrain.tasks.base import columns
 
     if gen.n < 2:
         raise ConfigError("building pairs needs at least 2 samples per prompt (build.n >= 2)")
+    if pairs_per_prompt < 1 or 2 * pairs_per_prompt > gen.n:
+        raise ConfigError(
+            f"build.pairs_per_prompt={pairs_per_prompt} needs 1 <= pairs_per_prompt <= n // 2 "
+            f"(n={gen.n}): each pair takes two distinct samples"
+        )
     prompts = [r["prompt"] for r in rows]
     ro = generate(model, tok, prompts, gen, progress=progress)
     rep = [rows[i] for i in ro.prompt_index.tolist()]
@@ -394,25 +413,26 @@ def build_pairs(
         s = scores[i * gen.n : (i + 1) * gen.n]
         texts = ro.completions[i * gen.n : (i + 1) * gen.n]
         order = torch.sort(s, stable=True).indices  # ties: best and worst are still two samples
-        best, worst = int(order[-1]), int(order[0])
-        gap = float(s[best] - s[worst])
-        if gap <= min_gap:
-            skipped["gap too small"] += 1
-        elif texts[best].strip() == texts[worst].strip() or not (
-            texts[best].strip() and texts[worst].strip()
-        ):
-            skipped["identical or empty text"] += 1
-        else:
-            records.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": texts[best],
-                    "rejected": texts[worst],
-                    "score_chosen": float(s[best]),
-                    "score_rejected": float(s[worst]),
-                }
-            )
-            gaps.append(gap)
+        for j in range(pairs_per_prompt):
+            best, worst = int(order[-1 - j]), int(order[j])
+            gap = float(s[best] - s[worst])
+            if gap <= min_gap:
+                skipped["gap too small"] += 1
+            elif texts[best].strip() == texts[worst].strip() or not (
+                texts[best].strip() and texts[worst].strip()
+            ):
+                skipped["identical or empty text"] += 1
+            else:
+                records.append(
+                    {
+                        "prompt": row["prompt"],
+                        "chosen": texts[best],
+                        "rejected": texts[worst],
+                        "score_chosen": float(s[best]),
+                        "score_rejected": float(s[worst]),
+                    }
+                )
+                gaps.append(gap)
     stats = {
         "prompts": float(len(rows)),
         "samples": float(len(ro)),
@@ -441,7 +461,14 @@ def build_from_task(
     if build.max_new_tokens:
         gen.max_new_tokens = build.max_new_tokens
     records, stats = build_pairs(
-        model, tok, rows, task.reward, gen, min_gap=build.min_gap, progress=progress
+        model,
+        tok,
+        rows,
+        task.reward,
+        gen,
+        min_gap=build.min_gap,
+        pairs_per_prompt=build.pairs_per_prompt,
+        progress=progress,
     )
     if not records:
         raise ConfigError(

@@ -150,6 +150,26 @@ def test_split_is_seeded_and_disjoint():
     assert split_records(recs, 0.0, seed=3) == (recs, [])
 
 
+def test_split_holds_out_whole_prompts():
+    """Three pairs per prompt: held-out prompts keep all their pairs out of training."""
+    recs = [
+        {"prompt": f"p{i}", "chosen": f"a{j}", "rejected": f"b{j}"}
+        for i in range(10)
+        for j in range(3)
+    ]
+    train, held = split_records(recs, 0.2, seed=0)
+    held_prompts = {r["prompt"] for r in held}
+    assert len(held_prompts) == 2 and len(held) == 6 and len(train) == 24
+    assert not held_prompts & {r["prompt"] for r in train}
+    chat = [
+        {"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": "a", "rejected": "b"}
+        for i in range(5)
+    ]
+    assert len(split_records(chat, 0.2, seed=0)[1]) == 1  # message lists work as prompts too
+    with pytest.raises(ConfigError, match="too few to hold out"):
+        split_records(recs[:3], 0.5, seed=0)  # one prompt cannot be split
+
+
 def test_data_cursor_covers_each_epoch_once():
     """10 items, micro 2 x accum 2: 2 full steps per epoch (the last 2 items wait for the next
     shuffle); batches are a function of the step, so a resumed run reads the same ones."""
@@ -189,6 +209,27 @@ def test_build_pairs_keeps_best_and_worst(tiny):
     assert len(ties) == 2 and all(t["chosen"] != t["rejected"] for t in ties)
     with pytest.raises(ConfigError, match="at least 2 samples"):
         build_pairs(model, tok, rows, length_reward, GenerationConfig(n=1), min_gap=0.0)
+
+
+def test_build_pairs_several_disjoint_pairs_per_prompt(tiny):
+    """Reward fixed per sample position: scores (per prompt) 0, 5, 1, 4, 2, 3 -> sorted positions
+    0, 2, 4, 5, 3, 1; pairs (1 vs 0, gap 5), (3 vs 2, gap 3), (5 vs 4, gap 1); min_gap 2 keeps
+    the first two; no sample is used twice."""
+    model, tok = tiny
+    rows = [{"prompt": "The movie was"}, {"prompt": "This film is"}]
+    fixed = [0.0, 5.0, 1.0, 4.0, 2.0, 3.0]
+    gen = GenerationConfig(max_new_tokens=8, temperature=1.0, n=6)
+    torch.manual_seed(0)
+    pairs, stats = build_pairs(
+        model, tok, rows, lambda p, c, b: fixed * 2, gen, min_gap=2.0, pairs_per_prompt=3
+    )
+    got = [(p["score_chosen"], p["score_rejected"]) for p in pairs]
+    assert got == [(5.0, 0.0), (4.0, 1.0)] * 2
+    assert stats["skipped: gap too small"] == 2
+    with pytest.raises(ConfigError, match="pairs_per_prompt"):
+        build_pairs(
+            model, tok, rows, lambda p, c, b: fixed * 2, gen, min_gap=0.0, pairs_per_prompt=4
+        )
 
 
 def test_pairs_jsonl_roundtrip(tmp_path):
