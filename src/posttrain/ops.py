@@ -66,6 +66,59 @@ def completion_logits(
     return logits
 
 
+def completion_logits_shared(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+    *,
+    groups: torch.Tensor,
+) -> torch.Tensor:
+    """`completion_logits` with every distinct prompt run through the model once.
+
+    Rows with the same `groups` id (B,) share their prompt: the first P = L - n_completion columns
+    of input_ids and attention_mask are equal. The prompts go through the model once per group
+    (with the KV cache on), the cache is indexed back to one entry per row (a differentiable
+    gather, so gradients reach the prompt positions as in the plain pass), and only the completion
+    tokens run per row: a GRPO batch of k samples per prompt costs G x P + B x T tokens instead of
+    B x (P + T). Same maths as `completion_logits` (up to float reassociation); the prompt's last
+    position predicts completion token 0. Returns (B, n_completion, V).
+    """
+    B, L = input_ids.shape
+    P, T = L - n_completion, n_completion
+    uniq, inv = torch.unique(groups, return_inverse=True)  # inv (B,): row -> its group
+    if len(uniq) == B or P == 0:  # nothing shared
+        return completion_logits(model, input_ids, attention_mask, n_completion, temperature)
+    inv = inv.to(input_ids.device)
+    first = torch.zeros(len(uniq), dtype=torch.long, device=input_ids.device)
+    first.scatter_(0, inv, torch.arange(B, device=input_ids.device))  # a row of each group
+    p_mask = attention_mask[first, :P]  # (G, P)
+    out = model(
+        input_ids=input_ids[first, :P],
+        attention_mask=p_mask,
+        position_ids=position_ids_from_mask(p_mask),
+        logits_to_keep=1,
+        use_cache=True,
+    )
+    logits = out.logits[:, -1:][inv]  # (B, 1, V): predicts completion token 0
+    if T > 1:
+        cache = out.past_key_values
+        cache.batch_select_indices(inv)  # (G, ...) -> (B, ...)
+        mask = attention_mask[:, : L - 1]  # the last token predicts nothing we need
+        rest = model(
+            input_ids=input_ids[:, P : L - 1],
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask)[:, P:],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # (B, T - 1, V)
+        logits = torch.cat([logits, rest], dim=1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
 def completion_logps(
     model: torch.nn.Module,
     input_ids: torch.Tensor,

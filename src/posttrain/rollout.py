@@ -202,9 +202,11 @@ def _sample(
     pad_id: int,
     stopper: _StopChecker,
     row_seeds: list[int] | None = None,
+    groups: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Decode up to max_new_tokens for a left-padded batch -> ids, mask, logp (B, T), reasons.
-    With row_seeds (B,), row b samples from its own generator (`_row_uniforms`)."""
+    With row_seeds (B,), row b samples from its own generator (`_row_uniforms`). With groups (B,),
+    rows of one group hold the same prompt: it is pre-filled once and its KV cache repeated."""
     B = input_ids.shape[0]
     device = input_ids.device
     sampled = cfg.temperature > 0
@@ -214,15 +216,25 @@ def _sample(
     eos = torch.tensor(eos_ids, device=device)
     temp = cfg.temperature if cfg.temperature > 0 else 1.0
     pos = position_ids_from_mask(attention_mask)
+    # pre-fill each distinct prompt once (n samples of a prompt share it): first row of each group
+    uniq, inv = torch.unique(torch.tensor(groups or list(range(B))), return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(B))
+    if len(uniq) == B:  # nothing shared: every row in its own order
+        first = torch.arange(B)
+    first = first.to(device)
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=pos,
+        input_ids=input_ids[first],
+        attention_mask=attention_mask[first],
+        position_ids=pos[first],
         use_cache=True,
         logits_to_keep=1,
     )
     past = out.past_key_values
-    logits = out.logits[:, -1].float()  # (B, V)
+    logits = out.logits[:, -1].float()  # (G, V)
+    if len(uniq) < B:  # repeat each prompt's cache and logits for its rows
+        inv = inv.to(device)
+        past.batch_select_indices(inv)
+        logits = logits[inv]  # (B, V)
     pos = pos[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     reasons = ["length"] * B
@@ -379,6 +391,7 @@ def generate(
                 pad,
                 stopper,
                 [row_seeds[i] for i in batch] if row_seeds is not None else None,
+                [rows[i] for i in batch],
             )
             for j, i in enumerate(batch):
                 results[i] = (

@@ -1,0 +1,97 @@
+"""`ops.completion_logits_shared` (each distinct prompt through the model once, its KV cache
+indexed back to the rows) against the plain per-row pass `ops.completion_logits`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posttrain.ops import completion_logits, completion_logits_shared, selective_log_softmax
+
+
+def _batch(tok):
+    """Two prompts of different lengths (left-padded) x 3 samples each, completions right-padded
+    to 4 tokens with lengths 4, 2, 3 / 1, 4, 4 -> input_ids, attention_mask, groups, T."""
+    prompts = [tok("Convert 3 feet to inches.")["input_ids"], tok("hello world")["input_ids"]]
+    P = max(len(p) for p in prompts)
+    g = torch.Generator().manual_seed(0)
+    ids, mask, groups = [], [], []
+    lengths = [[4, 2, 3], [1, 4, 4]]
+    for i, p in enumerate(prompts):
+        for n in lengths[i]:
+            comp = torch.randint(3, tok.vocab_size, (4,), generator=g).tolist()
+            ids.append(
+                [tok.pad_token_id] * (P - len(p)) + p + comp[:n] + [tok.pad_token_id] * (4 - n)
+            )
+            mask.append([0] * (P - len(p)) + [1] * (len(p) + n) + [0] * (4 - n))
+            groups.append(i)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(groups), 4
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_logps_and_grads_match_plain_pass(tiny, temperature):
+    """Same log-probs on completion tokens and the same gradient of their masked sum, whether the
+    prompts are run once per row or once per group (float reassociation only: atol 1e-5)."""
+    model, tok = tiny
+    ids, mask, groups, T = _batch(tok)
+    cmask = mask[:, -T:].float()
+    out = {}
+    for name, fn in [
+        ("plain", lambda: completion_logits(model, ids, mask, T, temperature)),
+        (
+            "shared",
+            lambda: completion_logits_shared(model, ids, mask, T, temperature, groups=groups),
+        ),
+    ]:
+        model.zero_grad()
+        logits = fn()
+        assert logits.shape == (6, T, model.config.vocab_size)
+        logp = selective_log_softmax(logits, ids[:, -T:])
+        (logp * cmask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        out[name] = (logp.detach() * cmask, grads)
+    torch.testing.assert_close(out["shared"][0], out["plain"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["shared"][1], out["plain"][1], atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_falls_back_when_every_prompt_is_distinct(tiny):
+    """All groups distinct -> exactly the plain pass (same function, bit for bit)."""
+    model, tok = tiny
+    ids, mask, _, T = _batch(tok)
+    with torch.no_grad():
+        a = completion_logits(model, ids, mask, T)
+        b = completion_logits_shared(model, ids, mask, T, groups=torch.arange(6))
+    assert torch.equal(a, b)
+
+
+def test_shared_prompt_one_completion_token(tiny):
+    """T = 1: the prompt's last position alone predicts the completion token."""
+    model, tok = tiny
+    ids, mask, groups, T = _batch(tok)
+    ids, mask = ids[:, : ids.shape[1] - 3], mask[:, : mask.shape[1] - 3]
+    with torch.no_grad():
+        a = completion_logits(model, ids, mask, 1)
+        b = completion_logits_shared(model, ids, mask, 1, groups=groups)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperature):
+    """`rollout._sample` with groups (prompt pre-filled once, KV cache repeated) gives the tokens of
+    the per-row pre-fill, greedy and seeded, and log-probs equal to float noise."""
+    from posttrain.rollout import GenerationConfig, _pad_left, _sample, _StopChecker
+
+    model, tok = tiny
+    prompts = [tok("Convert 3 feet to inches.")["input_ids"], tok("hello world")["input_ids"]]
+    groups = [0, 0, 0, 1, 1, 1]
+    ids, mask = _pad_left([prompts[g] for g in groups], tok.pad_token_id)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=temperature)
+    args = (model, ids, mask, cfg, [tok.eos_token_id], tok.pad_token_id, _StopChecker(tok, []))
+    seeds = [11, 12, 13, 21, 22, 23]
+    plain = _sample(*args, seeds)
+    shared = _sample(*args, seeds, groups)
+    assert torch.equal(plain[0], shared[0]) and torch.equal(plain[1], shared[1])
+    torch.testing.assert_close(plain[2], shared[2], atol=1e-5, rtol=1e-5)
+    assert plain[3] == shared[3]
+    if temperature > 0:  # the three samples of a prompt differ: the cache copies are independent
+        assert not torch.equal(shared[0][0], shared[0][1])
