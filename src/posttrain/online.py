@@ -28,6 +28,7 @@ from posttrain.models import adapter_disabled, frozen_copy, is_peft
 from posttrain.ops import (
     Reduction,
     completion_logits,
+    completion_logits_shared,
     entropy_from_logits,
     exact_kl,
     selective_log_softmax,
@@ -147,14 +148,34 @@ class Reference:
 
     @torch.no_grad()
     def logits(
-        self, input_ids: Tensor, attention_mask: Tensor, n_completion: int, temperature: float
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        n_completion: int,
+        temperature: float,
+        groups: Tensor | None = None,
     ) -> Tensor:
-        """(B, T, V) reference logits for the last n_completion tokens."""
+        """(B, T, V) reference logits for the last n_completion tokens; with groups (B,), rows of
+        one group share their prompt and it runs once (`ops.completion_logits_shared`)."""
         ctx = adapter_disabled(self.model) if self.kind == "adapter" else contextlib.nullcontext()
         with ctx:
-            return completion_logits(
-                self.model, input_ids, attention_mask, n_completion, temperature
-            )
+            return _logits(self.model, input_ids, attention_mask, n_completion, temperature, groups)
+
+
+def _logits(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    n_completion: int,
+    temperature: float,
+    groups: Tensor | None,
+) -> Tensor:
+    """completion_logits, or completion_logits_shared when groups are given."""
+    if groups is None:
+        return completion_logits(model, input_ids, attention_mask, n_completion, temperature)
+    return completion_logits_shared(
+        model, input_ids, attention_mask, n_completion, temperature, groups=groups
+    )
 
 
 def build_reference(kind: str, policy: Any, kl_coef: float) -> Reference | None:
@@ -238,25 +259,44 @@ def score_rollout(
     *,
     temperature: float,
     n_micro: int,
+    policy: bool = True,
+    exact: bool = True,
+    share_prompts: bool = False,
 ) -> dict[str, Tensor | None]:
     """Before any update: old_logp, entropy, and (with a reference) ref_logp and the exact KL over
-    the vocabulary, all (B, T) on the rollout's full width, zero on padding."""
+    the vocabulary, all (B, T) on the rollout's full width, zero on padding.
+
+    policy=False skips the policy's forward, for one update per rollout, where the policy being
+    updated is the one that sampled: old_logp is then the sampler's (`rollout.logp`, the same
+    quantity), entropy and the exact KL are None (the caller measures entropy in its training
+    forward). exact=False skips the KL over the vocabulary (None): two (B, T, V) softmaxes.
+    share_prompts: rows of one prompt run it through each model once (`completion_logits_shared`).
+    """
     B, T = roll.completion_mask.shape
     dev = roll.completion_mask.device
-    out = {
-        k: torch.zeros(B, T, device=dev) for k in ("old_logp", "entropy", "ref_logp", "kl_exact")
-    }
+    keys = (["ref_logp"] if ref is not None else []) + (["old_logp", "entropy"] if policy else [])
+    keys += ["kl_exact"] if policy and exact and ref is not None else []
+    out: dict[str, Tensor | None] = {k: torch.zeros(B, T, device=dev) for k in keys}
     for rows in micro_batches(B, n_micro):
         mb = take(roll, rows)
-        t = mb["T"]
+        t, m = mb["T"], mb["mask"]
         ids = mb["input_ids"][:, -t:]
-        logits = completion_logits(model, mb["input_ids"], mb["attention_mask"], t, temperature)
-        out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * mb["mask"]
-        out["entropy"][rows, :t] = entropy_from_logits(logits) * mb["mask"]
+        groups = roll.prompt_index[rows.to(dev)] if share_prompts else None
+        args = (mb["input_ids"], mb["attention_mask"], t, temperature, groups)
+        logits = None
+        if policy:
+            logits = _logits(model, *args)
+            out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
+            out["entropy"][rows, :t] = entropy_from_logits(logits) * m
         if ref is not None:
-            ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature)
-            out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * mb["mask"]
-            out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * mb["mask"]
+            ref_logits = ref.logits(*args)
+            out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
+            if "kl_exact" in out:
+                out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
+    if not policy:
+        out["old_logp"] = roll.logp * roll.completion_mask
+    for k in ("old_logp", "entropy", "ref_logp", "kl_exact"):
+        out.setdefault(k, None)
     if ref is None:
         out["ref_logp"] = out["kl_exact"] = None
     return out
@@ -386,5 +426,6 @@ def rollout_metrics(
         old, ref = scores["old_logp"], scores["ref_logp"]
         m["kl/k1"] = float(((kl_k1(old, ref) * mask).sum(1)).mean())
         m["kl/k3"] = float(((kl_k3(old, ref) * mask).sum(1)).mean())
-        m["kl/exact"] = float(scores["kl_exact"].sum(1).mean())
+        if scores["kl_exact"] is not None:
+            m["kl/exact"] = float(scores["kl_exact"].sum(1).mean())
     return m

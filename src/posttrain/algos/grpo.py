@@ -15,8 +15,12 @@ reduced by the named reduction (`ops.aggregate_loss`: token_mean, seq_mean, fixe
 `inner_epochs` passes over `num_minibatches` minibatches of each rollout batch. With one epoch and
 one minibatch the ratio is exactly 1 and the update is REINFORCE with advantage A.
 
-Departures: pi_old is recomputed by a no-grad forward before the first update (not taken from the
-sampler), so the ratio starts at 1 to float precision; eps_high (DAPO's clip-higher) defaults to
+Departures: with several updates per rollout, pi_old is recomputed by a no-grad forward before the
+first update (not taken from the sampler), so the ratio starts at 1 to float precision; with one
+update per rollout that forward is skipped and pi_old = pi.detach() (the ratio is 1 exactly), the
+entropy is measured in the training forward and the exact KL is not logged (`exact_kl=true` brings
+back the scoring forward and kl/exact). The samples of one prompt run the prompt through the model
+once (`share_prompts`, `ops.completion_logits_shared`). eps_high (DAPO's clip-higher) defaults to
 eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO).
 
     posttrain grpo --config configs/grpo_unit_conversion.toml
@@ -55,11 +59,14 @@ from posttrain.online import (
 )
 from posttrain.ops import (
     aggregate_loss,
-    completion_logps,
+    completion_logits,
+    completion_logits_shared,
+    entropy_from_logits,
     kl_k1,
     kl_k3,
     masked_mean,
     masked_sum,
+    selective_log_softmax,
 )
 from posttrain.rewards import RewardConfig, build_reward
 from posttrain.rollout import generate
@@ -114,6 +121,10 @@ class Config:
     """also evaluate every this many steps (0: start and end only)"""
     n_samples: int = 8
     """rollout rows written to samples.jsonl every run.sample_every steps"""
+    exact_kl: bool = False
+    """log kl/exact, the KL over the whole vocabulary (costs a policy forward and (B, T, V) softmaxes)"""
+    share_prompts: bool = True
+    """forward each prompt once for its group_size samples (KV cache shared); false: per row"""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -202,8 +213,15 @@ def micro_batch_loss(
     cfg: Config,
     temperature: float,
     normaliser: float,
+    *,
+    on_policy: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-    """Forward some rollout rows and return (clipped loss, its metrics, their loss mask)."""
+    """Forward some rollout rows and return (clipped loss, its metrics, their loss mask).
+
+    on_policy: one update per rollout, so the policy being updated sampled these rows and
+    old_logp = logp.detach() (ratio exactly 1; no scoring forward needed); the token entropy is
+    then measured here, from this forward's logits.
+    """
     mb = take(
         roll,
         rows,
@@ -212,10 +230,15 @@ def micro_batch_loss(
         ref_logp=scores["ref_logp"],
         loss_mask=loss_mask,
     )
-    logp = completion_logps(model, mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    args = (model, mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    if cfg.share_prompts:  # rows of one prompt: run the prompt once
+        logits = completion_logits_shared(*args, groups=roll.prompt_index[rows.to(adv.device)])
+    else:
+        logits = completion_logits(*args)  # (b, T, V)
+    logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T)
     loss, m = clipped_policy_loss(
         logp,
-        mb["old_logp"],
+        logp.detach() if on_policy else mb["old_logp"],
         mb["adv"],
         mb["loss_mask"],
         clip_eps=cfg.clip_eps,
@@ -226,6 +249,8 @@ def micro_batch_loss(
         reduction=cfg.loss_reduction,
         normaliser=normaliser,
     )
+    if on_policy:
+        m["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
     return loss, m, mb["loss_mask"]
 
 
@@ -242,6 +267,8 @@ def main(cfg: Config) -> int:
     eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []
     opt = build_optimizer(model, cfg.optim)
     updates_per_step = cfg.inner_epochs * cfg.num_minibatches
+    # one update per rollout: no scoring forward of the policy (old_logp = logp.detach())
+    on_policy = updates_per_step == 1 and not cfg.exact_kl
     sched = build_scheduler(opt, cfg.optim, cfg.steps * updates_per_step)
     first = 1
     if cfg.run.resume:
@@ -273,7 +300,14 @@ def main(cfg: Config) -> int:
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             scores = score_rollout(
-                model, ref, roll, temperature=gen.temperature, n_micro=cfg.optim.grad_accum
+                model,
+                ref,
+                roll,
+                temperature=gen.temperature,
+                n_micro=cfg.optim.grad_accum,
+                policy=not on_policy,
+                exact=cfg.exact_kl,
+                share_prompts=cfg.share_prompts,
             )
             t2 = time.perf_counter()
             # 2. advantages from the (optionally KL-penalised) rewards
@@ -308,6 +342,7 @@ def main(cfg: Config) -> int:
                                 cfg,
                                 gen.temperature,
                                 normaliser,
+                                on_policy=on_policy,
                             )
                             w = accumulation_weight(
                                 lmask,
