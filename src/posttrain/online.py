@@ -4,11 +4,13 @@ the reference policy, the no-grad scoring pass, loss weights under accumulation,
 Each is used by every online algorithm; the algorithm files keep their loss and their loop.
 
   GenOverrides / resolve_generation   the task's generation defaults, with [gen] keys that are set winning
-  PromptStream                        train rows cycled in a seeded shuffle, resumable by a counter
+  PromptStream                        train rows cycled in a seeded shuffle, resumable by a counter;
+                                      `draw` also gives each prompt its sampling seed
   build_reference                     frozen copy, base weights with the LoRA adapter off, or none
   score_rollout                       no-grad pass: old_logp, ref_logp, entropy, exact KL (B, T)
   sampler_scores                      the same from the sampler alone, when no forward is needed
   micro_batches / accumulation_weight split a step into micro-batches whose summed loss is exact
+  step_tokens                         a step's token count over all processes (token_mean normaliser)
   evaluate_policy                     the task's metrics and the reward on validation rows
 """
 
@@ -33,7 +35,7 @@ from posttrain.ops import (
     exact_kl,
     selective_log_softmax,
 )
-from posttrain.rollout import GenerationConfig, Rollout, generate
+from posttrain.rollout import GenerationConfig, Rollout, generate, mix_seed
 from posttrain.tasks.base import columns
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +94,8 @@ class PromptStream:
 
     Process `rank` of `world` takes every world-th row of the global order, so processes see
     different prompts. The position is one counter (`state_dict`), so resume continues exactly.
+    `draw` also returns a sampling seed per row, from the run seed and the row's global position
+    in the stream: a prompt samples the same completions whichever process draws it.
     """
 
     def __init__(self, rows: list[dict[str, Any]], seed: int, rank: int = 0, world: int = 1):
@@ -117,6 +121,12 @@ class PromptStream:
             out.append(self.rows[self._order(epoch)[i]])
             self.drawn += 1
         return out
+
+    def draw(self, k: int) -> tuple[list[dict[str, Any]], list[int]]:
+        """The next k rows and their sampling seeds (for `generate(..., seeds=)`)."""
+        first = self.drawn
+        seeds = [mix_seed(self.seed, (first + j) * self.world + self.rank) for j in range(k)]
+        return self.next(k), seeds
 
     @property
     def epoch(self) -> float:
@@ -240,6 +250,17 @@ def accumulation_weight(
     if reduction == "token_mean":
         return float(mask.sum()) / max(float(step_tokens), 1.0)
     return mask.shape[0] / step_rows
+
+
+def step_tokens(acc: Any, mask: Tensor) -> float:
+    """The loss tokens of one optimizer step summed over processes, divided by the process count
+    (DDP averages the processes' gradients): with it as `accumulation_weight`'s step_tokens, the
+    token mean is over the step's tokens on every process, as on one process with the whole batch.
+    A collective: every process must call it."""
+    n = mask.sum().float()
+    if acc.num_processes > 1:
+        n = acc.reduce(n, reduction="sum") / acc.num_processes
+    return float(n)
 
 
 def no_sync_unless(acc: Any, model: Any, last: bool) -> Any:

@@ -6,9 +6,10 @@ with 2 processes x batch 2 must give the parameters (and the logged loss and gra
 global, DDP averages the gradients. AdamW's first step is nearly scale-free (m / sqrt(v)), so
 the logged gradient norm is compared too: it catches a normaliser that is off by the process count.
 
-Online RL (grpo) samples completions, and the sampled tokens depend on the RNG stream of each
-process, so there the check is what holds regardless: both processes end with identical weights,
-the logged metrics are reduced, and only the main process wrote files.
+Online RL (grpo with the token-mean reduction, rloo with its fixed normaliser and the KL in the
+reward) samples completions: each prompt's samples come from its own generator, seeded from the
+run seed and the prompt's position in the global prompt stream, so the two processes' 2 prompts
+each sample what the one process's 4 prompts do, and the same strict check applies.
 """
 
 from __future__ import annotations
@@ -44,6 +45,30 @@ DPO_ROWS = [
     {"prompt": "The actors were", "chosen": " good actors", "rejected": " a bad ending"},
     {"prompt": "The story is", "chosen": " fun and great", "rejected": " terrible boring"},
 ]
+REWARD_PY = """
+def chars(prompts, completions, batch):
+    return [len(c) / 10 for c in completions]
+
+def chars_some_skipped(prompts, completions, batch):
+    return [float("nan") if skipped(q) else len(c) / 10
+            for c, q in zip(completions, batch["question"])]
+
+def skipped(question):
+    return len(question) % 3 == 0
+"""
+
+
+def _skipped_per_process() -> list[int]:
+    """Samples that grpo's reward skips on each of the 2 processes (2 prompts x 2 samples each)."""
+    from posttrain import tasks
+    from posttrain.online import PromptStream
+    from posttrain.tasks.base import TaskConfig
+
+    code: dict = {}
+    exec(REWARD_PY, code)
+    rows = tasks.load_task(TaskConfig(name="unit_conversion", train_size=8)).rows("train")
+    draws = [PromptStream(rows, 0, rank, 2).next(2) for rank in (0, 1)]
+    return [2 * sum(code["skipped"](r["question"]) for r in d) for d in draws]
 
 
 def _exists(module: str) -> bool:
@@ -66,11 +91,21 @@ def _args(command: str, tiny_dir: Path, tmp_path: Path, name: str, batch: int) -
         return ["dpo", *common, "--data.source", str(data), "--data.eval_fraction=0",
                 f"--batch_size={batch}", "--max_steps=1"]  # fmt: skip
     reward = tmp_path / "reward.py"
-    reward.write_text("def chars(prompts, completions, batch):\n"
-                      "    return [len(c) / 10 for c in completions]\n")  # fmt: skip
-    return ["grpo", *common, "--task.name", "unit_conversion", "--task.train_size", "8",
-            f"--reward.components=python:{reward}:chars", "--gen.max_new_tokens", "6",
-            f"--batch_size={batch}", "--group_size=2", "--steps=1", "--eval_limit=0"]  # fmt: skip
+    reward.write_text(REWARD_PY)
+    # grpo: the token mean over the step's tokens on all processes, with the samples of some
+    # questions skipped (left out of the loss): the processes hold different numbers of tokens;
+    # rloo: its defaults. Adam's eps 1e-6: the group-centred advantages nearly cancel, leaving
+    # gradient elements near 1e-8 where m / (sqrt(v) + 1e-8) would turn summation-order noise
+    # into 3e-5 weight differences.
+    extra = ["--optim.eps=1e-6"]
+    if command == "grpo":
+        extra += ["--loss_reduction=token_mean", f"--reward.components=python:{reward}:chars_some_skipped",
+                  "--reward.on_error=skip"]  # fmt: skip
+    else:
+        extra += [f"--reward.components=python:{reward}:chars"]
+    return [command, *common, "--task.name", "unit_conversion", "--task.train_size", "8",
+            "--gen.max_new_tokens", "6", f"--batch_size={batch}", "--group_size=2", "--steps=1",
+            "--eval_limit=0", *extra]  # fmt: skip
 
 
 # Runs several CLI commands in the same 2 processes (one launch: starting processes is the slow
@@ -137,7 +172,7 @@ def two_procs(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two-procs")
     commands = {
         c: _args(c, tiny_dir, tmp, f"{c}-two", batch=2)
-        for c in ("sft", "dpo", "grpo")
+        for c in ("sft", "dpo", "grpo", "rloo")
         if _exists(COMMANDS[c][0])
     }
     status: dict[int, dict] = {0: {}, 1: {}}
@@ -195,8 +230,9 @@ def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
 
 
 def train_record(run: Path) -> dict:
-    recs = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 1 and "lr" in r]
-    assert len(recs) == 1, read_jsonl(run / "metrics.jsonl")
+    """The one training record (step 1) of metrics.jsonl: written once, by the main process."""
+    recs = [r for r in read_jsonl(run / "metrics.jsonl") if "lr" in r]
+    assert [r["step"] for r in recs] == [1], read_jsonl(run / "metrics.jsonl")
     return recs[0]
 
 
@@ -211,12 +247,10 @@ def check_in_sync(run: Path) -> dict[str, torch.Tensor]:
     return main_w
 
 
-# Known failures, kept visible (strict: the test fails once they are fixed, to drop the mark).
-
-
-@pytest.mark.parametrize("command", ["sft", "dpo"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "rloo"])
 def test_two_processes_equal_one_with_the_whole_batch(command, two_procs, tiny_dir, tmp_path):
     two = ran(two_procs, command)
+    assert len(list(two.parent.glob(f"{command}-two*"))) == 1, "one run directory, not one each"
     assert main(_args(command, tiny_dir, tmp_path, "one", batch=4)) == 0
     one = tmp_path / "runs" / "one"
     w2 = check_in_sync(two)
@@ -225,10 +259,15 @@ def test_two_processes_equal_one_with_the_whole_batch(command, two_procs, tiny_d
     moved = [k for k, v in w1.items() if not torch.equal(v, start.get(k.split(":")[1], v))]
     assert moved, "the step changed no weight: the comparison would prove nothing"
     r1, r2 = train_record(one), train_record(two)
+    if command == "grpo":  # the processes' loss tokens differ: a local token mean would be wrong
+        assert _skipped_per_process() == [2, 0] and r1["reward/skipped"] == 2
+    # online RL's first-step loss is ~0 (on-policy ratio 1, advantages centred): float noise
+    # around 1e-8 there, hence the absolute tolerance; the gradient norm carries the check
+    loss = "loss" if command in ("sft", "dpo") else "loss/total"
     problems = [
         f"{key}: 1 x 4 logged {r1[key]:.6g}, 2 x 2 logged {r2[key]:.6g}"
-        for key in ("loss", "grad_norm")
-        if r2[key] != pytest.approx(r1[key], rel=1e-4)
+        for key in (loss, "grad_norm")
+        if r2[key] != pytest.approx(r1[key], rel=1e-4, abs=1e-6)
     ]
     diff = differing(w1, w2)
     if diff:
@@ -236,19 +275,6 @@ def test_two_processes_equal_one_with_the_whole_batch(command, two_procs, tiny_d
             f"{len(diff)} of {len(w1)} tensors differ (max abs diff {max(diff.values()):.3g})"
         )
     assert not problems, f"{command}: 2 processes x batch 2 != 1 process x batch 4: {problems}"
-
-
-def test_grpo_two_processes_stay_in_sync(two_procs, tiny_dir):
-    """Sampled tokens depend on each process's RNG stream, so 2 x 2 cannot be compared with
-    1 x 4 here; what must hold: the same weights on both processes, one reduced metrics line per
-    step, files written once by the main process."""
-    run = ran(two_procs, "grpo")
-    recs = [r for r in read_jsonl(run / "metrics.jsonl") if "loss/total" in r]
-    assert [r["step"] for r in recs] == [1]
-    w = check_in_sync(run)
-    start = load_file(str(tiny_dir / "model.safetensors"))
-    assert any(not torch.equal(v, start.get(k.split(":")[1], v)) for k, v in w.items())
-    assert len(list(run.parent.glob("grpo-two*"))) == 1
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,10 @@ back the scoring forward and kl/exact). The samples of one prompt run the prompt
 once (`share_prompts`, `ops.completion_logits_shared`). eps_high (DAPO's clip-higher) defaults to
 eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO).
 
+Across processes: each prompt samples from its own seed (run seed, position in the prompt stream)
+and token_mean divides by the step's tokens on all processes, so N processes x B prompts train
+like one process with N x B prompts (tests/smoke/test_multiprocess.py).
+
     posttrain grpo --config configs/grpo_unit_conversion.toml
     posttrain rloo --config configs/rloo_sentiment.toml
 """
@@ -55,6 +59,7 @@ from posttrain.online import (
     rollout_metrics,
     sample_records,
     score_rollout,
+    step_tokens,
     take,
 )
 from posttrain.ops import (
@@ -295,8 +300,10 @@ def main(cfg: Config) -> int:
         for step in range(first, cfg.steps + 1):
             # 1. rollout: group_size completions per prompt, rows of a prompt contiguous
             t0 = time.perf_counter()
-            rows = prompts.next(cfg.batch_size)
-            roll = generate(policy, tok, [r["prompt"] for r in rows], gen)
+            # seeds from the prompts' global positions: 2 processes x 2 prompts sample what
+            # 1 process x 4 prompts does, and a resumed run what the uninterrupted one did
+            rows, seeds = prompts.draw(cfg.batch_size)
+            roll = generate(policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds)
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             scores = score_rollout(
@@ -328,7 +335,7 @@ def main(cfg: Config) -> int:
             for _ in range(cfg.inner_epochs):
                 order = torch.randperm(B) if updates_per_step > 1 else torch.arange(B)
                 for mb_rows in micro_batches(B, cfg.num_minibatches, order):
-                    mb_tokens = float(loss_mask[mb_rows.to(mask.device)].sum())
+                    mb_tokens = step_tokens(acc, loss_mask[mb_rows.to(mask.device)])
                     chunks = micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows)
                     for j, idx in enumerate(chunks):
                         with no_sync_unless(acc, model, last=j == len(chunks) - 1):

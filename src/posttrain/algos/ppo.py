@@ -360,6 +360,7 @@ def main(cfg: Config) -> int:
         rollout_batch,
         rollout_metrics,
         sample_records,
+        step_tokens,
     )
     from posttrain.ops import kl_k1, kl_k3
     from posttrain.rewards import build_reward
@@ -431,8 +432,8 @@ def main(cfg: Config) -> int:
         for step in range(first, cfg.steps + 1):
             # 1. rollout and the task reward
             t0 = time.perf_counter()
-            rows = prompts.next(cfg.batch_size)
-            roll = generate(policy, tok, [r["prompt"] for r in rows], gen)
+            rows, seeds = prompts.draw(cfg.batch_size)  # seeds: one per prompt (PromptStream)
+            roll = generate(policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds)
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             t2 = time.perf_counter()
@@ -463,7 +464,7 @@ def main(cfg: Config) -> int:
             grad_norms = []
             for _ in range(cfg.ppo_epochs):
                 for mb_rows in torch.randperm(B).split(cfg.mini_batch_size):
-                    mb_tokens = float(mask[mb_rows.to(mask.device)].sum())
+                    mb_tokens = step_tokens(acc, mask[mb_rows.to(mask.device)])
                     for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
                         mb = take(roll, idx, old_logp=s["old_logp"], old_values=s["values"],
                                   adv=adv, returns=returns, loss_mask=mask)  # fmt: skip

@@ -177,8 +177,8 @@ def main(cfg: Config) -> int:
         for step in range(first, cfg.steps + 1):
             # 1. rollout and reward
             t0 = time.perf_counter()
-            rows = prompts.next(cfg.batch_size)
-            roll = generate(policy, tok, [r["prompt"] for r in rows], gen)
+            rows, seeds = prompts.draw(cfg.batch_size)  # seeds: one per prompt (PromptStream)
+            roll = generate(policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds)
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             if ref is None:  # nothing needs a forward pass before the update
