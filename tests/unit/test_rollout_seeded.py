@@ -1,9 +1,11 @@
-"""Seeded sampling: a row's tokens follow from its prompt's seed and its sample index alone."""
+"""Seeded sampling: a row's tokens follow from its prompt's seed and its sample index alone;
+PromptStream.draw gives each prompt a seed from its global position in the stream."""
 
 from __future__ import annotations
 
 import torch
 
+from posttrain.online import PromptStream
 from posttrain.rollout import GenerationConfig, _inverse_cdf, generate, mix_seed
 
 PROMPT = "How many grams"
@@ -74,3 +76,19 @@ def test_mix_seed_is_deterministic_and_spreads():
     assert mix_seed(3, 0) == mix_seed(3, 0)
     seeds = {mix_seed(s, j) for s in range(50) for j in range(8)}
     assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_prompt_stream_seeds_follow_the_global_position():
+    """Process r of 2 draws global positions r, r + 2, ...: its rows and seeds are those one
+    process draws at the same positions; a restored counter continues with the same seeds."""
+    rows = [{"prompt": str(i)} for i in range(5)]
+    one = PromptStream(rows, seed=3)
+    rows1, seeds1 = one.draw(4)
+    (rows_a, seeds_a), (rows_b, seeds_b) = [PromptStream(rows, 3, r, 2).draw(2) for r in (0, 1)]
+    assert rows_a == rows1[0::2] and seeds_a == seeds1[0::2]
+    assert rows_b == rows1[1::2] and seeds_b == seeds1[1::2]
+    assert len(set(seeds1)) == 4
+    again = PromptStream(rows, seed=3)
+    again.load_state_dict(one.state_dict())
+    assert again.draw(3) == one.draw(3)  # crosses the epoch boundary (5 rows)
+    assert PromptStream(rows, seed=4).draw(4)[1] != seeds1
