@@ -124,7 +124,10 @@ def test_ppo_grad_accum_matches_one_big_mini_batch(tiny_dir, tmp_path):
     """With the seq_mean reduction, mini-batch 4 as 4 micro-batches of 1 gives the update of
     one micro-batch of 4 (same data, same sampled rollout). AdamW's eps = 1 makes its first
     update about lr * grad, so that weights compare gradients (with a small eps the first update
-    is lr * sign(grad), which flips on rounding noise for near-zero gradients)."""
+    is lr * sign(grad), which flips on rounding noise for near-zero gradients).
+    It also pins ppo's one-forward path ("one": 1 epoch x 1 mini-batch x 1 micro-batch, the values
+    and logits of the training forward, old_logp = logp.detach(), the sampler's logp in the KL)
+    to the explicit path ("acc": a no-grad scoring forward first)."""
     common = ["--steps", "1", "--mini_batch_size", "4", "--ppo_epochs", "1", "--optim.eps", "1",
               "--loss_reduction", "seq_mean", "--run.sample_every", "0"]  # fmt: skip
     assert main(_args(tiny_dir, tmp_path, "one", *common)) == 0

@@ -283,42 +283,70 @@ def drop_left_padding(mb: dict[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def score_rollout(
-    ac: Any, ref: Reference | None, roll: Rollout, *, temperature: float, n_micro: int
+    ac: Any,
+    ref: Reference | None,
+    roll: Rollout,
+    *,
+    temperature: float,
+    n_micro: int,
+    policy: bool = True,
 ) -> dict[str, torch.Tensor | None]:
     """Before any update: old_logp, values, entropy and (with a reference) ref_logp and the exact
-    KL over the vocabulary, all (B, T), zero on padding. `online.score_rollout` plus the values."""
+    KL over the vocabulary, all (B, T), zero on padding. `online.score_rollout` plus the values.
+
+    policy=False: the reference pass only; old_logp is the sampler's (`rollout.logp`, the same
+    quantity) and values, entropy and the exact KL are None (the caller's training forward gives
+    values and entropy, when one forward serves the whole update)."""
     B, T = roll.completion_mask.shape
-    keys = ("old_logp", "values", "entropy", "ref_logp", "kl_exact")
-    out = {k: torch.zeros(B, T, device=roll.completion_mask.device) for k in keys}
+    keys = ("old_logp", "values", "entropy", "kl_exact") if policy else ()
+    keys += ("ref_logp",) if ref is not None else ()
+    out: dict[str, torch.Tensor | None] = {
+        k: torch.zeros(B, T, device=roll.completion_mask.device) for k in keys
+    }
     for rows in micro_batches(B, n_micro):
         mb = drop_left_padding(take(roll, rows))
         t, m = mb["T"], mb["mask"]
         ids = mb["input_ids"][:, -t:]
-        logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature)
-        out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
-        out["values"][rows, :t] = values.float() * m
-        out["entropy"][rows, :t] = entropy_from_logits(logits) * m
+        if policy:
+            logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature)
+            out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
+            out["values"][rows, :t] = values.float() * m
+            out["entropy"][rows, :t] = entropy_from_logits(logits) * m
         if ref is not None:
             ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature)
             out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
-            out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
+            if policy:
+                out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
+    if not policy:
+        out["old_logp"] = roll.logp * roll.completion_mask
+    for k in ("values", "entropy", "ref_logp", "kl_exact"):
+        out.setdefault(k, None)
     if ref is None:
-        out["ref_logp"] = out["kl_exact"] = None
+        out["kl_exact"] = None
     return out
 
 
 def minibatch_loss(
-    ac: Any, mb: dict[str, Any], cfg: Config, temperature: float
+    ac: Any,
+    mb: dict[str, Any],
+    cfg: Config,
+    temperature: float,
+    outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one micro-batch (from `online.take`) and combine the three losses:
-    policy_loss + vf_coef * value_loss + ent_coef * entropy_loss -> (loss, detached metrics)."""
-    logits, values = ac(mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    policy_loss + vf_coef * value_loss + ent_coef * entropy_loss -> (loss, detached metrics).
+
+    outputs: (logits, values) of this micro-batch already computed (with grad), instead of a
+    forward here. old_logp / old_values None in mb: on-policy, they are logp / values detached."""
+    if outputs is None:
+        outputs = ac(mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    logits, values = outputs
     logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T')
+    old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]
+    old_values = values.detach() if mb["old_values"] is None else mb["old_values"]
     m, red = mb["loss_mask"], cfg.loss_reduction
-    pg, pg_m = policy_loss(
-        logp, mb["old_logp"], mb["adv"], m, cliprange=cfg.cliprange, reduction=red
-    )
-    vf, vf_m = value_loss(values, mb["old_values"], mb["returns"], m, cliprange_value=cfg.cliprange_value, reduction=red)  # fmt: skip
+    pg, pg_m = policy_loss(logp, old_logp, mb["adv"], m, cliprange=cfg.cliprange, reduction=red)
+    vf, vf_m = value_loss(values, old_values, mb["returns"], m, cliprange_value=cfg.cliprange_value, reduction=red)  # fmt: skip
     # without an entropy bonus the entropy is only logged: keep it out of the backward graph
     ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())
     ent, _ = entropy_loss(ent_tok, m, reduction=red)
@@ -399,6 +427,9 @@ def main(cfg: Config) -> int:
     B = cfg.batch_size * cfg.samples_per_prompt  # rollout rows per step (per process)
     opt = build_optimizer(ac, cfg.optim)
     updates_per_step = cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size)  # optimizer steps
+    # one update from one forward per rollout: that forward's values give the advantages and its
+    # logits the loss (no scoring forward of the policy; ratio 1 and value clip inactive exactly)
+    single = updates_per_step == 1 and cfg.optim.grad_accum == 1
     sched = build_scheduler(opt, cfg.optim, cfg.steps * updates_per_step)
     kl_ctl = kl_controller(cfg.kl)
     kl_fn = kl_k1 if cfg.kl.estimator == "k1" else kl_k3
@@ -440,7 +471,17 @@ def main(cfg: Config) -> int:
 
             # 2. per-token rewards: the score at the last token, -beta * KL at every token
             n_fwd = math.ceil(B / cfg.forward_batch_size)
-            s = score_rollout(ac, ref, roll, temperature=gen.temperature, n_micro=n_fwd)
+            s = score_rollout(
+                ac, ref, roll, temperature=gen.temperature, n_micro=n_fwd, policy=not single
+            )
+            if single:  # the training forward, before the advantages that its values give
+                whole = drop_left_padding(take(roll, torch.arange(B)))
+                outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], gen.temperature)  # fmt: skip
+                t, m_ = whole["T"], whole["mask"]
+                s["values"] = torch.zeros_like(roll.completion_mask)
+                s["values"][:, :t] = outputs[1].detach().float() * m_
+                s["entropy"] = torch.zeros_like(roll.completion_mask)
+                s["entropy"][:, :t] = entropy_from_logits(outputs[0].detach()) * m_
             valid = out.valid.to(acc.device)
             mask = roll.completion_mask.float() * valid[:, None]  # (B, T), skipped rows left out
             scores = out.total.to(mask)  # (B,)
@@ -463,13 +504,17 @@ def main(cfg: Config) -> int:
             stats: dict[str, torch.Tensor] = {}
             grad_norms = []
             for _ in range(cfg.ppo_epochs):
-                for mb_rows in torch.randperm(B).split(cfg.mini_batch_size):
+                order = torch.arange(B) if single else torch.randperm(B)
+                for mb_rows in order.split(cfg.mini_batch_size):
                     mb_tokens = step_tokens(acc, mask[mb_rows.to(mask.device)])
                     for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
-                        mb = take(roll, idx, old_logp=s["old_logp"], old_values=s["values"],
-                                  adv=adv, returns=returns, loss_mask=mask)  # fmt: skip
+                        old = {"old_logp": None, "old_values": None} if single else {
+                            "old_logp": s["old_logp"], "old_values": s["values"]}  # fmt: skip
+                        mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask)
                         mb = drop_left_padding(mb)
-                        loss, m = minibatch_loss(ac, mb, cfg, gen.temperature)
+                        loss, m = minibatch_loss(
+                            ac, mb, cfg, gen.temperature, outputs if single else None
+                        )
                         w = accumulation_weight(
                             mb["loss_mask"], cfg.loss_reduction,
                             step_rows=len(mb_rows), step_tokens=mb_tokens,
