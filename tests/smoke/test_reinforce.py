@@ -33,8 +33,16 @@ def _args(tiny_dir, tmp_path, name, *extra):
 
 
 VARIANTS = {
-    "kl_in_reward": ["--kl_coef=0.1"],
-    "kl_in_loss": ["--kl_coef=0.1", "--kl_in=loss", "--kl_estimator=k3", "--baseline=none"],
+    # the policy's scoring pass and the exact KL on
+    "kl_in_reward": ["--kl_coef=0.1", "--exact_kl=true"],
+    # the reference's pass only; 2 samples per prompt: each prompt runs once per forward
+    "kl_in_loss": [
+        "--kl_coef=0.1",
+        "--kl_in=loss",
+        "--kl_estimator=k3",
+        "--baseline=none",
+        "--samples_per_prompt=2",
+    ],
     "no_kl": ["--kl_coef=0", "--baseline=mean"],
 }
 
@@ -49,13 +57,16 @@ def test_reinforce_runs_and_changes_weights(variant, tiny_dir, tmp_path, monkeyp
     assert [r["step"] for r in recs] == [1, 2, 3]
     keys = ["loss/total", "loss/policy", "reward/mean", "reward/e_rate", "entropy", "grad_norm"]
     if variant != "no_kl":
-        keys += ["kl/exact", "kl/k1", "kl/k3"]
+        keys += ["kl/k1", "kl/k3"]
+    if variant == "kl_in_reward":
+        keys += ["kl/exact"]
     if variant == "kl_in_loss":
         keys += ["loss/kl"]
     for r in recs:
         for k in keys:
             assert math.isfinite(r[k]), (k, r)
         assert r["time/generate"] > 0 and r["entropy"] > 0
+        assert ("kl/exact" in r) == (variant == "kl_in_reward")
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/reward" in r]
     assert [r["step"] for r in evals] == [0, 3]
     assert len(read_jsonl(run / "samples.jsonl")) > 0

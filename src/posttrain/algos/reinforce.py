@@ -52,6 +52,7 @@ from posttrain.online import (
 )
 from posttrain.ops import (
     completion_logits,
+    completion_logits_shared,
     entropy_from_logits,
     kl_k1,
     kl_k3,
@@ -98,6 +99,8 @@ class Config:
     """also evaluate every this many steps (0: start and end only)"""
     n_samples: int = 8
     """rollout rows written to samples.jsonl every run.sample_every steps"""
+    exact_kl: bool = False
+    """log kl/exact, the KL over the whole vocabulary (costs a policy forward and (B, T, V) softmaxes)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -184,8 +187,17 @@ def main(cfg: Config) -> int:
             if ref is None:  # nothing needs a forward pass before the update
                 scores = sampler_scores(roll)
             else:
+                # the reference's pass; old_logp from the sampler (one update per rollout),
+                # unless the exact KL is asked for, which needs the policy's logits too
                 scores = score_rollout(
-                    model, ref, roll, temperature=gen.temperature, n_micro=cfg.optim.grad_accum
+                    model,
+                    ref,
+                    roll,
+                    temperature=gen.temperature,
+                    n_micro=cfg.optim.grad_accum,
+                    policy=cfg.exact_kl,
+                    exact=cfg.exact_kl,
+                    share_prompts=gen.n > 1,
                 )
             t2 = time.perf_counter()
             # 2. advantages: (penalised) reward minus baseline, 0 for skipped samples
@@ -210,9 +222,12 @@ def main(cfg: Config) -> int:
             for j, idx in enumerate(chunks):
                 mb = take(roll, idx, adv=adv, ref_logp=scores["ref_logp"], loss_mask=loss_mask)
                 with no_sync_unless(acc, model, last=j == len(chunks) - 1):
-                    logits = completion_logits(
-                        model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature
-                    )  # (b, T, V)
+                    args = (model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature)
+                    if gen.n > 1:  # the samples of a prompt run it once
+                        groups = roll.prompt_index[idx.to(roll.prompt_index.device)]
+                        logits = completion_logits_shared(*args, groups=groups)
+                    else:
+                        logits = completion_logits(*args)  # (b, T, V)
                     logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])
                     loss, m = reinforce_loss(
                         logp,
