@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any
 
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,8 +80,21 @@ def run_command(command: str, argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(threads)
-    result = module.main(cfg)
+    with autocast(getattr(getattr(cfg, "run", None), "autocast", "no")):
+        result = module.main(cfg)
     return int(result) if isinstance(result, int) else 0
+
+
+def autocast(precision: str) -> Any:
+    """torch.autocast for `run.autocast` ("no": a null context) on CUDA when present, else CPU."""
+    import contextlib
+
+    if precision == "no":
+        return contextlib.nullcontext()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype={"bfloat16": torch.bfloat16}[precision])
 
 
 def main(argv: list[str] | None = None) -> int:

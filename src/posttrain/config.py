@@ -115,6 +115,8 @@ class RunConfig:
     """torch CPU threads (0: torch's default)"""
     progress: bool = True
     """show progress bars"""
+    autocast: Literal["no", "bfloat16"] = "no"
+    """bfloat16: run the command under torch.autocast (bf16 matmuls, fp32 weights and optimizer; ~1.5x faster on a CPU with bf16 support)"""
 
 
 # ---------------------------------------------------------------------------------------------
