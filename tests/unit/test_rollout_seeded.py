@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.online import PromptStream
-from posttrain.rollout import GenerationConfig, _inverse_cdf, generate, mix_seed
+from posttrain.rollout import GenerationConfig, _inverse_cdf, _row_uniforms, generate, mix_seed
 
 PROMPT = "How many grams"
 OTHERS = ["Convert 3 feet to inches. It is a very long prompt with many words in it", "hi"]
@@ -70,6 +70,16 @@ def test_inverse_cdf_by_hand():
     assert _inverse_cdf((probs * 10).expand(6, 4), u).tolist() == expected
     tail_zero = torch.tensor([[0.5, 0.5, 0.0]])
     assert _inverse_cdf(tail_zero, torch.tensor([1.0], dtype=torch.float64)).tolist() == [1]
+
+
+def test_seeded_draws_follow_the_distribution():
+    """20,000 rows, one seed each (consecutive prompt seeds, as PromptStream gives): token
+    frequencies within 0.015 of [0.2, 0, 0.5, 0.3] (4 standard errors is ~0.014)."""
+    probs = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    seeds = [mix_seed(s, 0) for s in range(20_000)]
+    u = _row_uniforms(seeds, 1)[:, 0]
+    freq = torch.bincount(_inverse_cdf(probs.expand(len(seeds), 4), u), minlength=4) / len(seeds)
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
 
 
 def test_mix_seed_is_deterministic_and_spreads():
