@@ -159,6 +159,7 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
     common = [
         f"--model.name={model_dir(args.model)}",
         "--model.dtype=float32",
+        f"--run.autocast={'bfloat16' if args.dtype == 'bfloat16' else 'no'}",
         f"--optim.lr={w.lr}",
         "--optim.warmup_steps=0",
         "--optim.schedule=constant",
@@ -208,7 +209,6 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
 
 
 def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None:
-    import torch
 
     import posttrain.rollout as rollout
     from posttrain.models import load_tokenizer
@@ -239,9 +239,7 @@ def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Pat
     Run.log = log  # type: ignore[method-assign]
     from posttrain.cli import main
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    with autocast:
-        rc = main(posttrain_argv(w, args, tok, tmp))
+    rc = main(posttrain_argv(w, args, tok, tmp))  # bf16: --run.autocast=bfloat16
     raise SystemExit(f"posttrain {w.kind} ended (rc={rc}) before {rec.total} steps were logged")
 
 

@@ -28,7 +28,7 @@ def _rows(out: str) -> dict[str, list[str]]:
     return rows
 
 
-def _run(capsys, tiny_dir: Path, workloads: str, sides: str) -> tuple[int, str]:
+def _run(capsys, tiny_dir: Path, workloads: str, sides: str, *extra: str) -> tuple[int, str]:
     # the tiny tokenizer is byte-level: its prompts are longer than 128 tokens
     rc = trl_compare.main(
         [
@@ -46,6 +46,7 @@ def _run(capsys, tiny_dir: Path, workloads: str, sides: str) -> tuple[int, str]:
             workloads,
             "--sides",
             sides,
+            *extra,
         ]  # fmt: skip
     )
     return rc, capsys.readouterr().out
@@ -74,6 +75,17 @@ def test_posttrain_side_alone(capsys, tiny_dir):
     assert rc == 0, out
     cells = _rows(out)["sft_full"]
     assert float(cells[2]) > 0 and cells[3] == "-"
+
+
+def test_posttrain_online_rows_under_bf16(capsys, tiny_dir):
+    """grpo (shared prompts, no scoring forward) and ppo (one forward per rollout) through the
+    harness's flags, with --dtype bfloat16 (posttrain's --run.autocast=bfloat16)."""
+    rc, out = _run(capsys, tiny_dir, "grpo,ppo", "posttrain", "--dtype", "bfloat16")
+    assert rc == 0, out
+    rows = _rows(out)
+    assert set(rows) == {"grpo", "ppo"}
+    assert all(float(cells[2]) > 0 for cells in rows.values())
+    assert float(rows["grpo"][5]) > 0  # generation tokens/s
 
 
 @pytest.mark.skipif(
