@@ -95,3 +95,36 @@ def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperatur
     assert plain[3] == shared[3]
     if temperature > 0:  # the three samples of a prompt differ: the cache copies are independent
         assert not torch.equal(shared[0][0], shared[0][1])
+
+
+def test_dpo_pair_logps_run_each_prompt_once_with_the_same_result(tiny):
+    """dpo.pair_logps (chosen and rejected share the prompt's forward) equals the per-row sum of
+    completion log-probs, values and gradients."""
+    from posttrain.algos.dpo import pair_logps
+    from posttrain.ops import completion_logps, masked_sum
+    from posttrain.preferences import collate_pairs
+
+    model, tok = tiny
+    enc = lambda s: tok(s)["input_ids"]  # noqa: E731
+    items = [
+        {"prompt_ids": enc("Convert 3 feet to inches."), "chosen_ids": enc(" 36 inches"),
+         "rejected_ids": enc(" 12"), "index": 0},
+        {"prompt_ids": enc("hello"), "chosen_ids": enc(" world, hello"),
+         "rejected_ids": enc(" bad ending of the film"), "index": 1},
+    ]  # fmt: skip
+    batch = collate_pairs(items, tok.pad_token_id)
+    out = []
+    for fn in (
+        lambda: pair_logps(model, batch),
+        lambda: masked_sum(
+            completion_logps(model, batch.input_ids, batch.attention_mask, batch.n_completion),
+            batch.mask,
+            dim=1,
+        ),
+    ):
+        model.zero_grad()
+        logp = fn()
+        (logp * torch.tensor([1.0, 2.0, -1.0, 0.5])).sum().backward()
+        out.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-4)

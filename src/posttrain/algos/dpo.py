@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
-from posttrain.ops import completion_logps, masked_sum
+from posttrain.ops import completion_logits_shared, masked_sum, selective_log_softmax
 from posttrain.preferences import (
     BuildConfig,
     PairBatch,
@@ -247,8 +247,14 @@ def preference_loss(
 
 
 def pair_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
-    """Summed completion log-probs (2B,) of chosen and rejected rows in one forward pass."""
-    logp = completion_logps(model, batch.input_ids, batch.attention_mask, batch.n_completion)
+    """Summed completion log-probs (2B,) of chosen and rejected rows in one forward pass; the two
+    rows of a pair share their prompt, which runs once (`ops.completion_logits_shared`)."""
+    T = batch.n_completion
+    pair = torch.arange(batch.num_pairs, device=batch.input_ids.device).repeat(2)  # (2B,)
+    logits = completion_logits_shared(
+        model, batch.input_ids, batch.attention_mask, T, groups=pair
+    )  # (2B, T, V)
+    logp = selective_log_softmax(logits, batch.input_ids[:, -T:])
     return masked_sum(logp, batch.mask, dim=1)  # prompt and padding tokens masked out
 
 
