@@ -165,3 +165,17 @@ def test_ppo_ctrl_c_checkpoints_and_resumes(tiny_dir, tmp_path):
     assert main([*args, "--run.resume", str(run)]) == 0
     assert [r["step"] for r in _records(run)] == [1, 2, 3, 4]
     assert (run / "final" / "value_head.safetensors").is_file()
+
+
+def test_ppo_one_forward_path_with_shared_prompts(tiny_dir, tmp_path):
+    """1 epoch x 1 mini-batch x 1 micro-batch (the training forward gives the values) with 2
+    samples per prompt (the reference runs each prompt once): ratio 1 exactly, finite metrics."""
+    extra = ["--steps", "2", "--batch_size", "2", "--samples_per_prompt", "2",
+             "--mini_batch_size", "4", "--ppo_epochs", "1"]  # fmt: skip
+    assert main(_args(tiny_dir, tmp_path, "one", *extra)) == 0
+    recs = _records(tmp_path / "runs" / "one")
+    assert [r["step"] for r in recs] == [1, 2]
+    for key in ("loss/policy", "loss/value", "kl/k1", "entropy", "value/mean"):
+        assert all(math.isfinite(r[key]) for r in recs), key
+    assert all(r["ppo/ratio"] == 1.0 and "kl/exact" not in r for r in recs)
+    assert recs[0]["kl/k1"] == pytest.approx(0.0, abs=1e-4)

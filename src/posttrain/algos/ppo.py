@@ -313,7 +313,9 @@ def score_rollout(
             out["values"][rows, :t] = values.float() * m
             out["entropy"][rows, :t] = entropy_from_logits(logits) * m
         if ref is not None:
-            ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature)
+            # samples of one prompt (roll.n > 1) run it once through the reference
+            groups = roll.prompt_index[rows.to(roll.prompt_index.device)] if roll.n > 1 else None
+            ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature, groups)
             out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
             if policy:
                 out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
