@@ -199,10 +199,10 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
                 f"--kl_coef={w.kl}", "--inner_epochs=1", "--num_minibatches=1",
                 "--clip_eps=0.2"]  # fmt: skip
     if w.kind == "reinforce":
-        return ["reinforce", *online, f"--batch_size={w.batch}", "--samples_per_prompt=1",
+        return ["reinforce", *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
                 f"--kl_coef={w.kl}", "--baseline=moving_average"]  # fmt: skip
     if w.kind == "ppo":
-        return ["ppo", *online, f"--batch_size={w.batch}", "--samples_per_prompt=1",
+        return ["ppo", *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
                 f"--mini_batch_size={w.batch}", "--ppo_epochs=1", f"--kl.coef={w.kl}",
                 f"--forward_batch_size={w.batch}"]  # fmt: skip
     raise ValueError(f"no posttrain command for workload kind {w.kind!r}")

@@ -116,6 +116,27 @@ WORKLOADS: dict[str, Workload] = {
             "2 x 4 beta 0.05 (ref copy; TRL has no PPO); 32 new tok, T=1, lr 1e-6",
         ),
         Workload(
+            "reinforce_2x4",
+            "reinforce",
+            "RLOOTrainer",
+            lr=1e-6,
+            group=4,
+            notes="posttrain REINFORCE 2 prompts x 4 (the prompts and completions of TRL's RLOO), moving-avg "
+            "baseline, no KL vs TRL RLOO 2 x 4 beta 0 (TRL has no REINFORCE); 32 new tok, T=1, lr 1e-6",
+        ),
+        Workload(
+            "ppo_2x4",
+            "ppo",
+            "RLOOTrainer",
+            lr=1e-6,
+            group=4,
+            kl=0.2,
+            trl_kl=0.05,
+            notes="posttrain PPO 2 prompts x 4 (the prompts and completions of TRL's RLOO), value head, KL 0.2 "
+            "(ref copy), 1 epoch x 1 minibatch vs TRL RLOO 2 x 4 beta 0.05 (ref copy; TRL has no PPO); 32 new "
+            "tok, T=1, lr 1e-6",
+        ),
+        Workload(
             "generate",
             "generate",
             "model.generate",
@@ -135,6 +156,8 @@ DEFAULT_WORKLOADS = [
     "rloo",
     "reinforce",
     "ppo",
+    "reinforce_2x4",
+    "ppo_2x4",
 ]
 
 

@@ -78,12 +78,12 @@ def test_posttrain_side_alone(capsys, tiny_dir):
 
 
 def test_posttrain_online_rows_under_bf16(capsys, tiny_dir):
-    """grpo (shared prompts, no scoring forward) and ppo (one forward per rollout) through the
+    """grpo (shared prompts, no scoring forward) and ppo 2 x 4 (one forward per rollout) through the
     harness's flags, with --dtype bfloat16 (posttrain's --run.autocast=bfloat16)."""
-    rc, out = _run(capsys, tiny_dir, "grpo,ppo", "posttrain", "--dtype", "bfloat16")
+    rc, out = _run(capsys, tiny_dir, "grpo,ppo_2x4", "posttrain", "--dtype", "bfloat16")
     assert rc == 0, out
     rows = _rows(out)
-    assert set(rows) == {"grpo", "ppo"}
+    assert set(rows) == {"grpo", "ppo_2x4"}
     assert all(float(cells[2]) > 0 for cells in rows.values())
     assert float(rows["grpo"][5]) > 0  # generation tokens/s
 
