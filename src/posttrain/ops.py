@@ -85,11 +85,38 @@ def completion_logits_shared(
     B x (P + T). Same maths as `completion_logits` (up to float reassociation); the prompt's last
     position predicts completion token 0. Returns (B, n_completion, V).
     """
+    logits, _ = shared_prompt_forward(model, input_ids, attention_mask, n_completion, groups=groups)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
+
+
+def shared_prompt_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    *,
+    groups: torch.Tensor,
+    hidden_states: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward of `completion_logits_shared` (temperature 1) -> logits (B, T, V) predicting
+    the last T = n_completion tokens and, with hidden_states, the last layer's hidden states
+    (B, T, H) at the same positions (the state before each completion token; None otherwise)."""
     B, L = input_ids.shape
     P, T = L - n_completion, n_completion
     uniq, inv = torch.unique(groups, return_inverse=True)  # inv (B,): row -> its group
-    if len(uniq) == B or P == 0:  # nothing shared
-        return completion_logits(model, input_ids, attention_mask, n_completion, temperature)
+    if len(uniq) == B or P == 0:  # nothing shared: the plain pass
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            logits_to_keep=T + 1,
+            output_hidden_states=hidden_states,
+            use_cache=False,
+        )
+        hidden = out.hidden_states[-1][:, -(T + 1) : -1] if hidden_states else None
+        return out.logits[:, :-1], hidden
     inv = inv.to(input_ids.device)
     first = torch.zeros(len(uniq), dtype=torch.long, device=input_ids.device)
     first.scatter_(0, inv, torch.arange(B, device=input_ids.device))  # a row of each group
@@ -99,9 +126,11 @@ def completion_logits_shared(
         attention_mask=p_mask,
         position_ids=position_ids_from_mask(p_mask),
         logits_to_keep=1,
+        output_hidden_states=hidden_states,
         use_cache=True,
     )
     logits = out.logits[:, -1:][inv]  # (B, 1, V): predicts completion token 0
+    hidden = out.hidden_states[-1][:, -1:][inv] if hidden_states else None  # (B, 1, H)
     if T > 1:
         cache = out.past_key_values
         cache.batch_select_indices(inv)  # (G, ...) -> (B, ...)
@@ -111,12 +140,13 @@ def completion_logits_shared(
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask)[:, P:],
             past_key_values=cache,
+            output_hidden_states=hidden_states,
             use_cache=True,
-        ).logits  # (B, T - 1, V)
-        logits = torch.cat([logits, rest], dim=1)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits
+        )  # (B, T - 1, V)
+        logits = torch.cat([logits, rest.logits], dim=1)
+        if hidden_states:
+            hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
+    return logits, hidden
 
 
 def completion_logps(

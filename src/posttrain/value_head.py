@@ -89,8 +89,22 @@ class ActorCritic(nn.Module):
         attention_mask: torch.Tensor,
         n_completion: int,
         temperature: float = 1.0,
+        groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (B, T, V) predicting the last T = n_completion tokens, values (B, T)."""
+        """-> logits (B, T, V) predicting the last T = n_completion tokens, values (B, T).
+
+        groups (B,): rows with the same id share their prompt, which then runs through the policy
+        once (`ops.shared_prompt_forward`; the head on the policy's trunk only)."""
+        if groups is not None and self.critic is None:
+            from posttrain.ops import shared_prompt_forward
+
+            logits, hidden = shared_prompt_forward(
+                self.policy, input_ids, attention_mask, n_completion, groups=groups,
+                hidden_states=True,
+            )  # fmt: skip
+            if temperature != 1.0:
+                logits = logits / temperature
+            return logits, self.value_head(hidden)  # (B, T, V), (B, T)
         out = _trunk_forward(self.policy, input_ids, attention_mask, n_completion + 1)
         logits = out.logits[:, :-1]  # (B, T, V): position t predicts token t + 1
         if temperature != 1.0:

@@ -128,3 +128,26 @@ def test_dpo_pair_logps_run_each_prompt_once_with_the_same_result(tiny):
         out.append((logp.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     torch.testing.assert_close(out[0][0], out[1][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-4)
+
+
+def test_actor_critic_shared_prompt_logits_values_and_grads_match(tiny):
+    """ActorCritic with groups (each prompt run once, hidden states of the completion positions
+    from the cached pass) gives the plain pass's logits, values and gradients."""
+    from posttrain.value_head import ActorCritic, ValueHead, hidden_size
+
+    model, tok = tiny
+    ids, mask, groups, T = _batch(tok)
+    head = ValueHead(hidden_size(model))
+    torch.nn.init.normal_(head.summary.weight, std=0.1)  # a zero head would hide the values
+    ac = ActorCritic(model, head)
+    cmask = mask[:, -T:].float()
+    out = []
+    for g in (None, groups):
+        ac.zero_grad()
+        logits, values = ac(ids, mask, T, 0.8, g)
+        logp = selective_log_softmax(logits, ids[:, -T:])
+        ((logp + values) * cmask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in ac.parameters() if p.grad is not None])
+        out.append((logp.detach() * cmask, values.detach() * cmask, grads))
+    for a, b in zip(out[0], out[1]):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

@@ -307,14 +307,14 @@ def score_rollout(
         mb = drop_left_padding(take(roll, rows))
         t, m = mb["T"], mb["mask"]
         ids = mb["input_ids"][:, -t:]
+        # samples of one prompt (roll.n > 1) run it once through each model
+        groups = roll.prompt_index[rows.to(roll.prompt_index.device)] if roll.n > 1 else None
         if policy:
-            logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature)
+            logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature, groups)
             out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
             out["values"][rows, :t] = values.float() * m
             out["entropy"][rows, :t] = entropy_from_logits(logits) * m
         if ref is not None:
-            # samples of one prompt (roll.n > 1) run it once through the reference
-            groups = roll.prompt_index[rows.to(roll.prompt_index.device)] if roll.n > 1 else None
             ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature, groups)
             out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
             if policy:
@@ -341,7 +341,7 @@ def minibatch_loss(
     outputs: (logits, values) of this micro-batch already computed (with grad), instead of a
     forward here. old_logp / old_values None in mb: on-policy, they are logp / values detached."""
     if outputs is None:
-        outputs = ac(mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+        outputs = ac(mb["input_ids"], mb["attention_mask"], mb["T"], temperature, mb.get("groups"))
     logits, values = outputs
     logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T')
     old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]
@@ -478,7 +478,8 @@ def main(cfg: Config) -> int:
             )
             if single:  # the training forward, before the advantages that its values give
                 whole = drop_left_padding(take(roll, torch.arange(B)))
-                outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], gen.temperature)  # fmt: skip
+                groups = roll.prompt_index if roll.n > 1 else None  # each prompt run once
+                outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], gen.temperature, groups)  # fmt: skip
                 t, m_ = whole["T"], whole["mask"]
                 s["values"] = torch.zeros_like(roll.completion_mask)
                 s["values"][:, :t] = outputs[1].detach().float() * m_
@@ -512,7 +513,8 @@ def main(cfg: Config) -> int:
                     for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
                         old = {"old_logp": None, "old_values": None} if single else {
                             "old_logp": s["old_logp"], "old_values": s["values"]}  # fmt: skip
-                        mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask)
+                        mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask,
+                                  groups=roll.prompt_index if roll.n > 1 else None)  # fmt: skip
                         mb = drop_left_padding(mb)
                         loss, m = minibatch_loss(
                             ac, mb, cfg, gen.temperature, outputs if single else None
