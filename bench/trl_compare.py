@@ -329,7 +329,9 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
     elif w.kind == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        cfg = DPOConfig(**common, max_length=args.max_length, beta=0.1, loss_type=["sigmoid"],
+        # posttrain keeps prompt and completion up to max_length tokens each, whole: TRL's
+        # max_length bounds their sum, so 2 x max_length keeps TRL from truncating (same tokens)
+        cfg = DPOConfig(**common, max_length=2 * args.max_length, beta=0.1, loss_type=["sigmoid"],
                         precompute_ref_log_probs=True, precompute_ref_batch_size=w.batch)  # fmt: skip
         trainer = DPOTrainer(model=model, args=cfg, processing_class=tok,
                              train_dataset=Dataset.from_list(dpo_rows(tok, n_rows)),

@@ -67,7 +67,8 @@ WORKLOADS: dict[str, Workload] = {
             "dpo",
             "DPOTrainer",
             lr=1e-6,
-            notes="full, 8 pairs, max len {max_len}, beta 0.1 sigmoid, ref log-probs precomputed (both), lr 1e-6",
+            notes="full, 8 pairs, prompt and completion <= {max_len} tok each (no truncation), beta 0.1 sigmoid, "
+            "ref log-probs precomputed (both), lr 1e-6",
         ),
         Workload(
             "dpo_lora",
@@ -75,7 +76,8 @@ WORKLOADS: dict[str, Workload] = {
             "DPOTrainer",
             lr=5e-5,
             lora=True,
-            notes="LoRA r16, 8 pairs, max len {max_len}, beta 0.1 sigmoid, ref precomputed (both), lr 5e-5",
+            notes="LoRA r16, 8 pairs, prompt and completion <= {max_len} tok each (no truncation), beta 0.1 "
+            "sigmoid, ref precomputed (both), lr 5e-5",
         ),
         Workload(
             "grpo",
