@@ -106,7 +106,10 @@ def shared_prompt_forward(
     B, L = input_ids.shape
     P, T = L - n_completion, n_completion
     uniq, inv = torch.unique(groups, return_inverse=True)  # inv (B,): row -> its group
-    if len(uniq) == B or P == 0:  # nothing shared: the plain pass
+    # the plain pass when nothing is shared, or when the model keeps no cache (activation
+    # checkpointing turns it off)
+    inner = getattr(model, "module", model)  # under DDP
+    if len(uniq) == B or P == 0 or getattr(inner, "is_activation_checkpointing", False):
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,

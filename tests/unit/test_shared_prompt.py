@@ -151,3 +151,18 @@ def test_actor_critic_shared_prompt_logits_values_and_grads_match(tiny):
         out.append((logp.detach() * cmask, values.detach() * cmask, grads))
     for a, b in zip(out[0], out[1]):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_under_activation_checkpointing_takes_the_plain_pass(tiny):
+    """Activation checkpointing keeps no KV cache: the plain per-row pass, same numbers."""
+    model, tok = tiny
+    ids, mask, groups, T = _batch(tok)
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        a = completion_logits(model, ids, mask, T)
+        b = completion_logits_shared(model, ids, mask, T, groups=groups)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert torch.equal(a, b)
