@@ -1,0 +1,113 @@
+"""Per-phase seconds of an online-RL step of a bench workload: generation, reference, scoring,
+training forward, backward, optimizer.
+
+    python bench/profile_step.py grpo --steps 3                 # embedded default, 1 thread, fp32
+    python bench/profile_step.py ppo_2x4 --steps 3 --dtype bfloat16
+
+Runs posttrain's command with the arguments bench/trl_compare.py gives it (`posttrain_argv`), in
+this process, with timers wrapped around the functions each phase runs, and prints every step's
+phases (indented ones are inside the phase above them). Step 1 includes warm-up costs (the first
+optimizer step allocates AdamW's state). For comparing phases within one run: on a shared CPU the
+absolute times move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+    import trl_compare as tc
+    from workloads import WORKLOADS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("workload", choices=[n for n, w in WORKLOADS.items() if w.kind not in ("sft", "dpo", "generate")])  # fmt: skip
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--model", default="default")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    args = tc.parse_args(["--steps", str(max(a.steps - 1, 1)), "--warmup", "1", "--threads",
+                          str(a.threads), "--model", a.model, "--dtype", a.dtype])  # fmt: skip
+    args.steps, args.warmup = a.steps, 0  # posttrain_argv runs warmup + steps
+
+    import accelerate
+
+    import posttrain.algos.grpo as grpo
+    import posttrain.algos.ppo as ppo
+    import posttrain.algos.reinforce as reinforce
+    import posttrain.online as online
+    import posttrain.rollout as rollout
+    import posttrain.value_head as value_head
+    from posttrain.cli import main as cli_main
+    from posttrain.models import load_tokenizer
+    from posttrain.runs import Run
+
+    phases: dict[int, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))  # fmt: skip
+    state = {"step": 1, "last": None}
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        f = getattr(owner, name)
+
+        def timed(*x: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return f(*x, **k)
+            finally:
+                phases[state["step"]][label] += time.perf_counter() - t
+
+        setattr(owner, name, timed)
+
+    wrap(rollout, "_sample", "generation (decode loop, pre-fill included)")
+    wrap(online.Reference, "logits", "reference forward")
+    for m in (grpo, reinforce, ppo):
+        if hasattr(m, "score_rollout"):
+            wrap(m, "score_rollout", "scoring pass (reference + policy no-grad)")
+        for n in ("completion_logits", "completion_logits_shared"):
+            if hasattr(m, n):
+                wrap(m, n, "policy forward (training)")
+        if hasattr(m, "clip_and_step"):
+            wrap(m, "clip_and_step", "optimizer (clip + AdamW)")
+    for n in ("exact_kl", "entropy_from_logits"):
+        wrap(online, n, "  exact KL / entropy over (B, T, V)")
+    wrap(value_head.ActorCritic, "forward", "policy+value forward (ppo)")
+    wrap(accelerate.Accelerator, "backward", "backward")
+    # ppo imports clip_and_step inside main: wrap it at its source too
+    import posttrain.train as train
+
+    wrap(train, "clip_and_step", "optimizer (clip + AdamW)")
+    orig_log = Run.log
+
+    def log(self: Run, step: int, metrics: dict[str, Any], echo: bool = True) -> dict[str, Any]:
+        now = time.perf_counter()
+        if step > 0:
+            if state["last"] is not None:
+                phases[step]["STEP (end to end)"] = now - state["last"]
+            state["last"], state["step"] = now, step + 1
+        return orig_log(self, step, metrics, echo=False)
+
+    Run.log = log  # type: ignore[method-assign]
+    w = WORKLOADS[a.workload]
+    tok = load_tokenizer(tc.model_dir(a.model))
+    with tempfile.TemporaryDirectory() as tmp:
+        cli_main(tc.posttrain_argv(w, args, tok, Path(tmp)))
+    for step in sorted(phases):
+        print(f"step {step}")
+        for k, v in phases[step].items():
+            print(f"  {k:48s} {v:7.3f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
