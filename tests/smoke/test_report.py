@@ -1,6 +1,6 @@
 """`posttrain report` / `posttrain compare` through the CLI, opened in a real headless chromium.
 
-The browser (tests/smoke/browser.py, the `browser` fixture of tests/smoke/conftest.py) is Debian's
+The browser (tests/browser.py, the `browser` fixture of tests/conftest.py) is Debian's
 chromium driven over the DevTools protocol on a pipe. The check: the page loads, nothing is logged
 at error level (console, uncaught exceptions, failed loads), every image is decoded
 (naturalWidth > 0) and nothing is fetched from anywhere but data: URIs.

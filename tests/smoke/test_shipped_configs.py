@@ -3,7 +3,7 @@
 For each configs/*.toml: the command its name starts with loads it through the CLI
 (`--config FILE`) with overrides that make it tiny (the tiny model of tests/conftest.py, one or two
 steps, a few rows, a few new tokens, one thread), runs it, builds `posttrain report RUN_DIR` and
-opens the page in headless chromium (tests/smoke/browser.py): no error logged, every image
+opens the page in headless chromium (tests/browser.py): no error logged, every image
 decoded, nothing fetched but data: URIs. Everything else in the config (task, strategy, reward,
 LoRA, reductions, KL settings, pair building) is the shipped one.
 """

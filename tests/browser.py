@@ -4,7 +4,7 @@ The browser is Debian's chromium (`make test` installs it when run as root), dri
 DevTools protocol on a pipe: no extra Python package, no port to pick. `Browser.check(path)`
 returns the page facts (title, images, broken images, fetched URLs, scripts, text) and `errors`:
 everything logged at error level (console, uncaught exceptions, failed loads). `assert_clean`
-is the check every report page must pass. The `browser` fixture (tests/smoke/conftest.py) starts
+is the check every report page must pass. The `browser` fixture (tests/conftest.py) starts
 one per test module.
 """
 
