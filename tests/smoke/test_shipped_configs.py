@@ -56,7 +56,7 @@ ONLINE = [
 # (no sentiment words), so min_gap -1 keeps every pair of distinct texts
 PAIRS = [
     "--build.prompts=6",
-    "--build.n=2",
+    "--build.n=6",  # the reward-model config keeps 3 disjoint pairs per prompt
     "--build.min_gap=-1",
     "--data.max_completion_tokens=4",
     "--max_steps=1",
