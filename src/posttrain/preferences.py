@@ -115,8 +115,12 @@ def _message_text(value: Any, what: str) -> str:
     raise ConfigError(f"{what}: expected a string or a message, got {type(value).__name__}")
 
 
+SCORE_KEYS = ("score_chosen", "score_rejected")
+
+
 def normalize_record(row: Record, cfg: PairsConfig) -> Record:
-    """{"prompt": str | messages, "chosen": str, "rejected": str} from a row with mapped columns."""
+    """{"prompt": str | messages, "chosen": str, "rejected": str} from a row with mapped columns,
+    plus score_chosen/score_rejected where the row has them as numbers (pairs this module built)."""
     for col in (cfg.prompt_column, cfg.chosen_column, cfg.rejected_column):
         if col not in row:
             raise ConfigError(
@@ -128,11 +132,15 @@ def normalize_record(row: Record, cfg: PairsConfig) -> Record:
         prompt = ""
     if not isinstance(prompt, str | list):
         raise ConfigError(f"prompt must be a string or a list of messages, got {prompt!r}")
-    return {
+    rec: Record = {
         "prompt": prompt,
         "chosen": _message_text(row[cfg.chosen_column], "chosen"),
         "rejected": _message_text(row[cfg.rejected_column], "rejected"),
     }
+    for key in SCORE_KEYS:  # the building reward's scores, kept for reading results against
+        if isinstance(row.get(key), int | float) and not isinstance(row[key], bool):
+            rec[key] = float(row[key])
+    return rec
 
 
 def record_problem(rec: Record) -> str | None:

@@ -19,7 +19,13 @@ BAD = [" terrible", " boring and bad", " a bad ending", " terrible boring"]
 def pairs(tmp_path_factory):
     path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
     rows = [
-        {"prompt": f"The movie {i} was", "chosen": GOOD[i % 4], "rejected": BAD[i % 4]}
+        {
+            "prompt": f"The movie {i} was",
+            "chosen": GOOD[i % 4],
+            "rejected": BAD[i % 4],
+            "score_chosen": 0.9,
+            "score_rejected": 0.1 + 0.1 * (i % 4),
+        }
         for i in range(16)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -57,6 +63,12 @@ def test_reward_model_trains_and_saves(tiny_dir, pairs, tmp_path, lora):
     final = json.loads((run / "eval.json").read_text())
     assert set(final) >= {"eval/accuracy", "eval/margin", "eval/loss"}
     assert final["eval/loss"] < rows[0]["eval/loss"]  # held-out loss fell from step 0
+    # every held-out pair with its two scores, the building reward's gap, and the verdict
+    preds = read_jsonl(run / "eval_pairs.jsonl")
+    assert len(preds) == 4
+    assert all(p["correct"] == (p["r_chosen"] > p["r_rejected"]) for p in preds)
+    assert sum(p["correct"] for p in preds) / 4 == pytest.approx(final["eval/accuracy"])
+    assert all(p["source_gap"] == pytest.approx(0.8 - 0.1 * GOOD.index(p["chosen"])) for p in preds)
     # a plain sequence classifier with one output, loadable by path (LoRA merged)
     path = run / "final"
     assert not (path / "adapter_config.json").exists()

@@ -234,10 +234,15 @@ def test_build_pairs_several_disjoint_pairs_per_prompt(tiny):
 
 def test_pairs_jsonl_roundtrip(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    recs = [{"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1.0}]
+    recs = [
+        {"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1, "score_rejected": 0.5},
+        {"prompt": "d", "chosen": "e", "rejected": "f", "score_chosen": "high", "other": 1},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in recs))
+    # numeric build scores are kept (as floats); anything else beyond the three columns is not
     assert load_records(PairsConfig(), str(path)) == [
-        {"prompt": "a", "chosen": "b", "rejected": "c"}
+        {"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1.0, "score_rejected": 0.5},
+        {"prompt": "d", "chosen": "e", "rejected": "f"},
     ]
 
 

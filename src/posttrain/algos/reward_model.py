@@ -8,7 +8,8 @@ last token) or an encoder (the head reads the first token) scores prompt + compl
 with an optional constant margin (Llama 2 uses per-pair margins). Chosen and rejected go through
 the model in one concatenated batch. Full fine-tuning or LoRA (the head is always trained). The
 final model is saved as a plain `AutoModelForSequenceClassification` directory (LoRA merged) with
-its tokenizer, so the online-RL reward interface loads it by path (`model:RUN/final`).
+its tokenizer, so the online-RL reward interface loads it by path (`model:RUN/final`). The
+held-out pairs' scores go to eval_pairs.jsonl (with the building reward's gap, for built pairs).
 
     posttrain reward-model --data.source=pairs.jsonl --model default --lora.enabled=true
     posttrain reward-model --config configs/reward_model_sentiment.toml
@@ -34,6 +35,7 @@ from posttrain.preferences import (
     step_micro_batches,
     steps_per_epoch,
     tokenize_pairs,
+    write_jsonl,
 )
 from posttrain.tasks.base import TaskConfig
 
@@ -145,10 +147,10 @@ def pair_scores(model: Any, items: list[dict[str, Any]], pad_id: int) -> torch.T
 
 
 @torch.no_grad()
-def heldout_metrics(
-    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int, margin: float
-) -> dict[str, float]:
-    """Pairwise accuracy, mean margin and loss over held-out pairs."""
+def heldout_scores(
+    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """Scores (N, 2) of held-out pairs: column 0 chosen, column 1 rejected."""
     was_training = model.training
     model.eval()
     scores = torch.cat(
@@ -156,10 +158,36 @@ def heldout_metrics(
             torch.stack(pair_scores(model, items[s : s + batch_size], pad_id).chunk(2), 1)
             for s in range(0, len(items), batch_size)
         ]
-    )  # (N, 2): chosen, rejected
+    )
     model.train(was_training)
+    return scores
+
+
+def heldout_metrics(
+    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int, margin: float
+) -> dict[str, float]:
+    """Pairwise accuracy, mean margin and loss over held-out pairs."""
+    scores = heldout_scores(model, items, pad_id, batch_size)
     _, m = bradley_terry_loss(scores[:, 0], scores[:, 1], margin=margin)
     return {f"eval/{k}": float(v) for k, v in m.items()}
+
+
+def pair_predictions(
+    records: list[dict[str, Any]], items: list[dict[str, Any]], scores: torch.Tensor
+) -> list[dict[str, Any]]:
+    """One row per held-out pair: its text, the model's two scores and whether it ranks them right.
+
+    Pairs built from a reward carry that reward's scores (score_chosen, score_rejected): they are
+    kept, with their gap, so the model's mistakes can be read against how clear the pair was."""
+    rows = []
+    for item, (r_c, r_r) in zip(items, scores.tolist(), strict=True):
+        rec = records[item["index"]]
+        row = {k: rec[k] for k in ("prompt", "chosen", "rejected")}
+        row.update(r_chosen=r_c, r_rejected=r_r, correct=r_c > r_r)
+        if "score_chosen" in rec and "score_rejected" in rec:
+            row["source_gap"] = rec["score_chosen"] - rec["score_rejected"]
+        rows.append(row)
+    return rows
 
 
 def main(cfg: Config) -> int:
@@ -228,9 +256,15 @@ def main(cfg: Config) -> int:
         print(f"stopped at step {step}; resume with --run.resume={run.path}")
         return 0
     if eval_items:
-        final = heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)
+        scores = heldout_scores(model, eval_items, pad, cfg.eval_batch_size)
+        _, m = bradley_terry_loss(scores[:, 0], scores[:, 1], margin=cfg.margin)
+        final = {f"eval/{k}": float(v) for k, v in m.items()}
         run.log(step, final)
         run.write_json("eval.json", final)
+        if run.is_main:
+            write_jsonl(
+                run.path / "eval_pairs.jsonl", pair_predictions(eval_recs, eval_items, scores)
+            )
     save_reward_model(acc.unwrap_model(model), tok, run.path / "final")
     print(f"reward model saved to {run.path / 'final'} (use it as model:{run.path / 'final'})")
     run.close()
