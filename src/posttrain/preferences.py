@@ -233,7 +233,7 @@ def prompt_text(tok: Any, prompt: str | list[dict[str, str]], cfg: PairsConfig) 
 
 
 def tokenize_pairs(
-    tok: Any, records: list[Record], cfg: PairsConfig, *, joined: bool = False
+    tok: Any, records: list[Record], cfg: PairsConfig, *, joined: bool = False, suffix: str = ""
 ) -> tuple[list[Record], Counter]:
     """Validated, tokenized pairs and counts of what was dropped or truncated.
 
@@ -241,12 +241,14 @@ def tokenize_pairs(
     DPO (joined=False): prompt and completions are tokenized apart and completions end with EOS,
     so the loss can mask the prompt exactly. Reward model (joined=True): the whole text
     prompt + completion is tokenized as one string (as a reward scores it at inference), kept in
-    chosen_ids/rejected_ids with prompt_ids empty.
+    chosen_ids/rejected_ids with prompt_ids empty, followed by `suffix` (joined only), which
+    truncation never cuts.
     """
     counts: Counter = Counter()
     items: list[Record] = []
     eos = [tok.eos_token_id] if not joined and tok.eos_token_id is not None else []
     budget = cfg.max_completion_tokens + (cfg.max_prompt_tokens if joined else 0)
+    suffix_ids = tok(suffix, add_special_tokens=False)["input_ids"] if joined and suffix else []
     for i, rec in enumerate(records):
         problem = record_problem(rec)
         text, p_ids = "", []
@@ -273,7 +275,11 @@ def tokenize_pairs(
             if len(ids) + len(eos) > budget:
                 counts[f"truncated {key}"] += 1
                 ids = ids[: budget - len(eos)]
-            item[f"{key}_ids"] = ids + eos
+            elif suffix_ids:  # as the reward tokenizes it at inference: one string
+                ids = tok(text + rec[key] + suffix, add_special_tokens=not chat)["input_ids"]
+                item[f"{key}_ids"] = ids
+                continue
+            item[f"{key}_ids"] = ids + eos + suffix_ids
         items.append(item)
     if not items:
         raise ConfigError(f"no valid preference pairs left ({dict(counts)})")

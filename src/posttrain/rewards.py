@@ -122,7 +122,9 @@ class ClassifierScorer:
     """Batched sequence-classifier reward on its own device.
 
     num_labels == 1 (a Bradley-Terry reward model): the raw logit. Otherwise: softmax probability
-    of `label`, given by name (from config.id2label, case-insensitive) or index.
+    of `label`, given by name (from config.id2label, case-insensitive) or index. A model whose
+    config has `posttrain_score_suffix` (a reward model trained with `score_suffix`) scores
+    text + suffix.
     """
 
     def __init__(
@@ -155,6 +157,10 @@ class ClassifierScorer:
         self.batch_size = batch_size
         self.max_length = max_length
         self.use_prompt = use_prompt
+        # a posttrain reward model trained with a scoring suffix reads its score after it
+        self.suffix = str(getattr(self.model.config, "posttrain_score_suffix", "") or "")
+        if self.suffix:  # a text over max_length loses its start, never the suffix
+            self.tok.truncation_side = "left"
         self.index = None if self.model.config.num_labels == 1 else self._label_index(name, label)
 
     def _label_index(self, name: str, label: str) -> int:
@@ -179,6 +185,7 @@ class ClassifierScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], batch: Batch) -> Tensor:
         texts = [p + c for p, c in zip(prompts, completions)] if self.use_prompt else completions
+        texts = [t + self.suffix for t in texts]
         out = []
         for s in range(0, len(texts), self.batch_size):
             enc = self.tok(

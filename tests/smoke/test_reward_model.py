@@ -81,6 +81,28 @@ def test_reward_model_trains_and_saves(tiny_dir, pairs, tmp_path, lora):
         assert model(**enc).logits.shape == (2, 1)
 
 
+def test_reward_model_score_suffix_travels_with_the_model(tiny_dir, pairs, tmp_path):
+    """A scoring suffix is saved in the model's config and the model: reward appends it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from posttrain.rewards import ClassifierScorer
+
+    sfx = " Verdict:"
+    run = _rm(tiny_dir, pairs, tmp_path, "rm-sfx", "--max_steps=2", f"--score_suffix={sfx}")
+    path = run / "final"
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.posttrain_score_suffix == sfx
+    scorer = ClassifierScorer(str(path), "0", torch.device("cpu"), use_prompt=True)
+    got = scorer(["The movie 1 was", "The movie 2 was"], [" great fun", " terrible"], {})
+    with torch.no_grad():
+        for text, score in zip(["The movie 1 was great fun", "The movie 2 was terrible"], got):
+            want = model(**tok(text + sfx, return_tensors="pt")).logits[0, 0]
+            assert float(score) == pytest.approx(float(want), abs=1e-5)
+            plain = model(**tok(text, return_tensors="pt")).logits[0, 0]
+            assert float(plain) != pytest.approx(float(want), abs=1e-5)  # the suffix counts
+
+
 def test_reward_model_resume_is_exact(tiny_dir, pairs, tmp_path):
     common = ["--optim.lr=1e-3", "--run.save_every=2", "--batch_size=2", "--optim.grad_accum=2"]
     full = _rm(tiny_dir, pairs, tmp_path, "whole", "--max_steps=4", *common)

@@ -114,6 +114,23 @@ def test_long_completions_are_truncated_and_counted(tiny):
     assert counts == {"truncated chosen": 1}
 
 
+def test_joined_tokenization_with_a_scoring_suffix(tiny):
+    """Reward model: prompt + completion + suffix as one string; truncation keeps the suffix."""
+    _, tok = tiny
+    sfx = " Verdict:"
+    sfx_ids = tok(sfx, add_special_tokens=False)["input_ids"]
+    rec = {"prompt": "The movie", "chosen": " great fun", "rejected": " bad"}
+    (item,), _ = tokenize_pairs(tok, [rec], PairsConfig(), joined=True, suffix=sfx)
+    assert item["chosen_ids"] == tok("The movie great fun Verdict:")["input_ids"]
+    assert item["rejected_ids"][-len(sfx_ids) :] == sfx_ids
+    cfg = PairsConfig(max_prompt_tokens=16, max_completion_tokens=8)
+    long = dict(rec, chosen=" great fun" * 20)
+    (item,), counts = tokenize_pairs(tok, [long], cfg, joined=True, suffix=sfx)
+    assert counts == {"truncated chosen": 1}
+    assert len(item["chosen_ids"]) == 24 + len(sfx_ids)
+    assert item["chosen_ids"][-len(sfx_ids) :] == sfx_ids
+
+
 def test_collate_pairs_layout():
     """Chosen rows then rejected rows; prompts left-padded to P, completions right-padded to T."""
     items = [

@@ -57,6 +57,10 @@ class Config:
     """held-out accuracy every this many steps (0: at the end only)"""
     eval_batch_size: int = 16
     """pairs per forward pass when evaluating"""
+    score_suffix: str = ""
+    """text appended to prompt + completion before scoring, e.g. "\nOverall, the review is":
+    a causal LM's head reads the last token, and after such a question that token sums up the
+    text. Saved with the model (config.posttrain_score_suffix); the model: reward appends it"""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
@@ -205,8 +209,11 @@ def main(cfg: Config) -> int:
         print(f"pairs written to {run.path / 'pairs.jsonl'}")
         return 0
     model, tok = load_reward_model(cfg.model, cfg.lora, acc.device)
-    train_items, counts = tokenize_pairs(tok, train_recs, cfg.data, joined=True)
-    eval_items = tokenize_pairs(tok, eval_recs, cfg.data, joined=True)[0] if eval_recs else []
+    sfx = cfg.score_suffix
+    train_items, counts = tokenize_pairs(tok, train_recs, cfg.data, joined=True, suffix=sfx)
+    eval_items = (
+        tokenize_pairs(tok, eval_recs, cfg.data, joined=True, suffix=sfx)[0] if eval_recs else []
+    )
     run.write_json(
         "data_stats.json", {"train": len(train_items), "eval": len(eval_items), **counts}
     )
@@ -265,19 +272,22 @@ def main(cfg: Config) -> int:
             write_jsonl(
                 run.path / "eval_pairs.jsonl", pair_predictions(eval_recs, eval_items, scores)
             )
-    save_reward_model(acc.unwrap_model(model), tok, run.path / "final")
+    save_reward_model(acc.unwrap_model(model), tok, run.path / "final", cfg.score_suffix)
     print(f"reward model saved to {run.path / 'final'} (use it as model:{run.path / 'final'})")
     run.close()
     return 0
 
 
-def save_reward_model(model: Any, tok: Any, path: Any) -> None:
-    """A plain AutoModelForSequenceClassification directory (LoRA merged), num_labels=1."""
+def save_reward_model(model: Any, tok: Any, path: Any, score_suffix: str = "") -> None:
+    """A plain AutoModelForSequenceClassification directory (LoRA merged), num_labels=1; a
+    scoring suffix is kept in its config as `posttrain_score_suffix`."""
     from posttrain.models import is_peft
 
     if is_peft(model):
         model = model.merge_and_unload()
     model.config.num_labels = 1
     model.config.pad_token_id = tok.pad_token_id
+    if score_suffix:
+        model.config.posttrain_score_suffix = score_suffix
     model.save_pretrained(path)
     tok.save_pretrained(path)
