@@ -101,6 +101,10 @@ def test_both_sides_print_the_table(capsys, tiny_dir):
     for name, cells in rows.items():
         pt, trl, speedup = float(cells[2]), float(cells[3]), float(cells[4])
         assert pt > 0 and trl > 0, name
-        assert speedup == pytest.approx(trl / pt, rel=0.01, abs=0.01), name
+        # the cells are rounded to 3 decimals (speed-up to 2) from unrounded medians: the ratio
+        # of the printed times may differ by that rounding, which matters for the tiny model's
+        # few-millisecond steps
+        lo, hi = (trl - 5e-4) / (pt + 5e-4), (trl + 5e-4) / max(pt - 5e-4, 1e-9)
+        assert lo - 0.005 <= speedup <= hi + 0.005, (name, pt, trl, speedup)
         assert float(cells[10]) > 0 and float(cells[11]) > 0, name  # peak RSS of each side
     assert float(rows["rloo"][5]) > 0 and float(rows["rloo"][6]) > 0  # generation tokens/s
