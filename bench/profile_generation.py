@@ -3,18 +3,22 @@
     python bench/profile_generation.py                       # 2 prompts x 4, 32 new tokens, 2 threads
     python bench/profile_generation.py --threads 1 --prompts 8 --n 1
 
-Samples the bench's GRPO rollout (unit-conversion prompts in the chat template, temperature 1, no
-top-k/top-p, per-row seeds as the online algorithms use them) on the embedded default model, three
-times untimed-by-the-profiler for warm-up and wall time, then once under torch.profiler, and prints
-the operators by self CPU time.
+Samples the bench's GRPO rollout (`workloads.prompt_messages`: the unit-conversion chat prompts
+bench/trl_compare.py trains on; temperature 1, no top-k/top-p, per-row seeds as the online
+algorithms sample) on the embedded default model: three timed rollouts as warm-up, then one
+under torch.profiler, whose operators are printed by self CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -29,15 +33,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from torch.profiler import ProfilerActivity, profile
+    from workloads import prompt_messages
 
     from posttrain.models import load_model
     from posttrain.rollout import GenerationConfig, generate
-    from posttrain.tasks import load_task
-    from posttrain.tasks.base import TaskConfig
 
     model, tok = load_model(args.model)
-    rows = load_task(TaskConfig(name="unit_conversion")).rows("train")[: args.prompts]
-    prompts = [r["question"] for r in rows]
+    prompts = prompt_messages(args.prompts)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                            n=args.n, chat=True, stop=[])  # fmt: skip
     seeds = list(range(len(prompts)))

@@ -274,12 +274,12 @@ def tokenize_pairs(
                 ids = tok(rec[key], add_special_tokens=False)["input_ids"]
             if len(ids) + len(eos) > budget:
                 counts[f"truncated {key}"] += 1
-                ids = ids[: budget - len(eos)]
-            elif suffix_ids:  # as the reward tokenizes it at inference: one string
+                ids = ids[: budget - len(eos)] + eos + suffix_ids
+            elif suffix_ids:  # whole: one string, as the reward tokenizes it at inference
                 ids = tok(text + rec[key] + suffix, add_special_tokens=not chat)["input_ids"]
-                item[f"{key}_ids"] = ids
-                continue
-            item[f"{key}_ids"] = ids + eos + suffix_ids
+            else:
+                ids = ids + eos
+            item[f"{key}_ids"] = ids
         items.append(item)
     if not items:
         raise ConfigError(f"no valid preference pairs left ({dict(counts)})")

@@ -185,7 +185,8 @@ class ClassifierScorer:
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str], batch: Batch) -> Tensor:
         texts = [p + c for p, c in zip(prompts, completions)] if self.use_prompt else completions
-        texts = [t + self.suffix for t in texts]
+        if self.suffix:
+            texts = [t + self.suffix for t in texts]
         out = []
         for s in range(0, len(texts), self.batch_size):
             enc = self.tok(

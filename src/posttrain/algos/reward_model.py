@@ -151,10 +151,11 @@ def pair_scores(model: Any, items: list[dict[str, Any]], pad_id: int) -> torch.T
 
 
 @torch.no_grad()
-def heldout_scores(
-    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int
-) -> torch.Tensor:
-    """Scores (N, 2) of held-out pairs: column 0 chosen, column 1 rejected."""
+def heldout_metrics(
+    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int, margin: float
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Pairwise accuracy, mean margin and loss over held-out pairs, and their scores (N, 2):
+    column 0 chosen, column 1 rejected."""
     was_training = model.training
     model.eval()
     scores = torch.cat(
@@ -164,16 +165,8 @@ def heldout_scores(
         ]
     )
     model.train(was_training)
-    return scores
-
-
-def heldout_metrics(
-    model: Any, items: list[dict[str, Any]], pad_id: int, batch_size: int, margin: float
-) -> dict[str, float]:
-    """Pairwise accuracy, mean margin and loss over held-out pairs."""
-    scores = heldout_scores(model, items, pad_id, batch_size)
     _, m = bradley_terry_loss(scores[:, 0], scores[:, 1], margin=margin)
-    return {f"eval/{k}": float(v) for k, v in m.items()}
+    return {f"eval/{k}": float(v) for k, v in m.items()}, scores
 
 
 def pair_predictions(
@@ -228,7 +221,7 @@ def main(cfg: Config) -> int:
     if cfg.run.resume:
         state = run.load_checkpoint({"model": acc.unwrap_model(model)}, opt, sched)
     elif eval_items:
-        run.log(0, heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin))
+        run.log(0, heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0])
 
     def save(step: int) -> None:
         cursor = {"epoch": step // spe, "batch_in_epoch": step % spe}
@@ -253,7 +246,9 @@ def main(cfg: Config) -> int:
             row = {**sums, "lr": lr, "grad_norm": grad_norm, "epoch": step / spe}
             row["seconds"] = time.perf_counter() - t0
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                row.update(heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin))
+                row.update(
+                    heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0]
+                )
             if step % cfg.run.log_every == 0 or step == total:
                 run.log(step, row)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
@@ -263,9 +258,7 @@ def main(cfg: Config) -> int:
         print(f"stopped at step {step}; resume with --run.resume={run.path}")
         return 0
     if eval_items:
-        scores = heldout_scores(model, eval_items, pad, cfg.eval_batch_size)
-        _, m = bradley_terry_loss(scores[:, 0], scores[:, 1], margin=cfg.margin)
-        final = {f"eval/{k}": float(v) for k, v in m.items()}
+        final, scores = heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)
         run.log(step, final)
         run.write_json("eval.json", final)
         if run.is_main:
