@@ -3,10 +3,12 @@ training forward, backward, optimizer.
 
     python bench/profile_step.py grpo --steps 3                 # embedded default, 1 thread, fp32
     python bench/profile_step.py ppo_2x4 --steps 3 --dtype bfloat16
+    python bench/profile_step.py grpo --threads 2 --run.onednn=false --run.reuse_memory=false
 
 Runs posttrain's command with the arguments bench/trl_compare.py gives it (`posttrain_argv`), in
 this process, with timers wrapped around the functions each phase runs, and prints every step's
-phases (indented ones are inside the phase above them). Step 1 includes warm-up costs (the first
+phases (indented ones are inside the phase above them) with the system seconds and page faults
+each spent. Other `--section.key=value` arguments go to the command. Step 1 includes warm-up costs (the first
 optimizer step allocates AdamW's state). For comparing phases within one run: on a shared CPU the
 absolute times move with the load.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import resource
 import sys
 import tempfile
 import time
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--model", default="default")
-    a = ap.parse_args(argv)
+    a, overrides = ap.parse_known_args(argv)  # the rest goes to the command: --run.onednn=false
     torch.set_num_threads(a.threads)
     args = tc.parse_args(["--steps", str(max(a.steps - 1, 1)), "--warmup", "1", "--threads",
                           str(a.threads), "--model", a.model, "--dtype", a.dtype])  # fmt: skip
@@ -55,17 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     from posttrain.runs import Run
 
     phases: dict[int, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))  # fmt: skip
+    faults: dict[int, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))  # fmt: skip
+    sys_s: dict[int, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))  # fmt: skip
     state = {"step": 1, "last": None}
 
     def wrap(owner: Any, name: str, label: str) -> None:
         f = getattr(owner, name)
 
         def timed(*x: Any, **k: Any) -> Any:
-            t = time.perf_counter()
+            t, r = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
             try:
                 return f(*x, **k)
             finally:
+                r2 = resource.getrusage(resource.RUSAGE_SELF)
                 phases[state["step"]][label] += time.perf_counter() - t
+                faults[state["step"]][label] += r2.ru_minflt - r.ru_minflt
+                sys_s[state["step"]][label] += r2.ru_stime - r.ru_stime
 
         setattr(owner, name, timed)
 
@@ -101,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     w = WORKLOADS[a.workload]
     tok = load_tokenizer(tc.model_dir(a.model))
     with tempfile.TemporaryDirectory() as tmp:
-        cli_main(tc.posttrain_argv(w, args, tok, Path(tmp)))
+        cli_main(tc.posttrain_argv(w, args, tok, Path(tmp)) + overrides)
     for step in sorted(phases):
         print(f"step {step}")
         for k, v in phases[step].items():
-            print(f"  {k:48s} {v:7.3f} s")
+            print(
+                f"  {k:48s} {v:7.3f} s  {sys_s[step][k]:6.3f} s sys  {int(faults[step][k]):8d} page faults"
+            )
     return 0
 
 

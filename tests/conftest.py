@@ -122,3 +122,14 @@ def browser(tmp_path_factory):
     b = Browser(exe, tmp / "profile", tmp / "chromium.log")
     yield b
     b.close()
+
+
+@pytest.fixture()
+def torch_kernels():
+    """posttrain's oneDNN linear path off for one test: for checks of bit-identical outputs
+    against a model run by plain transformers (oneDNN sums in another order)."""
+    from posttrain import cpu
+
+    cpu.set_enabled(False)
+    yield
+    cpu.set_enabled(True)

@@ -75,12 +75,18 @@ def run_command(command: str, argv: list[str]) -> int:
             rest.append(argv[i])
             i += 1
     cfg = load_config(cls, config_path, rest)
-    threads = getattr(getattr(cfg, "run", None), "threads", 0)
-    if threads:
+    run_cfg = getattr(cfg, "run", None)
+    if run_cfg is not None:
         import torch
 
-        torch.set_num_threads(threads)
-    with autocast(getattr(getattr(cfg, "run", None), "autocast", "no")):
+        from posttrain import cpu
+
+        if run_cfg.threads:
+            torch.set_num_threads(run_cfg.threads)
+        cpu.set_enabled(run_cfg.onednn)
+        if run_cfg.reuse_memory:
+            cpu.reuse_freed_memory()
+    with autocast(getattr(run_cfg, "autocast", "no")):
         result = module.main(cfg)
     return int(result) if isinstance(result, int) else 0
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from posttrain import cpu
 from posttrain.config import LoraConfig, ModelConfig
 
 # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every forward of a
@@ -299,6 +300,7 @@ def load_model(
         model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=False)
     model.to(dev)
     model.eval()
+    cpu.use_onednn(model)
     return model, tok
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from posttrain import cpu
 from posttrain.ops import position_ids_from_mask
 
 Prompt = str | list[dict[str, str]]
@@ -192,8 +193,25 @@ class _StopChecker:
         return any(s in tail for s in self.stops)
 
 
-@torch.no_grad()
 def _sample(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: GenerationConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    stopper: _StopChecker,
+    row_seeds: list[int] | None = None,
+    groups: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """`_decode_loop` with the model's fp32 CPU linear layers on oneDNN-reordered weights."""
+    with torch.no_grad(), cpu.packed_linears(model):
+        return _decode_loop(
+            model, input_ids, attention_mask, cfg, eos_ids, pad_id, stopper, row_seeds, groups
+        )
+
+
+def _decode_loop(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from posttrain import cpu
 from posttrain.config import LoraConfig, ModelConfig, OptimConfig
 from posttrain.runs import Run, seed_everything
 
@@ -61,6 +62,7 @@ def load_policy(model_cfg: ModelConfig, lora: LoraConfig, device: torch.device |
         model, tok = load_model(model_cfg, device=str(device) if device else None)
         if lora.enabled:
             model = apply_lora(model, lora)
+    cpu.use_onednn(model)  # the adapter's new layers too
     model.train()
     return model, tok
 

@@ -33,7 +33,7 @@ def _trained_adapter(tiny_dir, tmp_path):
     return model, folder
 
 
-def test_adapter_round_trip_gives_identical_logits(tiny_dir, tmp_path):
+def test_adapter_round_trip_gives_identical_logits(tiny_dir, tmp_path, torch_kernels):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

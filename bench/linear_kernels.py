@@ -1,0 +1,81 @@
+"""fp32 linear kernels side by side: torch's default (MKL sgemm) against oneDNN, on the shapes of
+the embedded default model's layers (SmolLM2-135M: 30 blocks of q, k, v, o, gate, up, down).
+
+    python bench/linear_kernels.py                  # 2 threads, rows 8 (a decode step), 256, 410
+    python bench/linear_kernels.py --threads 1 --rows 1,8,64
+
+For each row count N it times one pass of x (N, in) @ W^T over all 210 block weights, best of
+`--repeats`, in milliseconds: `F.linear` (torch's default), oneDNN on the plain weight (what
+`posttrain.cpu.use_onednn` runs in training forwards) and oneDNN on weights reordered once
+(what `posttrain.cpu.packed_linears` runs while sampling), and how long the reordering takes.
+It also prints the largest difference between the kernels' outputs, relative to the output's
+scale: both are fp32 and differ in summation order only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+# SmolLM2-135M: hidden 576, MLP 1536, 9 query heads and 3 key/value heads of 64
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+BLOCKS = 30
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def best_ms(calls: list, repeats: int) -> float:
+    """Best of `repeats` passes over calls [(x, weight, kernel)], in milliseconds."""
+    times = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        t = time.perf_counter()
+        for x, w, kernel in calls:
+            kernel(x, w)
+        times.append(time.perf_counter() - t)
+    return min(times[1:]) * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", default="8,256,410")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    weights = [torch.randn(o, i) * i**-0.5 for _ in range(BLOCKS) for o, i in SHAPES]
+    t = time.perf_counter()
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+    reorder_ms = (time.perf_counter() - t) * 1000
+    mb = sum(w.numel() for w in weights) * 4 / 2**20
+    print(f"{len(weights)} weights, {mb:.0f} MB fp32, {args.threads} threads; "
+          f"reordering them for oneDNN took {reorder_ms:.0f} ms\n")  # fmt: skip
+    print("| rows | torch F.linear (MKL) ms | oneDNN plain weight ms | oneDNN reordered ms "
+          "| speed-up plain | speed-up reordered | max rel. difference |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    with torch.no_grad():
+        for n in [int(r) for r in args.rows.split(",")]:
+            xs = {i: torch.randn(n, i) for i in {i for _, i in SHAPES}}
+            runs = {
+                "torch": [(xs[w.shape[1]], w, F.linear) for w in weights],
+                "plain": [(xs[w.shape[1]], w, onednn) for w in weights],
+                "reordered": [(xs[w.shape[1]], p, onednn) for w, p in zip(weights, packed)],
+            }
+            ms = {k: best_ms(calls, args.repeats) for k, calls in runs.items()}
+            diff = max(
+                float((onednn(x, p) - F.linear(x, w)).abs().max() / F.linear(x, w).abs().max())
+                for (x, w, _), (_, p, _) in zip(runs["torch"][:7], runs["reordered"][:7])
+            )
+            t, pl, pk = ms["torch"], ms["plain"], ms["reordered"]
+            print(
+                f"| {n} | {t:.1f} | {pl:.1f} | {pk:.1f} | {t / pl:.2f} | {t / pk:.2f} | {diff:.1e} |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""posttrain.cpu: oneDNN linear layers give torch's numbers (forward, gradients, generation), fall
+back where they do not apply, survive a deep copy; the malloc setting applies on glibc."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from posttrain import cpu
+from posttrain.rollout import GenerationConfig, generate
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN linear")
+
+
+@pytest.fixture()
+def enabled():
+    cpu.set_enabled(True)
+    yield
+    cpu.set_enabled(True)
+
+
+def _layers(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    plain = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 7, bias=False))
+    return plain, copy.deepcopy(plain)
+
+
+def test_forward_and_gradients_match_torch(enabled):
+    plain, fast = _layers()
+    assert cpu.use_onednn(fast) == 2
+    assert cpu.use_onednn(fast) == 0  # already switched
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y2 = plain(x), fast(x2)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    (y * torch.arange(7.0)).sum().backward()
+    (y2 * torch.arange(7.0)).sum().backward()
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    for p, q in zip(plain.parameters(), fast.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5)
+    # frozen weights (LoRA's base layer): only the input gets a gradient
+    fast.requires_grad_(False)
+    x3 = x.detach().clone().requires_grad_()
+    fast(x3).sum().backward()
+    assert x3.grad is not None and fast[0].weight.grad is not None  # kept from before
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_to_torch_under_autocast_and_when_switched_off(enabled):
+    plain, fast = _layers()
+    cpu.use_onednn(fast)
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16
+        torch.testing.assert_close(fast(x), plain(x))
+    cpu.set_enabled(False)
+    assert torch.equal(fast(x), plain(x))  # the very same kernel
+    assert cpu.use_onednn(copy.deepcopy(plain)) == 0
+    with cpu.packed_linears(plain) as n:
+        assert n == 0
+
+
+def test_deep_copy_computes_with_its_own_weights(enabled):
+    _, fast = _layers()
+    cpu.use_onednn(fast)
+    twin = copy.deepcopy(fast)
+    with torch.no_grad():
+        twin[0].weight.zero_()
+        twin[0].bias.zero_()
+    x = torch.randn(2, 12)
+    assert torch.count_nonzero(twin(x)) == 0
+    assert torch.count_nonzero(fast(x)) > 0
+
+
+def test_packed_weights_match_and_are_dropped_on_exit(enabled):
+    plain, fast = _layers()
+    cpu.use_onednn(fast)
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        with cpu.packed_linears(fast) as n:
+            assert n == 2
+            torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+            with torch.enable_grad():  # a recorded forward takes the layer's own path
+                assert fast(x.requires_grad_()).requires_grad
+        assert fast[0].forward.__func__ is cpu._onednn_forward  # restored
+        fast[0].weight.add_(1.0)  # a new weight is read at the next entry
+        plain[0].weight.add_(1.0)
+        with cpu.packed_linears(fast):
+            torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert "forward" not in plain[0].__dict__
+
+
+def test_generation_is_the_same_with_and_without_onednn(tiny_dir, enabled):
+    """Greedy and seeded sampling on the tiny Llama: the same tokens, log-probs within fp32 noise."""
+    from posttrain.models import load_model
+
+    prompts = ["How many grams", "Convert 3 feet to inches. It is a long prompt"]
+    fast, tok = load_model(str(tiny_dir))
+    cpu.set_enabled(False)
+    plain, _ = load_model(str(tiny_dir))
+    cpu.set_enabled(True)
+    assert "forward" in fast.lm_head.__dict__ and "forward" not in plain.lm_head.__dict__
+    for cfg, seeds in [
+        (GenerationConfig(temperature=0, max_new_tokens=12), None),
+        (GenerationConfig(temperature=1.0, max_new_tokens=12, n=3), [4, 9]),
+    ]:
+        a = generate(fast, tok, prompts, cfg, seeds=seeds)
+        b = generate(plain, tok, prompts, cfg, seeds=seeds)
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        torch.testing.assert_close(a.logp, b.logp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc setting")
+def test_reuse_freed_memory_applies_on_glibc():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert cpu.reuse_freed_memory() is True
