@@ -1,10 +1,11 @@
 """fp32 linear kernels side by side: torch's default (MKL sgemm) against oneDNN, on the shapes of
-the embedded default model's layers (SmolLM2-135M: 30 blocks of q, k, v, o, gate, up, down).
+the embedded default model's layers (SmolLM2-135M: 30 blocks of q, k, v, o, gate, up, down, and
+the output head).
 
     python bench/linear_kernels.py                  # 2 threads, rows 8 (a decode step), 256, 410
     python bench/linear_kernels.py --threads 1 --rows 1,8,64
 
-For each row count N it times one pass of x (N, in) @ W^T over all 210 block weights, best of
+For each row count N it times one pass of x (N, in) @ W^T over all 211 weights, best of
 `--repeats`, in milliseconds: `F.linear` (torch's default), oneDNN on the plain weight (what
 `posttrain.cpu.use_onednn` runs in training forwards) and oneDNN on weights reordered once
 (what `posttrain.cpu.packed_linears` runs while sampling), and how long the reordering takes.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 # SmolLM2-135M: hidden 576, MLP 1536, 9 query heads and 3 key/value heads of 64
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 BLOCKS = 30
+HEAD = (49152, 576)  # the output head (tied to the embedding)
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    weights = [torch.randn(o, i) * i**-0.5 for _ in range(BLOCKS) for o, i in SHAPES]
+    shapes = [s for _ in range(BLOCKS) for s in SHAPES] + [HEAD]
+    weights = [torch.randn(o, i) * i**-0.5 for o, i in shapes]
     t = time.perf_counter()
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
     reorder_ms = (time.perf_counter() - t) * 1000

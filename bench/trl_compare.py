@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=1, help="repeat each pair of runs")
     ap.add_argument("--max-length", type=int, default=128, help="SFT/DPO longest sequence")
     ap.add_argument("--sides", default="posttrain,trl", help="which sides to run")
+    ap.add_argument(
+        "--posttrain-args",
+        default="",
+        help="extra overrides for posttrain's training commands, e.g. "
+        "'--run.onednn=false --run.reuse_memory=false' (not the generate workload)",
+    )
     ap.add_argument(
         "--timeout", type=int, default=1800, help="seconds per child before it is killed"
     )
@@ -239,7 +246,7 @@ def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Pat
     Run.log = log  # type: ignore[method-assign]
     from posttrain.cli import main
 
-    rc = main(posttrain_argv(w, args, tok, tmp))  # bf16: --run.autocast=bfloat16
+    rc = main(posttrain_argv(w, args, tok, tmp) + shlex.split(args.posttrain_args))
     raise SystemExit(f"posttrain {w.kind} ended (rc={rc}) before {rec.total} steps were logged")
 
 
@@ -430,7 +437,8 @@ def run_child(side: str, w: Workload, args: argparse.Namespace, tmp: Path) -> di
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--workload", w.name,
            "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--dtype", args.dtype, "--result", str(result),
-           "--workdir", str(result.with_suffix("")), "--max-length", str(args.max_length)]  # fmt: skip
+           "--workdir", str(result.with_suffix("")), "--max-length", str(args.max_length),
+           f"--posttrain-args={args.posttrain_args}"]  # fmt: skip
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
@@ -490,6 +498,7 @@ def machine_info(args: argparse.Namespace) -> str:
         f"{args.threads} threads, {args.dtype}"
         f"{' autocast' if args.dtype == 'bfloat16' else ''}, model {args.model}; "
         f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s)"
+        + (f"; posttrain with {args.posttrain_args}" if args.posttrain_args else "")
     )
 
 

@@ -3,7 +3,7 @@
 **oneDNN linear layers.** torch runs an fp32 `nn.Linear` on a CPU with MKL's sgemm. On the AMD
 EPYC this project is measured on, oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, the
 kernel torch.compile's CPU backend calls) is faster at every shape a post-training step has: about
-2x at a decode step (8 rows) on a weight reordered into oneDNN's blocked layout, 1.3x at a
+2x at a decode step (8 rows) on a weight reordered into oneDNN's blocked layout, 1.1-1.3x at a
 training step's few hundred rows on the plain weight (`python bench/linear_kernels.py` prints
 the table). Both compute in fp32; results differ from MKL's in summation order only. Two ways in,
 both for every plain `nn.Linear` with an fp32 weight on the CPU (LoRA's base and adapter layers
@@ -11,8 +11,9 @@ included: peft builds them from `nn.Linear`):
 - `packed_linears(model)`: a context for no-grad inference (the sampler's decode loop). Every
   weight is reordered once on entry (about 0.25 s for the 135M default model) and the copies are
   dropped on exit, so the weights may change between two uses.
-- `use_onednn(model)`: from then on the model's layers run their forward product through oneDNN
-  on their plain weights (no copy); the backward keeps torch's kernels.
+- `use_onednn(model)`: from then on the model's layers run their forward product and their
+  input's gradient through oneDNN on their plain weights (no copy); the weight's gradient keeps
+  torch's kernel, which measured faster for it.
 Anything else (autocast on, another dtype or device, a subclass with its own forward) takes
 torch's own path, as does everything after `set_enabled(False)` (`run.onednn = false`).
 
@@ -118,8 +119,8 @@ def _packed_forward(m: nn.Linear, packed: torch.Tensor, previous: Any) -> Any:
 
 
 class _Linear(torch.autograd.Function):
-    """y = x @ w^T + b with the forward product on oneDNN. The backward products stay on torch's
-    own kernels: oneDNN measured slower on the transposed operands they need."""
+    """y = x @ w^T + b with the forward product and the input's gradient on oneDNN. The weight's
+    gradient stays on torch's kernel: oneDNN measured slower on its transposed operands."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -133,7 +134,7 @@ class _Linear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = (g2 @ w).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+            gx = _mm(g2, w.t()).view(*grad.shape[:-1], w.shape[1])  # (..., in)
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
