@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from posttrain import cpu
-from posttrain.ops import position_ids_from_mask
+from posttrain.ops import position_ids_from_mask, prompt_pass
 
 Prompt = str | list[dict[str, str]]
 
@@ -233,27 +233,22 @@ def _decode_loop(
         uniforms = _row_uniforms(row_seeds, cfg.max_new_tokens).to(device)  # (B, max_new_tokens)
     eos = torch.tensor(eos_ids, device=device)
     temp = cfg.temperature if cfg.temperature > 0 else 1.0
-    pos = position_ids_from_mask(attention_mask)
-    # pre-fill each distinct prompt once (n samples of a prompt share it): first row of each group
+    # pre-fill each distinct prompt once (n samples of a prompt share it), and a start common to
+    # all prompts (a system prompt) once for all of them: first row of each group
     uniq, inv = torch.unique(torch.tensor(groups or list(range(B))), return_inverse=True)
     first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(B))
     if len(uniq) == B:  # nothing shared: every row in its own order
         first = torch.arange(B)
     first = first.to(device)
-    out = model(
-        input_ids=input_ids[first],
-        attention_mask=attention_mask[first],
-        position_ids=pos[first],
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    out, attention_mask = prompt_pass(model, input_ids[first], attention_mask[first])
     past = out.past_key_values
     logits = out.logits[:, -1].float()  # (G, V)
-    if len(uniq) < B:  # repeat each prompt's cache and logits for its rows
+    if len(uniq) < B:  # repeat each prompt's cache, mask and logits for its rows
         inv = inv.to(device)
         past.batch_select_indices(inv)
         logits = logits[inv]  # (B, V)
-    pos = pos[:, -1:]
+        attention_mask = attention_mask[inv]
+    pos = position_ids_from_mask(attention_mask)[:, -1:]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     reasons = ["length"] * B
     ids_steps: list[torch.Tensor] = []

@@ -166,3 +166,86 @@ def test_shared_prompt_under_activation_checkpointing_takes_the_plain_pass(tiny)
         model.gradient_checkpointing_disable()
         model.eval()
     assert torch.equal(a, b)
+
+
+def _prefixed_batch(tok, n: int):
+    """Three prompts that start with the same system text and differ after it (different
+    lengths, left-padded) x n samples each, completions of 3 tokens, the last one shorter."""
+    system = "system: You convert units. Be concise. Write the final number inside answer tags. "
+    questions = ["How many grams per 6 kg?", "Convert 3 feet to inches.", "hello world"]
+    prompts = [tok(system + q)["input_ids"] for q in questions]
+    P = max(len(p) for p in prompts)
+    g = torch.Generator().manual_seed(1)
+    ids, mask, groups = [], [], []
+    for i, p in enumerate(prompts):
+        for j in range(n):
+            k = 2 if j == n - 1 else 3
+            comp = torch.randint(3, tok.vocab_size, (3,), generator=g).tolist()
+            ids.append(
+                [tok.pad_token_id] * (P - len(p)) + p + comp[:k] + [tok.pad_token_id] * (3 - k)
+            )
+            mask.append([0] * (P - len(p)) + [1] * (len(p) + k) + [0] * (3 - k))
+            groups.append(i)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(groups), 3
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_common_system_prompt_runs_once_with_the_plain_numbers(tiny, n):
+    """Distinct prompts (n = 1) or groups of samples (n = 2) that share a long start: the start
+    runs once for all rows; log-probs, gradients and the value head's hidden states match the
+    plain per-row pass."""
+    from posttrain.ops import MIN_SHARED_PREFIX, common_prefix, shared_prompt_forward
+
+    model, tok = tiny
+    ids, mask, groups, T = _prefixed_batch(tok, n)
+    P = ids.shape[1] - T
+    first = torch.tensor([groups.tolist().index(i) for i in range(3)])
+    assert common_prefix(ids[first, :P], mask[first, :P]) >= MIN_SHARED_PREFIX
+    cmask = mask[:, -T:].float()
+    calls = {"n": 0}
+    hook = model.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    out = {}
+    for name in ("plain", "shared"):
+        model.zero_grad()
+        if name == "plain":
+            logits = completion_logits(model, ids, mask, T)
+            hidden = None
+        else:
+            calls["n"] = 0
+            logits, hidden = shared_prompt_forward(model, ids, mask, T, groups=groups, hidden_states=True)  # fmt: skip
+            assert calls["n"] == 3  # the common start, the rest of each prompt, the completions
+        logp = selective_log_softmax(logits, ids[:, -T:])
+        (logp * cmask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        out[name] = (logp.detach() * cmask, grads, hidden)
+    hook.remove()
+    torch.testing.assert_close(out["shared"][0], out["plain"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["shared"][1], out["plain"][1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                      position_ids=(mask.cumsum(-1) - 1).clamp(min=0))  # fmt: skip
+        want = plain.hidden_states[-1][:, -(T + 1) : -1]
+    torch.testing.assert_close(out["shared"][2].detach() * cmask[..., None], want * cmask[..., None], atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sampler_runs_a_common_system_prompt_once_with_the_same_result(tiny, temperature):
+    """Prompts sharing a long start, sampled together (the start pre-filled once) or one by one
+    (nothing shared): the same tokens, log-probs within float noise."""
+    from posttrain.rollout import GenerationConfig, generate
+
+    model, tok = tiny
+    system = "system: You convert units. Be concise. Write the final number inside answer tags. "
+    prompts = [system + q for q in ["How many grams per 6 kg?", "Convert 3 feet to inches.", "hi"]]
+    cfg = GenerationConfig(temperature=temperature, max_new_tokens=8, n=2)
+    both = generate(model, tok, prompts, cfg, seeds=[3, 4, 5])
+    for i, p in enumerate(prompts):
+        alone = generate(model, tok, [p], cfg, seeds=[3 + i])
+        rows = (both.prompt_index == i).nonzero().flatten()
+        for j, r in enumerate(rows.tolist()):
+            m = alone.completion_mask[j].bool()
+            assert (
+                both.completion_ids[r][: int(m.sum())].tolist()
+                == alone.completion_ids[j][m].tolist()
+            )
+            torch.testing.assert_close(both.logp[r][: int(m.sum())], alone.logp[j][m], atol=1e-4, rtol=1e-4)  # fmt: skip

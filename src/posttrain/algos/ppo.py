@@ -307,8 +307,8 @@ def score_rollout(
         mb = drop_left_padding(take(roll, rows))
         t, m = mb["T"], mb["mask"]
         ids = mb["input_ids"][:, -t:]
-        # samples of one prompt (roll.n > 1) run it once through each model
-        groups = roll.prompt_index[rows.to(roll.prompt_index.device)] if roll.n > 1 else None
+        # a prompt (and the start all prompts share) runs once through each model
+        groups = roll.prompt_index[rows.to(roll.prompt_index.device)]
         if policy:
             logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature, groups)
             out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
@@ -478,7 +478,7 @@ def main(cfg: Config) -> int:
             )
             if single:  # the training forward, before the advantages that its values give
                 whole = drop_left_padding(take(roll, torch.arange(B)))
-                groups = roll.prompt_index if roll.n > 1 else None  # each prompt run once
+                groups = roll.prompt_index  # each prompt (and their common start) run once
                 outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], gen.temperature, groups)  # fmt: skip
                 t, m_ = whole["T"], whole["mask"]
                 s["values"] = torch.zeros_like(roll.completion_mask)
@@ -514,7 +514,7 @@ def main(cfg: Config) -> int:
                         old = {"old_logp": None, "old_values": None} if single else {
                             "old_logp": s["old_logp"], "old_values": s["values"]}  # fmt: skip
                         mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask,
-                                  groups=roll.prompt_index if roll.n > 1 else None)  # fmt: skip
+                                  groups=roll.prompt_index)  # fmt: skip
                         mb = drop_left_padding(mb)
                         loss, m = minibatch_loss(
                             ac, mb, cfg, gen.temperature, outputs if single else None

@@ -51,7 +51,6 @@ from posttrain.online import (
     take,
 )
 from posttrain.ops import (
-    completion_logits,
     completion_logits_shared,
     entropy_from_logits,
     kl_k1,
@@ -197,7 +196,7 @@ def main(cfg: Config) -> int:
                     n_micro=cfg.optim.grad_accum,
                     policy=cfg.exact_kl,
                     exact=cfg.exact_kl,
-                    share_prompts=gen.n > 1,
+                    share_prompts=True,
                 )
             t2 = time.perf_counter()
             # 2. advantages: (penalised) reward minus baseline, 0 for skipped samples
@@ -223,11 +222,9 @@ def main(cfg: Config) -> int:
                 mb = take(roll, idx, adv=adv, ref_logp=scores["ref_logp"], loss_mask=loss_mask)
                 with no_sync_unless(acc, model, last=j == len(chunks) - 1):
                     args = (model, mb["input_ids"], mb["attention_mask"], mb["T"], gen.temperature)
-                    if gen.n > 1:  # the samples of a prompt run it once
-                        groups = roll.prompt_index[idx.to(roll.prompt_index.device)]
-                        logits = completion_logits_shared(*args, groups=groups)
-                    else:
-                        logits = completion_logits(*args)  # (b, T, V)
+                    # a prompt (and the start all prompts share) runs once
+                    groups = roll.prompt_index[idx.to(roll.prompt_index.device)]
+                    logits = completion_logits_shared(*args, groups=groups)  # (b, T, V)
                     logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])
                     loss, m = reinforce_loss(
                         logp,
