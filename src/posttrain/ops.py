@@ -193,9 +193,7 @@ def shared_prompt_forward(
         )
         hidden = out.hidden_states[-1][:, -(T + 1) : -1] if hidden_states else None
         return out.logits[:, :-1], hidden
-    out, p_mask = prompt_pass(
-        model, input_ids[first, :P], attention_mask[first, :P], hidden_states
-    )
+    out, p_mask = prompt_pass(model, input_ids[first, :P], attention_mask[first, :P], hidden_states)
     logits = out.logits[:, -1:][inv]  # (B, 1, V): predicts completion token 0
     hidden = out.hidden_states[-1][:, -1:][inv] if hidden_states else None  # (B, 1, H)
     if T > 1:
