@@ -135,7 +135,7 @@ def prompt_pass(
         logits_to_keep=1,
         use_cache=True,
     )
-    cache = pre.past_key_values
+    cache = pre.cache
     cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=ids.device))
     S = int((lengths - c).max())
     own = (
@@ -146,7 +146,7 @@ def prompt_pass(
         input_ids=ids[:, P - S :],  # columns outside a row's own tokens are masked out
         attention_mask=full,
         position_ids=position_ids_from_mask(full)[:, c:],
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=1,
         output_hidden_states=hidden_states,
         use_cache=True,
@@ -197,7 +197,7 @@ def shared_prompt_forward(
     logits = out.logits[:, -1:][inv]  # (B, 1, V): predicts completion token 0
     hidden = out.hidden_states[-1][:, -1:][inv] if hidden_states else None  # (B, 1, H)
     if T > 1:
-        cache = out.past_key_values
+        cache = out.cache
         cache.batch_select_indices(inv)  # (G, ...) -> (B, ...)
         # the cached prompt positions, then the completion but its last token (it predicts
         # nothing we need)
@@ -206,7 +206,7 @@ def shared_prompt_forward(
             input_ids=input_ids[:, P : L - 1],
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask)[:, -(T - 1) :],
-            past_key_values=cache,
+            cache=cache,
             output_hidden_states=hidden_states,
             use_cache=True,
         )  # (B, T - 1, V)

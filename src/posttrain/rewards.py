@@ -90,17 +90,18 @@ class RewardError(RuntimeError):
 # Components
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """`package.module:function` or `path/to/file.py:function` -> the function."""
+def load_function(spec: str, kind: str = "python reward") -> Callable[..., Any]:
+    """`package.module:function` or `path/to/file.py:function` -> the function (`kind` names it
+    in errors: "python reward", "tool")."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise ConfigError(
-            f"python reward {spec!r}: give it as module:function or path/to/file.py:function"
+            f"{kind} {spec!r}: give it as module:function or path/to/file.py:function"
         )
     if target.endswith(".py"):
         path = Path(target).expanduser()
         if not path.is_file():
-            raise ConfigError(f"python reward file {target!r} not found")
+            raise ConfigError(f"{kind} file {target!r} not found")
         mod_name = f"posttrain_user_{path.stem}_{abs(hash(str(path.resolve())))}"
         mod_spec = importlib.util.spec_from_file_location(mod_name, path)
         assert mod_spec is not None and mod_spec.loader is not None
@@ -111,10 +112,10 @@ def load_function(spec: str) -> Callable[..., Any]:
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ConfigError(f"python reward {spec!r}: cannot import {target!r}: {e}") from e
+            raise ConfigError(f"{kind} {spec!r}: cannot import {target!r}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"python reward {spec!r}: {target!r} has no function {name!r}")
+        raise ConfigError(f"{kind} {spec!r}: {target!r} has no function {name!r}")
     return fn
 
 

@@ -30,6 +30,7 @@ import torch
 
 from posttrain import cpu
 from posttrain.ops import position_ids_from_mask, prompt_pass
+from posttrain.tools import Toolbox, ToolCall
 
 Prompt = str | list[dict[str, str]]
 
@@ -69,8 +70,10 @@ class Rollout:
     prompt_ids: torch.Tensor  # (B, P) left-padded
     prompt_mask: torch.Tensor  # (B, P) 1 on prompt tokens
     completion_ids: torch.Tensor  # (B, T) right-padded
-    completion_mask: torch.Tensor  # (B, T) 1 on generated tokens (EOS / stop token included)
-    logp: torch.Tensor  # (B, T) log-prob of each sampled token under the sampling policy
+    completion_mask: torch.Tensor  # (B, T) 1 on completion tokens (EOS / stop token included)
+    logp: (
+        torch.Tensor
+    )  # (B, T) log-prob of each sampled token under the sampling policy (0 on tool tokens)
     prompts: list[str]  # (B,) prompt text as the model saw it (chat template applied)
     completions: list[
         str
@@ -79,6 +82,20 @@ class Rollout:
     finish_reasons: list[str]  # (B,) "eos", "stop" or "length"
     n: int = 1
     seconds: float = 0.0
+    tool_mask: torch.Tensor | None = None  # (B, T) 1 on tokens a tool inserted (None: no tools)
+    tool_calls: list[list[ToolCall]] | None = None  # (B,) the calls each completion made
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """(B, T) 1 on the tokens the policy sampled: the completion less tool-inserted tokens.
+        The mask of every loss, log-prob and KL; `completion_mask` is the attention mask."""
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * (1 - self.tool_mask)
+
+    def tool_records(self, i: int) -> list[dict[str, Any]]:
+        """Row i's tool calls as JSON records (samples.jsonl, reports)."""
+        return [c.as_dict() for c in self.tool_calls[i]] if self.tool_calls else []
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -92,14 +109,19 @@ class Rollout:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        """Tokens the policy sampled (tool results left out)."""
+        return int(self.policy_mask.sum())
 
     def __len__(self) -> int:
         return len(self.completions)
 
 
-def render_prompts(tokenizer: Any, prompts: list[Prompt], cfg: GenerationConfig) -> list[str]:
-    """Prompt texts: messages (or strings when cfg.chat) go through the chat template."""
+def render_prompts(
+    tokenizer: Any, prompts: list[Prompt], cfg: GenerationConfig, tools: Toolbox | None = None
+) -> list[str]:
+    """Prompt texts: messages (or strings when cfg.chat) go through the chat template (with the
+    tools' JSON schemas as `tools=` when the tools use the json call format)."""
+    extra = {"tools": tools.schemas()} if tools is not None and tools.cfg.format == "json" else {}
     out = []
     for p in prompts:
         if isinstance(p, str) and not cfg.chat:
@@ -113,7 +135,9 @@ def render_prompts(tokenizer: Any, prompts: list[Prompt], cfg: GenerationConfig)
                 "this tokenizer has no chat template; use raw text prompts (gen.chat=false) "
                 "or a chat model"
             )
-        out.append(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        out.append(
+            tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **extra)
+        )
     return out
 
 
@@ -193,6 +217,52 @@ class _StopChecker:
         return any(s in tail for s in self.stops)
 
 
+@dataclass
+class _Decoded:
+    ids: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) 1 on completion tokens
+    logp: torch.Tensor  # (B, T) 0 on tool tokens and padding
+    reasons: list[str]  # (B,)
+    tool_mask: torch.Tensor  # (B, T) 1 on tool-inserted tokens
+    calls: list[list[ToolCall]]  # (B,)
+
+
+class _ToolRunner:
+    """Per-row tool state of one decoding batch: finds a call a row has just closed, runs it and
+    queues the result's tokens, which the row then reads one per step instead of sampling."""
+
+    def __init__(self, toolbox: Toolbox, tokenizer: Any, B: int):
+        self.toolbox = toolbox
+        self.tokenizer = tokenizer
+        self.queue: list[list[int]] = [[] for _ in range(B)]  # result tokens still to feed
+        self.calls: list[list[ToolCall]] = [[] for _ in range(B)]
+        self.scan_from = [0] * B  # where in the row's tokens the search for the next call starts
+        self._closing: dict[int, bool] = {}  # token id -> its text holds a closer's last character
+
+    def may_close(self, token: int) -> bool:
+        if token not in self._closing:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            self._closing[token] = any(c in text for c in self.toolbox.last_chars)
+        return self._closing[token]
+
+    def after_sampled(self, i: int, history: list[int]) -> None:
+        """Row i has just sampled history[-1]: run the call it closed, if any."""
+        if not self.may_close(history[-1]):
+            return
+        text = self.tokenizer.decode(history[self.scan_from[i] :], skip_special_tokens=False)
+        found = self.toolbox.find_call(text)
+        if found is None:
+            return
+        name, args, _ = found
+        if len(self.calls[i]) >= self.toolbox.cfg.max_calls:
+            call = ToolCall(name or "?", args.strip(), self.toolbox.limit_text(), error=True)
+        else:
+            call = self.toolbox.run(name, args)
+        self.calls[i].append(call)
+        self.queue[i] = self.toolbox.result_ids(self.tokenizer, call.result)
+        self.scan_from[i] = len(history) + len(self.queue[i])
+
+
 def _sample(
     model: Any,
     input_ids: torch.Tensor,
@@ -203,11 +273,21 @@ def _sample(
     stopper: _StopChecker,
     row_seeds: list[int] | None = None,
     groups: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    tools: _ToolRunner | None = None,
+) -> _Decoded:
     """`_decode_loop` with the model's fp32 CPU linear layers on oneDNN-reordered weights."""
     with torch.no_grad(), cpu.packed_linears(model):
         return _decode_loop(
-            model, input_ids, attention_mask, cfg, eos_ids, pad_id, stopper, row_seeds, groups
+            model,
+            input_ids,
+            attention_mask,
+            cfg,
+            eos_ids,
+            pad_id,
+            stopper,
+            row_seeds,
+            groups,
+            tools,
         )
 
 
@@ -221,10 +301,14 @@ def _decode_loop(
     stopper: _StopChecker,
     row_seeds: list[int] | None = None,
     groups: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Decode up to max_new_tokens for a left-padded batch -> ids, mask, logp (B, T), reasons.
+    tools: _ToolRunner | None = None,
+) -> _Decoded:
+    """Decode up to max_new_tokens for a left-padded batch.
     With row_seeds (B,), row b samples from its own generator (`_row_uniforms`). With groups (B,),
-    rows of one group hold the same prompt: it is pre-filled once and its KV cache repeated."""
+    rows of one group hold the same prompt: it is pre-filled once and its KV cache repeated.
+    With tools, a row that closes a call reads the result's tokens, one per step, in place of
+    sampling (no log-prob, marked in tool_mask); the other rows go on sampling meanwhile, so a
+    row's tokens do not depend on the others'."""
     B = input_ids.shape[0]
     device = input_ids.device
     sampled = cfg.temperature > 0
@@ -241,7 +325,7 @@ def _decode_loop(
         first = torch.arange(B)
     first = first.to(device)
     out, attention_mask = prompt_pass(model, input_ids[first], attention_mask[first])
-    past = out.past_key_values
+    past = out.cache
     logits = out.logits[:, -1].float()  # (G, V)
     if len(uniq) < B:  # repeat each prompt's cache, mask and logits for its rows
         inv = inv.to(device)
@@ -254,7 +338,9 @@ def _decode_loop(
     ids_steps: list[torch.Tensor] = []
     logp_steps: list[torch.Tensor] = []
     mask_steps: list[torch.Tensor] = []
+    tool_steps: list[torch.Tensor] = []
     history: list[list[int]] = [[] for _ in range(B)]
+    keep_history = bool(stopper.stops) or tools is not None
     for step in range(cfg.max_new_tokens):
         scaled = logits / temp
         logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
@@ -270,19 +356,32 @@ def _decode_loop(
             else:
                 nxt = _inverse_cdf(probs, uniforms[:, step])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        is_tool = torch.zeros(B, dtype=torch.bool, device=device)
+        if tools is not None:
+            fed = [i for i in range(B) if tools.queue[i] and not done[i]]
+            if fed:
+                rows = torch.tensor(fed, device=device)
+                nxt[rows] = torch.tensor([tools.queue[i].pop(0) for i in fed], device=device)
+                is_tool[rows] = True
         ids_steps.append(nxt)
-        logp_steps.append(torch.where(done, 0.0, logp_all.gather(-1, nxt[:, None]).squeeze(-1)))
+        logp_tok = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+        logp_steps.append(torch.where(done | is_tool, 0.0, logp_tok))
         mask_steps.append((~done).float())
-        newly_eos = torch.isin(nxt, eos) & ~done
+        tool_steps.append(is_tool.float())
+        newly_eos = torch.isin(nxt, eos) & ~done & ~is_tool
         for i in newly_eos.nonzero().flatten().tolist():
             reasons[i] = "eos"
         done = done | newly_eos
-        if stopper.stops:
+        if keep_history:
+            tool_rows = set(is_tool.nonzero().flatten().tolist()) if tools is not None else set()
             for i in (~done).nonzero().flatten().tolist():
                 history[i].append(int(nxt[i]))
-                if stopper.hit(history[i]):
-                    done[i] = True
-                    reasons[i] = "stop"
+                if tools is not None and i not in tool_rows:
+                    tools.after_sampled(i, history[i])
+                if stopper.stops and i not in tool_rows and not (tools and tools.queue[i]):
+                    if stopper.hit(history[i]):
+                        done[i] = True
+                        reasons[i] = "stop"
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
@@ -291,16 +390,18 @@ def _decode_loop(
             input_ids=nxt[:, None],
             attention_mask=attention_mask,
             position_ids=pos,
-            past_key_values=past,
+            cache=past,
             use_cache=True,
         )
-        past = out.past_key_values
+        past = out.cache
         logits = out.logits[:, -1].float()
-    return (
+    return _Decoded(
         torch.stack(ids_steps, 1),
         torch.stack(mask_steps, 1),
         torch.stack(logp_steps, 1),
         reasons,
+        torch.stack(tool_steps, 1),
+        tools.calls if tools is not None else [[] for _ in range(B)],
     )
 
 
@@ -353,11 +454,14 @@ def generate(
     progress: bool = False,
     batch_size: int | None = None,
     seeds: list[int] | None = None,
+    tools: Toolbox | None = None,
 ) -> Rollout:
     """Sample cfg.n completions for every prompt, batched. Returns rows in input order.
 
     seeds: one per prompt; sample j of prompt i then draws from a generator seeded with
     mix_seed(seeds[i], j), whatever else is in the batch (None: torch's global RNG).
+    tools: the model may call them while it generates (`posttrain.tools`); the Rollout's
+    tool_mask marks the result tokens and tool_calls lists the calls.
     """
     cfg = cfg or GenerationConfig()
     if not prompts:
@@ -366,7 +470,7 @@ def generate(
         raise ValueError(f"generate() got {len(seeds)} seeds for {len(prompts)} prompts")
     t0 = time.perf_counter()
     device = next(model.parameters()).device
-    texts = render_prompts(tokenizer, prompts, cfg)
+    texts = render_prompts(tokenizer, prompts, cfg, tools)
     chat = cfg.chat or not isinstance(prompts[0], str)
     enc = encode_prompts(tokenizer, texts, cfg.max_prompt_tokens, chat)
     rows = [i for i in range(len(prompts)) for _ in range(cfg.n)]  # prompt index per row
@@ -395,7 +499,7 @@ def generate(
     try:
         for batch in batches:
             p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
-            c_ids, c_mask, logp, reasons = _sample(
+            dec = _sample(
                 model,
                 p_ids.to(device),
                 p_mask.to(device),
@@ -405,14 +509,17 @@ def generate(
                 stopper,
                 [row_seeds[i] for i in batch] if row_seeds is not None else None,
                 [rows[i] for i in batch],
+                _ToolRunner(tools, tokenizer, len(batch)) if tools is not None else None,
             )
             for j, i in enumerate(batch):
                 results[i] = (
                     row_ids[i],
-                    c_ids[j].cpu(),
-                    c_mask[j].cpu(),
-                    logp[j].cpu(),
-                    reasons[j],
+                    dec.ids[j].cpu(),
+                    dec.mask[j].cpu(),
+                    dec.logp[j].cpu(),
+                    dec.reasons[j],
+                    dec.tool_mask[j].cpu(),
+                    dec.calls[j],
                 )
             if bar is not None:
                 bar.update(len(batch))
@@ -425,6 +532,7 @@ def generate(
     comp_ids = torch.stack([_pad_right(results[i][1][None], T, pad)[0] for i in range(len(rows))])
     comp_mask = torch.stack([_pad_right(results[i][2][None], T, 0.0)[0] for i in range(len(rows))])
     logp = torch.stack([_pad_right(results[i][3][None], T, 0.0)[0] for i in range(len(rows))])
+    tool_mask = torch.stack([_pad_right(results[i][5][None], T, 0.0)[0] for i in range(len(rows))])
     completions = [
         _decode(tokenizer, comp_ids[i], comp_mask[i], cfg.stop) for i in range(len(rows))
     ]
@@ -440,11 +548,17 @@ def generate(
         finish_reasons=[results[i][4] for i in range(len(rows))],
         n=cfg.n,
         seconds=time.perf_counter() - t0,
+        tool_mask=tool_mask.to(device) if tools is not None else None,
+        tool_calls=[results[i][6] for i in range(len(rows))] if tools is not None else None,
     )
 
 
 def generate_sequential(
-    model: Any, tokenizer: Any, prompts: list[Prompt], cfg: GenerationConfig | None = None
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    cfg: GenerationConfig | None = None,
+    tools: Toolbox | None = None,
 ) -> Rollout:
     """The plain generator: one row at a time, no padding. Same output format as `generate`."""
-    return generate(model, tokenizer, prompts, cfg, batch_size=1)
+    return generate(model, tokenizer, prompts, cfg, batch_size=1, tools=tools)
