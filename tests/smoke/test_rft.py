@@ -140,3 +140,20 @@ def test_rft_command_samples_filters_and_trains(tiny_dir, tmp_path, monkeypatch)
     assert (run / "final" / "adapter_config.json").is_file()
     results = json.loads((run / "results.json").read_text())
     assert "accuracy" in results["test"] and results["adapter_size_mb"] > 0
+
+
+def test_best_of_n_on_a_task_without_questions(tiny_dir, tmp_path):
+    """docs/algorithms/rft.md's `--task.name=sentiment --mode=best_of_n`: sentiment rows have a
+    text prompt and no `question`; the prompt stands in for it in the records and the test eval."""
+    out = tmp_path / "runs"
+    argv = [
+        "rft", "--task.name=sentiment", "--mode=best_of_n", "--best_of=1", "--k=2",
+        "--model.name", str(tiny_dir), "--questions=2", "--gen.max_new_tokens=4",
+        "--train.max_steps=1", "--eval_limit=2", "--eval_max_new_tokens=4", "--lora.r=4",
+        "--run.out_dir", str(out), "--run.progress=false", "--run.threads=1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = list(out.iterdir())
+    records = json.loads((run / "rft_data_0.json").read_text())["records"]
+    assert len(records) == 2 and all(r["question"] for r in records)
+    assert "reward_mean" in json.loads((run / "results.json").read_text())["test"]

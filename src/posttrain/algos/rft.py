@@ -26,7 +26,16 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from posttrain.algos.sft import DataConfig, TrainConfig, encode_rows, fill, finish, fit, test_eval
+from posttrain.algos.sft import (
+    DataConfig,
+    TrainConfig,
+    encode_rows,
+    fill,
+    finish,
+    fit,
+    test_eval,
+    with_question,
+)
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import TaskConfig, columns
@@ -224,7 +233,7 @@ def main(cfg: Config) -> int:
     acc, run = start(cfg, "rft")
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
     task = load_task(cfg.task)
-    rows = task.rows("train")
+    rows = [with_question(r) for r in task.rows("train")]  # sentiment: the opening is the question
     rows = rows[: cfg.questions] if cfg.questions else rows
     data_cfg = DataConfig(
         format="template",

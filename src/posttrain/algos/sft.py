@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, to_toml
 from posttrain.data import IGNORE_INDEX, collate_sft
 from posttrain.tasks.base import TaskConfig
+from posttrain.tools import Toolbox, ToolConfig
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Config:
         "model": "model.name",
         "adapter": "model.adapter",
         "resume": "run.resume",
+        "tool": "tools.names",
     }
     eval_limit: int = 200
     """after training, greedy accuracy on this many test rows of the task (0: off; task data only)"""
@@ -109,6 +111,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +206,14 @@ def _values(row: dict[str, Any]) -> dict[str, Any]:
     return {k: format_number(v) if isinstance(v, int | float) else v for k, v in row.items()}
 
 
+def with_question(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with a `question`: its text `prompt` when it has none (sentiment's review openings),
+    so that question templates work on every task."""
+    if "question" in row or not isinstance(row.get("prompt"), str):
+        return row
+    return {**row, "question": row["prompt"]}
+
+
 def fill(template: str, row: dict[str, Any]) -> str:
     try:
         return template.format(**_values(row))
@@ -226,28 +237,32 @@ def pick_format(cfg: DataConfig, columns: list[str]) -> str:
 
 
 def encode_rows(
-    rows: list[dict[str, Any]], tok: Any, cfg: DataConfig, fmt: str
+    rows: list[dict[str, Any]], tok: Any, cfg: DataConfig, fmt: str, tools: Toolbox | None = None
 ) -> list[dict[str, Any]]:
-    """Rows -> encoded examples ({input_ids, labels}); rows left with no label token are dropped."""
+    """Rows -> encoded examples ({input_ids, labels}); rows left with no label token are dropped.
+    With `tools`, the tool results in completions get label -100."""
     from posttrain.data import encode_messages, encode_prompt_completion, encode_text
 
     out = []
     for i, row in enumerate(rows):
         if fmt == "messages":
-            ex = encode_messages(tok, row[cfg.messages_column], max_length=cfg.max_length)
+            ex = encode_messages(
+                tok, row[cfg.messages_column], max_length=cfg.max_length, tools=tools
+            )
         elif fmt == "prompt_completion":
             p, c = row[cfg.prompt_column], row[cfg.completion_column]
             if not isinstance(p, str) or not isinstance(c, str):
                 raise ConfigError(f"row {i}: prompt and completion must be text, got {p!r}, {c!r}")
-            ex = encode_prompt_completion(tok, p, c, max_length=cfg.max_length)
+            ex = encode_prompt_completion(tok, p, c, max_length=cfg.max_length, tools=tools)
         elif fmt == "text":
-            ex = encode_text(tok, str(row[cfg.text_column]), max_length=cfg.max_length)
+            ex = encode_text(tok, str(row[cfg.text_column]), max_length=cfg.max_length, tools=tools)
         else:
             ex = encode_prompt_completion(
                 tok,
                 fill(cfg.prompt_template, row),
                 fill(cfg.completion_template, row),
                 max_length=cfg.max_length,
+                tools=tools,
             )
         if any(x != IGNORE_INDEX for x in ex["labels"][1:]):
             out.append(ex)
@@ -428,13 +443,14 @@ def task_accuracy(
     prompts: list[str],
     max_new_tokens: int,
     progress: bool = False,
+    tools: Toolbox | None = None,
 ) -> dict[str, float]:
-    """Greedy generation on `prompts` scored by the task's evaluation metrics."""
+    """Greedy generation on `prompts` (calling `tools`, if any) scored by the task's metrics."""
     from posttrain.rollout import GenerationConfig, generate
     from posttrain.tasks.base import columns
 
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop=["</answer>"])
-    roll = generate(model, tok, prompts, gen, progress=progress)
+    roll = generate(model, tok, prompts, gen, progress=progress, tools=tools)
     summary, _ = task.evaluate(roll.completions, columns(rows))
     return {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
 
@@ -442,15 +458,17 @@ def task_accuracy(
 def test_eval(
     run: Any, model: Any, tok: Any, cfg: Any, prompt_template: str, summary: dict[str, Any]
 ) -> None:
-    """Accuracy on cfg.eval_limit test rows of cfg.task, prompted with `prompt_template`."""
+    """Accuracy on cfg.eval_limit test rows of cfg.task, prompted with `prompt_template`, with
+    the tools of cfg.tools (when the config has that section)."""
     from posttrain.tasks import load_task
 
     task = load_task(cfg.task)
-    rows = task.rows("test")[: cfg.eval_limit]
+    rows = [with_question(r) for r in task.rows("test")[: cfg.eval_limit]]
     prompts = [fill(prompt_template, r) for r in rows]
     t0 = time.perf_counter()
+    tools = Toolbox.from_config(getattr(cfg, "tools", None))
     summary["test"] = task_accuracy(
-        model, tok, task, rows, prompts, cfg.eval_max_new_tokens, cfg.run.progress
+        model, tok, task, rows, prompts, cfg.eval_max_new_tokens, cfg.run.progress, tools
     )
     summary["test"]["seconds"] = time.perf_counter() - t0
     run.log(summary["steps"], {f"test_{k}": v for k, v in summary["test"].items()})
@@ -484,8 +502,9 @@ def main(cfg: Config) -> int:
     acc, run = start(cfg, "sft")
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
     train_rows, val_rows, fmt = load_rows(cfg)
-    train_set = encode_rows(train_rows, tok, cfg.data, fmt)
-    val_set = encode_rows(val_rows, tok, cfg.data, fmt)
+    tools = Toolbox.from_config(cfg.tools)
+    train_set = encode_rows(train_rows, tok, cfg.data, fmt, tools)
+    val_set = encode_rows(val_rows, tok, cfg.data, fmt, tools)
     cut = sum(e["truncated"] for e in train_set)
     print(
         f"sft: {len(train_set)} train / {len(val_set)} validation examples ({fmt}); "
