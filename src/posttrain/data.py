@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from posttrain.config import ConfigError
+
+if TYPE_CHECKING:
+    from posttrain.tools import Toolbox
 
 _BUILDERS = {
     ".csv": "csv",
@@ -87,39 +90,75 @@ def require_columns(ds: Any, columns: list[str], source: str) -> None:
 # wherever the model is not trained to predict the token (prompt, system and user turns). The
 # prompt and the completion are tokenized separately and concatenated, so the prompt tokens are
 # exactly those the model sees at generation time.
+#
+# With `tools` (a posttrain.tools.Toolbox), text that holds tool calls also masks the tool results
+# (`Toolbox.result_spans`: " = 12\n" after "<calc>3 * 4</calc>"): a tool wrote them, so the model
+# is not trained to predict them. A token is masked when any of its characters lies in a result
+# (the fast tokenizer's offset mapping says which characters each token covers).
 
 IGNORE_INDEX = -100
 
 
+def tool_labels(
+    tok: Any, text: str, tools: Toolbox | None, *, special: bool = False
+) -> tuple[list[int], list[int]]:
+    """(ids, labels) of `text`: labels are the ids, -100 on tokens that overlap a tool result."""
+    if tools is None:
+        ids = tok(text, add_special_tokens=special)["input_ids"]
+        return ids, list(ids)
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(
+            "masking tool results in training data needs a fast tokenizer (offset mapping)"
+        )
+    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+    spans = tools.result_spans(text)
+    labels = [
+        IGNORE_INDEX if any(a < e and s < b for s, e in spans) else t
+        for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+    return list(enc["input_ids"]), labels
+
+
 def encode_prompt_completion(
-    tok: Any, prompt: str, completion: str, *, max_length: int, add_eos: bool = True
+    tok: Any,
+    prompt: str,
+    completion: str,
+    *,
+    max_length: int,
+    add_eos: bool = True,
+    tools: Toolbox | None = None,
 ) -> dict[str, Any]:
     """Prompt tokens (labels -100) then completion tokens (+ EOS), cut to `max_length` tokens.
 
     Truncation keeps the start (the prompt and the first completion tokens) and drops the end.
+    tools: a Toolbox; the completion's tool results get label -100.
     """
     p = tok(prompt, add_special_tokens=True)["input_ids"]
-    c = tok(completion, add_special_tokens=False)["input_ids"]
+    c, c_labels = tool_labels(tok, completion, tools)
     if add_eos and tok.eos_token_id is not None:
-        c = c + [tok.eos_token_id]
-    return _truncate(p + c, [IGNORE_INDEX] * len(p) + c, max_length)
+        c, c_labels = c + [tok.eos_token_id], c_labels + [tok.eos_token_id]
+    return _truncate(p + c, [IGNORE_INDEX] * len(p) + c_labels, max_length)
 
 
-def encode_text(tok: Any, text: str, *, max_length: int, add_eos: bool = True) -> dict[str, Any]:
-    """Plain text: every token is a label."""
-    ids = tok(text, add_special_tokens=True)["input_ids"]
+def encode_text(
+    tok: Any, text: str, *, max_length: int, add_eos: bool = True, tools: Toolbox | None = None
+) -> dict[str, Any]:
+    """Plain text: every token is a label (but tool results, given `tools`)."""
+    ids, labels = tool_labels(tok, text, tools, special=True)
     if add_eos and tok.eos_token_id is not None:
-        ids = ids + [tok.eos_token_id]
-    return _truncate(ids, list(ids), max_length)
+        ids, labels = ids + [tok.eos_token_id], labels + [tok.eos_token_id]
+    return _truncate(ids, labels, max_length)
 
 
-def encode_messages(tok: Any, messages: list[dict[str, str]], *, max_length: int) -> dict[str, Any]:
+def encode_messages(
+    tok: Any, messages: list[dict[str, str]], *, max_length: int, tools: Toolbox | None = None
+) -> dict[str, Any]:
     """A conversation through the chat template; only the assistant turns are labels.
 
     The template is rendered for growing prefixes of the conversation: the text an assistant turn
     adds after `messages[:i]` rendered with the generation prompt is that turn's content and its
     end-of-turn marker, which become labels; everything else (system and user turns, role
-    headers) is masked.
+    headers, and with `tools` the tool results inside an assistant turn) is masked.
     """
     if getattr(tok, "chat_template", None) is None:
         raise ConfigError(
@@ -150,9 +189,9 @@ def encode_messages(tok: Any, messages: list[dict[str, str]], *, max_length: int
             seg = tok(head[len(done) :], add_special_tokens=False)["input_ids"]
             ids += seg
             labels += [IGNORE_INDEX] * len(seg)
-            seg = tok(full[len(head) :], add_special_tokens=False)["input_ids"]
+            seg, seg_labels = tool_labels(tok, full[len(head) :], tools)
             ids += seg
-            labels += seg
+            labels += seg_labels
         else:
             full = render(messages[: i + 1], False)
             if not full.startswith(done):

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 from posttrain.config import ConfigError, ModelConfig, RunConfig
 from posttrain.prompting import STRATEGIES, PromptingConfig, model_generator, run_strategy
 from posttrain.tasks.base import Task, TaskConfig, columns
+from posttrain.tools import Toolbox, ToolConfig, calls_in
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Config:
         "strategy": "strategies",
         "source": "task.source",
         "threads": "run.threads",
+        "tool": "tools.names",
     }
     models: list[str] = field(default_factory=list)
     """models to evaluate (repeat --model; default: model.name); an adapter directory works too"""
@@ -61,6 +63,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
         for s in self.strategies:
@@ -86,11 +89,14 @@ def evaluate(
     batch_size: int = 32,
     progress: bool = False,
     desc: str = "eval",
+    tools: Toolbox | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Run one strategy over a task split -> (summary metrics, one record per example).
 
     strategy "default" uses the rows' own prompts (the training prompt); the others build prompts
     from each row's "question" (tasks with checkable answers: unit conversion, custom with answers).
+    tools: the model may call them in every generation of every strategy; each record then holds
+    the calls its completion made ("tool_calls").
     """
     rows = task.rows(split)  # type: ignore[arg-type]
     rows = rows[:limit] if limit else rows
@@ -107,7 +113,7 @@ def evaluate(
     gen_cfg = dataclasses.replace(
         gen_cfg, temperature=temperature, n=1, max_new_tokens=max_new_tokens or default_tokens
     )
-    gen = model_generator(model, tokenizer)
+    gen = model_generator(model, tokenizer, tools=tools)
     prompting = prompting or PromptingConfig()
     examples: list = []
     if strategy == "few_shot" and hasattr(task, "examples"):
@@ -166,6 +172,8 @@ def evaluate(
                 rec[k] = r[k]
         if t:
             rec["trace"] = t
+        if tools is not None:
+            rec["tool_calls"] = [call.as_dict() for call in calls_in(c, tools)]
         records.append(rec)
     return summary, records
 
@@ -181,6 +189,7 @@ def main(cfg: Config) -> int:
 
     run = Run.start(cfg.run, "eval", cfg)
     task = load_task(cfg.task)
+    tools = Toolbox.from_config(cfg.tools)
     names = cfg.models or [cfg.model.name]
     entries: list[dict[str, Any]] = []
     with open(run.path / "results.jsonl", "w") as out:
@@ -202,6 +211,7 @@ def main(cfg: Config) -> int:
                     batch_size=cfg.batch_size,
                     progress=cfg.run.progress,
                     desc=f"{label} {strategy}",
+                    tools=tools,
                 )
                 entries.append({"model": label, "strategy": strategy, **summary})
                 for rec in records:

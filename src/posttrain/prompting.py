@@ -35,6 +35,7 @@ from typing import Any
 
 from posttrain.config import ConfigError
 from posttrain.rollout import GenerationConfig, Prompt
+from posttrain.tools import Toolbox
 
 Generator = Callable[[list[Prompt], GenerationConfig], list[str]]
 Parser = Callable[[str], Any]
@@ -240,33 +241,39 @@ def extend(prompt: Prompt, assistant: str, user: str | None = None) -> Prompt:
 # The generator
 
 
-def model_generator(model: Any, tokenizer: Any, *, progress: bool = False) -> Generator:
+def model_generator(
+    model: Any, tokenizer: Any, *, progress: bool = False, tools: Toolbox | None = None
+) -> Generator:
     """`gen(prompts, cfg) -> completions` over posttrain.rollout.generate.
 
     Chat prompts ending in an assistant message are rendered so that the model continues that
-    message; the batch is then passed on as raw text.
+    message; the batch is then passed on as raw text. With `tools`, every call may use them (so
+    every strategy does); a completion holds its calls and their results.
     """
     from posttrain.rollout import generate
 
     def gen(prompts: list[Prompt], cfg: GenerationConfig) -> list[str]:
         if any(not isinstance(p, str) and p[-1]["role"] == "assistant" for p in prompts):
-            prompts = [render_continuation(tokenizer, p, cfg) for p in prompts]
+            prompts = [render_continuation(tokenizer, p, cfg, tools) for p in prompts]
             cfg = dataclasses.replace(cfg, chat=False)
-        return generate(model, tokenizer, prompts, cfg, progress=progress).completions
+        return generate(model, tokenizer, prompts, cfg, progress=progress, tools=tools).completions
 
     return gen
 
 
-def render_continuation(tokenizer: Any, prompt: Prompt, cfg: GenerationConfig) -> str:
-    """Render a prompt to text; a final assistant message is left open for the model to continue."""
+def render_continuation(
+    tokenizer: Any, prompt: Prompt, cfg: GenerationConfig, tools: Toolbox | None = None
+) -> str:
+    """Render a prompt to text; a final assistant message is left open for the model to continue.
+    `tools` in the json format give the template their schemas."""
     from posttrain.rollout import render_prompts
 
     if isinstance(prompt, str):
-        return render_prompts(tokenizer, [prompt], cfg)[0]
+        return render_prompts(tokenizer, [prompt], cfg, tools)[0]
     head, tail = (
         (prompt[:-1], prompt[-1]["content"]) if prompt[-1]["role"] == "assistant" else (prompt, "")
     )
-    text = render_prompts(tokenizer, [head], dataclasses.replace(cfg, chat=True))[0] + tail
+    text = render_prompts(tokenizer, [head], dataclasses.replace(cfg, chat=True), tools)[0] + tail
     # The raw-text path tokenizes with special tokens; do not let a BOS appear twice.
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:

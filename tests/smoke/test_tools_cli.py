@@ -1,0 +1,97 @@
+"""Commands with `--tools.names calculator` on the tiny model: tool results in training data get no
+loss, generation during evaluation may call the tools, samples record the calls."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import posttrain.rollout
+from posttrain.cli import main
+from posttrain.runs import read_jsonl
+
+TOOL_PAIRS = [
+    {
+        "prompt": f"What is {a} * {b}? ",
+        "completion": f"<calc>{a} * {b}</calc> = {a * b}\n<answer>{a * b}</answer>",
+    }  # fmt: skip
+    for a, b in [(3, 4), (6, 7), (2, 5), (8, 9)]
+]
+
+
+@pytest.fixture()
+def tool_pairs(tmp_path) -> Path:
+    path = tmp_path / "tool_pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in TOOL_PAIRS))
+    return path
+
+
+@pytest.fixture()
+def spy_generate(monkeypatch):
+    """Wraps rollout.generate and records the `tools` of every call."""
+    calls: list = []
+    real = posttrain.rollout.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("tools"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(posttrain.rollout, "generate", spy)
+    return calls
+
+
+def _run_dir(out: Path) -> Path:
+    (path,) = [p for p in out.iterdir() if p.is_dir()]
+    return path
+
+
+def _sft_tokens(tiny_dir, out, data, *extra) -> int:
+    argv = [
+        "sft", "--model.name", str(tiny_dir), "--data.source", str(data),
+        "--data.validation_size=0", "--train.batch_size=4", "--train.max_steps=1",
+        "--run.out_dir", str(out), "--run.threads=1", "--run.progress=false", *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    return read_jsonl(_run_dir(out) / "metrics.jsonl")[0]["tokens"]
+
+
+def test_sft_takes_no_loss_on_tool_results(tiny_dir, tool_pairs, tmp_path):
+    """The results " = 12\n", " = 42\n", " = 10\n", " = 72\n" are, in the tiny tokenizer,
+    [' =', ' 1', '2', '\n'], [' =', ' ', '4', '2', '\n'], [' =', ' 1', '0', '\n'],
+    [' =', ' ', '7', '2', '\n']: 4 + 5 + 4 + 5 = 18 tokens. The labelled tokens of the one step
+    (all four examples) fall by exactly 18 with the calculator named."""
+    plain = _sft_tokens(tiny_dir, tmp_path / "plain", tool_pairs)
+    masked = _sft_tokens(tiny_dir, tmp_path / "tools", tool_pairs, "--tool", "calculator")
+    assert plain - masked == 18
+    config = (_run_dir(tmp_path / "tools") / "config.toml").read_text()
+    assert "[tools]" in config and '"calculator"' in config
+
+
+def test_sft_test_eval_uses_the_tools(tiny_dir, tmp_path, monkeypatch, spy_generate):
+    from test_sft import FakeTask
+
+    import posttrain.tasks
+
+    monkeypatch.setattr(posttrain.tasks, "load_task", lambda cfg: FakeTask())
+    argv = [
+        "sft", "--model.name", str(tiny_dir), "--train.max_steps=1", "--train.batch_size=3",
+        "--eval_limit=2", "--eval_max_new_tokens=4", "--run.out_dir", str(tmp_path),
+        "--run.progress=false", "--tools.names", "calculator",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert len(spy_generate) == 1 and spy_generate[0].tools.keys() == {"calc"}
+
+
+def test_eval_cli_gives_every_strategy_the_tools(tiny_dir, tmp_path, spy_generate):
+    argv = [
+        "eval", "--task", "unit_conversion", "--model", str(tiny_dir), "--strategy", "cot",
+        "--strategy", "self_reflection", "--limit", "2", "--max_new_tokens", "4",
+        "--tool", "calculator", "--run.out_dir", str(tmp_path), "--run.progress=false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert len(spy_generate) == 4  # cot: 1 call; self_reflection: answer, critique, revision
+    assert all(t is not None and t.tools.keys() == {"calc"} for t in spy_generate)
+    lines = read_jsonl(_run_dir(tmp_path) / "results.jsonl")
+    assert len(lines) == 4 and all(isinstance(r["tool_calls"], list) for r in lines)
