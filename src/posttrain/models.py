@@ -172,9 +172,23 @@ def resolve(name: str) -> tuple[str, Path | None]:
             f"directory {name!r} has no config.json (a saved model) or adapter_config.json "
             "(a saved LoRA adapter)"
         )
-    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"model path {name!r} not found")
+    # `runs/x` when ./runs exists is a path, not a hub id `owner/name`
+    local_parent = "/" in name and Path(name.split("/")[0]).is_dir()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or local_parent:
+        raise ModelLoadError(f"model path {name!r} does not exist")
     return "hub", None
+
+
+def check_adapter(path: str) -> None:
+    """A clear error for an `--adapter` that is not a saved LoRA adapter directory."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"adapter path {path!r} does not exist")
+    if not (p / "adapter_config.json").is_file():
+        hint = " (a saved run keeps its adapter in RUN/final/)" if (p / "final").is_dir() else ""
+        raise ModelLoadError(
+            f"{path!r} is not a LoRA adapter directory: it has no adapter_config.json{hint}"
+        )
 
 
 def embedded_dir() -> Path:
@@ -260,6 +274,8 @@ def load_model(
     dev = pick_device(device or cfg.device)
     dt = pick_dtype(dtype or cfg.dtype, dev)
     kind, path = resolve(cfg.name)
+    if cfg.adapter:
+        check_adapter(cfg.adapter)
     if kind == "adapter":
         assert path is not None
         base = ModelConfig(**{**cfg.__dict__, "name": _adapter_base(path), "adapter": str(path)})
@@ -280,10 +296,19 @@ def load_model(
                 revision=cfg.revision,
             )
     except OSError as e:
-        raise ModelLoadError(
-            f"cannot load model {cfg.name!r}: {e}\nGive `default`, a local directory, a .gguf file, "
-            "or a hub id that is in the local cache (or reachable online)."
-        ) from e
+        if kind == "hub":
+            offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+            why = (
+                "not in the local hub cache (HF_HUB_OFFLINE is set)"
+                if offline or "couldn't connect" in str(e)
+                else str(e).splitlines()[0]
+            )
+            raise ModelLoadError(
+                f"cannot load model {cfg.name!r}: there is no such local file or directory, and as "
+                f"a hub id it is {why}. Give `default`, a local directory, a .gguf file, or a hub "
+                "id that is cached (or reachable online)."
+            ) from e
+        raise ModelLoadError(f"cannot load model {cfg.name!r}: {e}") from e
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelLoadError(

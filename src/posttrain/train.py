@@ -50,11 +50,12 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
 
 def load_policy(model_cfg: ModelConfig, lora: LoraConfig, device: torch.device | None = None):
     """The trainable policy: full weights, or a fresh/loaded LoRA adapter (only it trains)."""
-    from posttrain.models import apply_lora, load_model
+    from posttrain.models import apply_lora, check_adapter, load_model
 
     if lora.enabled and model_cfg.adapter:
         from peft import PeftModel
 
+        check_adapter(model_cfg.adapter)
         base_cfg = ModelConfig(**{**model_cfg.__dict__, "adapter": None})
         model, tok = load_model(base_cfg, device=str(device) if device else None)
         model = PeftModel.from_pretrained(model, model_cfg.adapter, is_trainable=True)

@@ -23,7 +23,7 @@ def test_missing_model_errors(tmp_path):
         load_model(str(tmp_path / "nope.gguf"))
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path))
-    with pytest.raises(ModelLoadError, match="not found"):
+    with pytest.raises(ModelLoadError, match="does not exist"):
         resolve("./does/not/exist")
 
 
