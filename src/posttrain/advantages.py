@@ -8,7 +8,8 @@ g), which is how `rollout.generate` returns them.
   MovingAverageBaseline(decay)                 b_t = decay * b_{t-1} + (1 - decay) * mean(r_t)
   rloo_advantages(rewards, k)                  A_i = r_i - mean_{j != i} r_j            RLOO
   group_normalized_advantages(rewards, k)      A_i = (r_i - mean_g) / (std_g + eps)     GRPO
-  gae(rewards, values, mask, gamma, lam)       GAE(gamma, lambda) and returns           PPO
+  gae(rewards, values, mask, gamma, lam)       GAE(gamma, lambda) and returns, over the  PPO
+                                               masked positions (tool tokens skipped)
   whiten(x, mask)                              (x - mean) / std
 
 Rows a reward marked invalid (`valid`/`mask` False) take no part in a group's statistics and get
@@ -128,14 +129,18 @@ def gae(
     gamma: float,
     lam: float,
 ) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016) over right-padded sequences.
+    """Generalised advantage estimation (Schulman et al. 2016) over the masked positions (actions).
 
-    rewards, values, mask: (B, T). With m_t the mask:
-      delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
-      A_t     = delta_t + gamma * lam * A_{t+1} * m_{t+1}
+    rewards, values, mask: (B, T). With t' the next masked-in position after t (none: the episode
+    ends, V = A = 0 there):
+      delta_t = r_t + gamma * V_t' - V_t
+      A_t     = delta_t + gamma * lam * A_t'
       returns = A_t + V_t
-    The value after the last real token is 0 (the episode ends there). Returns (adv, returns),
-    both (B, T), zero at masked positions.
+    Masked-out positions are skipped, not episode ends: right padding, and tokens a tool inserted
+    inside a completion (the environment's answer, not the policy's action: the action before a
+    tool result bootstraps from the value of the action after it, and gamma and lam count actions).
+    Their rewards are ignored. Returns (adv, returns), both (B, T), zero at masked positions; for
+    right-padded masks with no holes this is the usual recursion.
     """
     mask = mask.to(values.dtype)
     B, T = rewards.shape
@@ -143,10 +148,12 @@ def gae(
     next_adv = torch.zeros(B, dtype=values.dtype, device=values.device)
     next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
     for t in reversed(range(T)):
+        act = mask[:, t] > 0  # (B,)
         delta = rewards[:, t] + gamma * next_value - values[:, t]  # (B,)
-        next_adv = (delta + gamma * lam * next_adv) * mask[:, t]
-        adv[:, t] = next_adv
-        next_value = values[:, t] * mask[:, t]
+        a = delta + gamma * lam * next_adv
+        adv[:, t] = a * mask[:, t]
+        next_adv = torch.where(act, a, next_adv)  # a masked position passes both through
+        next_value = torch.where(act, values[:, t], next_value)
     returns = (adv + values) * mask
     return adv, returns
 

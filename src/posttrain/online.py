@@ -12,6 +12,10 @@ Each is used by every online algorithm; the algorithm files keep their loss and 
   micro_batches / accumulation_weight split a step into micro-batches whose summed loss is exact
   step_tokens                         a step's token count over all processes (token_mean normaliser)
   evaluate_policy                     the task's metrics and the reward on validation rows
+
+Tools (`posttrain.tools`): a rollout's tool-inserted tokens are attended to (`completion_mask`,
+the attention mask) but were not sampled by the policy, so every log-prob, loss, KL, entropy and
+length here runs over `Rollout.policy_mask` (`take` returns it as `mask`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from posttrain.ops import (
 )
 from posttrain.rollout import GenerationConfig, Rollout, generate, mix_seed
 from posttrain.tasks.base import columns
+from posttrain.tools import Toolbox
 
 # ---------------------------------------------------------------------------------------------
 # Generation settings: task defaults, config wins
@@ -221,15 +226,17 @@ def take(roll: Rollout, rows: Tensor, **per_row: Tensor | None) -> dict[str, Any
     """The tensors of some rollout rows, completion padding trimmed to the longest row.
 
     Returns input_ids/attention_mask (b, P + T'), mask (b, T'), and each extra (B, T) or (B,)
-    tensor given as a keyword, sliced the same way (None stays None).
+    tensor given as a keyword, sliced the same way (None stays None). The attention mask and the
+    width T' come from the completion mask (tool-inserted tokens are read by the model); `mask`
+    is the policy mask (`Rollout.policy_mask`: tool tokens are 0), the mask of every loss.
     """
     rows = rows.to(roll.completion_mask.device)
-    mask = roll.completion_mask[rows]
-    T = max(1, int(mask.sum(1).max()))
+    attn = roll.completion_mask[rows]  # (b, T) every completion token, tool results included
+    T = max(1, int(attn.sum(1).max()))
     out: dict[str, Any] = {
         "input_ids": torch.cat([roll.prompt_ids[rows], roll.completion_ids[rows, :T]], 1),
-        "attention_mask": torch.cat([roll.prompt_mask[rows], mask[:, :T].long()], 1),
-        "mask": mask[:, :T],
+        "attention_mask": torch.cat([roll.prompt_mask[rows], attn[:, :T].long()], 1),
+        "mask": roll.policy_mask[rows][:, :T],
         "T": T,
     }
     for k, v in per_row.items():
@@ -285,7 +292,8 @@ def score_rollout(
     share_prompts: bool = False,
 ) -> dict[str, Tensor | None]:
     """Before any update: old_logp, entropy, and (with a reference) ref_logp and the exact KL over
-    the vocabulary, all (B, T) on the rollout's full width, zero on padding.
+    the vocabulary, all (B, T) on the rollout's full width, zero on padding and on tool-inserted
+    tokens (`Rollout.policy_mask`).
 
     policy=False skips the policy's forward, for one update per rollout, where the policy being
     updated is the one that sampled: old_logp is then the sampler's (`rollout.logp`, the same
@@ -298,7 +306,41 @@ def score_rollout(
     keys = (["ref_logp"] if ref is not None else []) + (["old_logp", "entropy"] if policy else [])
     keys += ["kl_exact"] if policy and exact and ref is not None else []
     out: dict[str, Tensor | None] = {k: torch.zeros(B, T, device=dev) for k in keys}
-    for rows in micro_batches(B, n_micro):
+    with eval_mode(model):  # dropout off: the log-probs of the policy that sampled (issue #16)
+        _score(model, ref, roll, out, temperature, n_micro, policy, share_prompts)
+    if not policy:
+        out["old_logp"] = roll.logp * roll.policy_mask
+    for k in ("old_logp", "entropy", "ref_logp", "kl_exact"):
+        out.setdefault(k, None)
+    if ref is None:
+        out["ref_logp"] = out["kl_exact"] = None
+    return out
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Any:
+    """The model in eval mode (dropout off) inside the block, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _score(
+    model: Any,
+    ref: Reference | None,
+    roll: Rollout,
+    out: dict[str, Tensor | None],
+    temperature: float,
+    n_micro: int,
+    policy: bool,
+    share_prompts: bool,
+) -> None:
+    """score_rollout's forwards, writing into out's (B, T) tensors."""
+    dev = roll.completion_mask.device
+    for rows in micro_batches(len(roll), n_micro):
         mb = take(roll, rows)
         t, m = mb["T"], mb["mask"]
         ids = mb["input_ids"][:, -t:]
@@ -314,13 +356,6 @@ def score_rollout(
             out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
             if "kl_exact" in out:
                 out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
-    if not policy:
-        out["old_logp"] = roll.logp * roll.completion_mask
-    for k in ("old_logp", "entropy", "ref_logp", "kl_exact"):
-        out.setdefault(k, None)
-    if ref is None:
-        out["ref_logp"] = out["kl_exact"] = None
-    return out
 
 
 def sampler_scores(roll: Rollout) -> dict[str, Tensor | None]:
@@ -328,7 +363,7 @@ def sampler_scores(roll: Rollout) -> dict[str, Tensor | None]:
     importance ratio: old_logp from the sampler (`rollout.logp`, the same quantity); no entropy,
     which the caller then measures in its training forward."""
     return {
-        "old_logp": roll.logp * roll.completion_mask,
+        "old_logp": roll.logp * roll.policy_mask,
         "entropy": None,
         "ref_logp": None,
         "kl_exact": None,
@@ -346,12 +381,15 @@ def evaluate_policy(
     reward_fn: Any,
     rows: list[dict[str, Any]],
     gen: GenerationConfig,
+    tools: Toolbox | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """One completion per validation row: the task's metrics and the mean training reward.
+    tools: the toolbox the policy trains with, so that it is evaluated as it is trained.
 
     -> ({"eval/<metric>": value, "eval/reward": mean}, sample records).
     """
-    roll = generate(model, tok, [r["prompt"] for r in rows], dataclasses.replace(gen, n=1))
+    prompts = [r["prompt"] for r in rows]
+    roll = generate(model, tok, prompts, dataclasses.replace(gen, n=1), tools=tools)
     batch = columns(rows)
     summary, _ = task.evaluate(roll.completions, batch)
     out = reward_fn(roll.prompts, roll.completions, batch, update_stats=False)
@@ -366,11 +404,16 @@ def evaluate_policy(
         {"split": "validation", "prompt": p, "completion": c, "reward": float(r)}
         for p, c, r in zip(roll.prompts[:4], roll.completions[:4], raw[:4])
     ]
+    if roll.tool_calls is not None:
+        metrics.update({f"eval/{k}": v for k, v in tool_metrics(roll).items()})
+        for i, rec in enumerate(samples):
+            rec["tool_calls"] = roll.tool_records(i)
     return metrics, samples
 
 
 def sample_records(roll: Rollout, out: Any, adv: Tensor, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` rollout rows as JSON records: prompt, completion, reward, components, adv."""
+    """The first `limit` rollout rows as JSON records: prompt, completion, reward, components, adv,
+    and with tools the calls each completion made (`tool_calls`: tool, call, result, error)."""
     recs = []
     for i in range(min(limit, len(roll))):
         rec: dict[str, Any] = {
@@ -381,6 +424,8 @@ def sample_records(roll: Rollout, out: Any, adv: Tensor, limit: int) -> list[dic
             "finish": roll.finish_reasons[i],
         }
         rec.update({f"reward/{k}": float(v[i]) for k, v in out.components.items()})
+        if roll.tool_calls is not None:
+            rec["tool_calls"] = roll.tool_records(i)
         recs.append(rec)
     return recs
 
@@ -428,10 +473,11 @@ def rollout_metrics(
     roll: Rollout, out: Any, scores: dict[str, Tensor | None], reward_fn: Any
 ) -> dict[str, float]:
     """What every online step logs about its samples: reward (mean/std/components/skipped),
-    sequence KL to the reference (k1, k3, exact), token entropy, completion length."""
+    sequence KL to the reference (k1, k3, exact), token entropy, completion length, all over the
+    tokens the policy sampled (`Rollout.policy_mask`); with tools, `tool_metrics` too."""
     from posttrain.ops import kl_k1, kl_k3, masked_mean
 
-    mask = roll.completion_mask
+    mask = roll.policy_mask  # (B, T) tool-inserted tokens left out
     valid = out.valid
     raw = (out.raw_total if out.raw_total is not None else out.total)[valid]
     m: dict[str, float] = {
@@ -449,4 +495,17 @@ def rollout_metrics(
         m["kl/k3"] = float(((kl_k3(old, ref) * mask).sum(1)).mean())
         if scores["kl_exact"] is not None:
             m["kl/exact"] = float(scores["kl_exact"].sum(1).mean())
+    if roll.tool_calls is not None:
+        m.update(tool_metrics(roll))
     return m
+
+
+def tool_metrics(roll: Rollout) -> dict[str, float]:
+    """tools/calls: calls per completion; tools/errors: the share of calls that got an error text;
+    tools/tokens: tool-inserted tokens per completion (not in completion_length)."""
+    calls = [c for row in roll.tool_calls or [] for c in row]
+    return {
+        "tools/calls": len(calls) / max(len(roll), 1),
+        "tools/errors": sum(c.error for c in calls) / len(calls) if calls else 0.0,
+        "tools/tokens": float((roll.completion_mask - roll.policy_mask).sum(1).mean()),
+    }

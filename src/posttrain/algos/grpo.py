@@ -21,7 +21,14 @@ update per rollout that forward is skipped and pi_old = pi.detach() (the ratio i
 entropy is measured in the training forward and the exact KL is not logged (`exact_kl=true` brings
 back the scoring forward and kl/exact). The samples of one prompt run the prompt through the model
 once (`share_prompts`, `ops.completion_logits_shared`). eps_high (DAPO's clip-higher) defaults to
-eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO).
+eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO). Dropout is off for the whole
+run (the policy stays in eval mode, as in PPO): with dropout on, pi_old and pi would be two draws
+of a random function and the first ratio would not be 1 (lora.dropout has no effect here).
+
+Tools (`[tools]`, `--tools.names calculator`): the policy may call them while it samples; the
+tokens a tool inserts are attended to but are not the policy's actions, so they get no log-prob,
+no ratio, no loss and no KL, and count in no normaliser (`Rollout.policy_mask` is the mask of
+every loss and metric; `online.take` returns it as `mask`).
 
 Across processes: each prompt samples from its own seed (run seed, position in the prompt stream)
 and token_mean divides by the step's tokens on all processes, so N processes x B prompts train
@@ -76,6 +83,7 @@ from posttrain.ops import (
 from posttrain.rewards import RewardConfig, build_reward
 from posttrain.rollout import generate
 from posttrain.tasks.base import TaskConfig
+from posttrain.tools import Toolbox, ToolConfig
 from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
@@ -87,6 +95,7 @@ class Config:
         "model": "model.name",
         "adapter": "model.adapter",
         "resume": "run.resume",
+        "tool": "tools.names",
     }
     steps: int = 100
     """rollout batches (each followed by inner_epochs x num_minibatches optimizer steps)"""
@@ -137,6 +146,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     gen: GenOverrides = field(default_factory=GenOverrides)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
 
 @dataclass
@@ -265,6 +275,8 @@ def main(cfg: Config) -> int:
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.group_size)
     normaliser = cfg.fixed_normaliser or gen.max_new_tokens
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    model.eval()  # dropout off: pi_old (scoring pass) and pi (training forward) agree (issue #16)
+    toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     # before any resume, so that a "copy" reference holds the initial weights
     ref = build_reference(cfg.ref, model, cfg.kl_coef)
     reward_fn = build_reward(cfg.reward, task, acc.device)
@@ -285,7 +297,7 @@ def main(cfg: Config) -> int:
     policy = acc.unwrap_model(model)
 
     def evaluate(step: int) -> None:
-        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen)
+        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen, toolbox)
         run.log(step, reduce_mean(acc, metrics))
         run.samples(step, samples)
 
@@ -303,7 +315,9 @@ def main(cfg: Config) -> int:
             # seeds from the prompts' global positions: 2 processes x 2 prompts sample what
             # 1 process x 4 prompts does, and a resumed run what the uninterrupted one did
             rows, seeds = prompts.draw(cfg.batch_size)
-            roll = generate(policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds)
+            roll = generate(
+                policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds, tools=toolbox
+            )
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             scores = score_rollout(
@@ -318,7 +332,7 @@ def main(cfg: Config) -> int:
             )
             t2 = time.perf_counter()
             # 2. advantages from the (optionally KL-penalised) rewards
-            mask = roll.completion_mask  # (B, T)
+            mask = roll.policy_mask  # (B, T) the sampled tokens (tool results left out)
             valid = out.valid.to(mask.device)  # (B,)
             rewards = out.total.to(mask.device)  # (B,)
             if ref is not None and cfg.kl_in == "reward":

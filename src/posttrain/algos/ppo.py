@@ -15,7 +15,17 @@ et al. 2017) and GAE (Schulman et al. 2016). Each step:
 Departures from the paper: no reward-model training here (the reward is any `[reward]` source:
 ROUGE, a classifier, a Python function); rewards are standardised by running statistics
 (`reward.normalize`) or per batch (`whiten_rewards`) rather than once before training; dropout is
-off during the update (the model stays in eval mode), so on-policy ratios are exactly 1.
+off during the update (the model stays in eval mode), so on-policy ratios are exactly 1; the
+`fixed` loss reduction divides by rows x `fixed_normaliser` (default gen.max_new_tokens), a
+constant, so micro-batching does not change the loss.
+
+Tools (`[tools]`, `--tools.names calculator`): the policy may call them while it samples. The
+tokens a tool inserts are attended to and seen by the value head, but they are the environment's
+answer, not actions: `Rollout.policy_mask` (not the completion mask) is the mask of the policy,
+value and entropy losses, the KL penalty, the whitening and every metric, and GAE skips them
+(`advantages.gae`: a masked position gets advantage 0 and passes the next action's value and
+advantage through unchanged, so gamma and lambda count actions, and the value of the state after
+a tool result bootstraps the action that made the call). The score goes on the last sampled token.
 
     posttrain ppo --config configs/ppo_summarization.toml --run.threads=1
 """
@@ -44,6 +54,7 @@ from posttrain.ops import (
 from posttrain.rewards import RewardConfig
 from posttrain.rollout import Rollout
 from posttrain.tasks.base import TaskConfig
+from posttrain.tools import ToolConfig
 
 
 def _ppo_task() -> TaskConfig:
@@ -72,6 +83,7 @@ class Config:
         "model": "model.name",
         "adapter": "model.adapter",
         "resume": "run.resume",
+        "tool": "tools.names",
     }
     steps: int = 50
     """PPO steps: one rollout batch, then ppo_epochs of updates on it"""
@@ -101,6 +113,8 @@ class Config:
     """standardise the sequence rewards over the batch before the KL penalty is added"""
     loss_reduction: Reduction = "token_mean"
     """per-token losses -> scalar: token_mean, seq_mean or fixed (exact under grad_accum)"""
+    fixed_normaliser: int = 0
+    """the constant of the fixed reduction: sum / (rows x fixed_normaliser) (0: gen.max_new_tokens)"""
     critic: Literal["head", "separate"] = "head"
     """value function: a head on the policy's trunk, or a separate copy of the model with its own head"""
     value_head: str | None = None
@@ -121,6 +135,7 @@ class Config:
     task: TaskConfig = field(default_factory=_ppo_task)
     gen: GenOverrides = field(default_factory=GenOverrides)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
         rows = self.batch_size * self.samples_per_prompt
@@ -152,8 +167,10 @@ def policy_loss(
     *,
     cliprange: float,
     reduction: Reduction = "token_mean",
+    normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, as a loss to minimise. All inputs (B, T).
+    """PPO's clipped surrogate, as a loss to minimise. All inputs (B, T); normaliser: the
+    constant of the `fixed` reduction (`ops.aggregate_loss`).
 
     ratio = exp(logp - old_logp)
     loss_t = max(-adv * ratio, -adv * clip(ratio, 1 - eps, 1 + eps))
@@ -164,7 +181,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, reduction)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, reduction, normaliser)
     metrics = {
         "clipfrac": masked_mean((clipped > unclipped).float(), mask),
         "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
@@ -181,6 +198,7 @@ def value_loss(
     *,
     cliprange_value: float,
     reduction: Reduction = "token_mean",
+    normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss. All inputs (B, T).
 
@@ -191,25 +209,31 @@ def value_loss(
     v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     err = (values - returns) ** 2
     err_clip = (v_clip - returns) ** 2
-    loss = aggregate_loss(0.5 * torch.maximum(err, err_clip), mask, reduction)
+    loss = aggregate_loss(0.5 * torch.maximum(err, err_clip), mask, reduction, normaliser)
     return loss, {"vf_clipfrac": masked_mean((err_clip > err).float(), mask).detach()}
 
 
 def entropy_loss(
-    entropy: torch.Tensor, mask: torch.Tensor, *, reduction: Reduction = "token_mean"
+    entropy: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    reduction: Reduction = "token_mean",
+    normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The entropy bonus as a loss: -entropy, reduced. entropy (B, T) from `entropy_from_logits`."""
-    loss = aggregate_loss(-entropy, mask, reduction)
+    loss = aggregate_loss(-entropy, mask, reduction, normaliser)
     return loss, {"entropy": masked_mean(entropy, mask).detach()}
 
 
 def per_token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, *, beta: float
 ) -> torch.Tensor:
-    """Ziegler-style rewards (B, T): -beta * kl_t at every completion token, plus the sequence
-    score (B,) at its last token. kl and mask (B, T), completions right-padded."""
+    """Ziegler-style rewards (B, T): -beta * kl_t at every masked token, plus the sequence score
+    (B,) at its last masked token. kl and mask (B, T); the mask may have holes (tool-inserted
+    tokens inside a completion: the policy mask), the score goes on the last sampled token."""
     rewards = -beta * kl * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last real token
+    T = mask.shape[1]
+    last = (T - 1 - (mask.flip(1) > 0).long().argmax(1)).clamp(min=0)  # (B,) last masked index
     has_tokens = (mask.sum(1) > 0).to(rewards.dtype)
     return rewards.scatter_add(1, last[:, None], (scores * has_tokens)[:, None])
 
@@ -320,7 +344,7 @@ def score_rollout(
             if policy:
                 out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
     if not policy:
-        out["old_logp"] = roll.logp * roll.completion_mask
+        out["old_logp"] = roll.logp * roll.policy_mask
     for k in ("values", "entropy", "ref_logp", "kl_exact"):
         out.setdefault(k, None)
     if ref is None:
@@ -334,9 +358,13 @@ def minibatch_loss(
     cfg: Config,
     temperature: float,
     outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward one micro-batch (from `online.take`) and combine the three losses:
     policy_loss + vf_coef * value_loss + ent_coef * entropy_loss -> (loss, detached metrics).
+    normaliser: the `fixed` reduction's constant; pass the run's (`max_new_tokens`), not the
+    micro-batch's width, which `take` trims to its longest completion (None: that width).
 
     outputs: (logits, values) of this micro-batch already computed (with grad), instead of a
     forward here. old_logp / old_values None in mb: on-policy, they are logp / values detached."""
@@ -346,12 +374,12 @@ def minibatch_loss(
     logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T')
     old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]
     old_values = values.detach() if mb["old_values"] is None else mb["old_values"]
-    m, red = mb["loss_mask"], cfg.loss_reduction
-    pg, pg_m = policy_loss(logp, old_logp, mb["adv"], m, cliprange=cfg.cliprange, reduction=red)
-    vf, vf_m = value_loss(values, old_values, mb["returns"], m, cliprange_value=cfg.cliprange_value, reduction=red)  # fmt: skip
+    m, red = mb["loss_mask"], {"reduction": cfg.loss_reduction, "normaliser": normaliser}
+    pg, pg_m = policy_loss(logp, old_logp, mb["adv"], m, cliprange=cfg.cliprange, **red)
+    vf, vf_m = value_loss(values, old_values, mb["returns"], m, cliprange_value=cfg.cliprange_value, **red)  # fmt: skip
     # without an entropy bonus the entropy is only logged: keep it out of the backward graph
     ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())
-    ent, _ = entropy_loss(ent_tok, m, reduction=red)
+    ent, _ = entropy_loss(ent_tok, m, **red)
     loss = pg + cfg.vf_coef * vf + cfg.ent_coef * ent
     metrics = {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent, "loss/total": loss}
     metrics |= {f"ppo/{k}": v for k, v in (pg_m | vf_m).items()}
@@ -396,6 +424,7 @@ def main(cfg: Config) -> int:
     from posttrain.rewards import build_reward
     from posttrain.rollout import generate
     from posttrain.tasks import load_task
+    from posttrain.tools import Toolbox
     from posttrain.train import (
         StopOnInterrupt,
         build_optimizer,
@@ -415,6 +444,8 @@ def main(cfg: Config) -> int:
     acc, run = start(cfg, "ppo")
     task = load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
+    normaliser = cfg.fixed_normaliser or gen.max_new_tokens  # `fixed`: a constant (issue #16)
+    toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     policy, tok = load_policy(cfg.model, cfg.lora, acc.device)
     critic = None
     if cfg.critic == "separate":
@@ -446,7 +477,7 @@ def main(cfg: Config) -> int:
     ac, opt = acc.prepare(ac, opt)
 
     def evaluate(step: int) -> None:
-        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen)
+        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen, toolbox)
         run.log(step, reduce_mean(acc, metrics))
         run.samples(step, samples)
 
@@ -466,7 +497,9 @@ def main(cfg: Config) -> int:
             # 1. rollout and the task reward
             t0 = time.perf_counter()
             rows, seeds = prompts.draw(cfg.batch_size)  # seeds: one per prompt (PromptStream)
-            roll = generate(policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds)
+            roll = generate(
+                policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds, tools=toolbox
+            )
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             t2 = time.perf_counter()
@@ -486,7 +519,8 @@ def main(cfg: Config) -> int:
                 s["entropy"] = torch.zeros_like(roll.completion_mask)
                 s["entropy"][:, :t] = entropy_from_logits(outputs[0].detach()) * m_
             valid = out.valid.to(acc.device)
-            mask = roll.completion_mask.float() * valid[:, None]  # (B, T), skipped rows left out
+            # (B, T) the sampled tokens (tool results left out), skipped rows left out
+            mask = roll.policy_mask.float() * valid[:, None]
             scores = out.total.to(mask)  # (B,)
             if cfg.whiten_rewards:
                 scores = whiten(scores, valid.float())
@@ -517,8 +551,9 @@ def main(cfg: Config) -> int:
                                   groups=roll.prompt_index)  # fmt: skip
                         mb = drop_left_padding(mb)
                         loss, m = minibatch_loss(
-                            ac, mb, cfg, gen.temperature, outputs if single else None
-                        )
+                            ac, mb, cfg, gen.temperature, outputs if single else None,
+                            normaliser=normaliser,
+                        )  # fmt: skip
                         w = accumulation_weight(
                             mb["loss_mask"], cfg.loss_reduction,
                             step_rows=len(mb_rows), step_tokens=mb_tokens,

@@ -13,7 +13,13 @@ k3 = ref/pi - log(ref/pi) - 1. Note: k1 in the *loss* has zero expected gradient
 score function); use k1 in the reward or k3 in the loss.
 
 Departures from the textbook: log-probs are of the tempered policy (logits / gen.temperature), the
-distribution the samples came from; the moving-average baseline of step t uses steps < t only.
+distribution the samples came from; the moving-average baseline of step t uses steps < t only;
+dropout is off for the whole run (the policy stays in eval mode, as in PPO), so the sampler, the
+scoring pass and the training forward are one function (lora.dropout has no effect here).
+
+Tools (`[tools]`, `--tools.names calculator`): the policy may call them while it samples; the
+tokens a tool inserts are attended to but are not the policy's actions, so they get no log-prob,
+no loss and no KL, and count in no length (`Rollout.policy_mask` is the mask everywhere below).
 
     posttrain reinforce --config configs/reinforce_sentiment.toml
     posttrain reinforce --task.name=sentiment --kl_coef=0.05 --lora.enabled=true
@@ -62,6 +68,7 @@ from posttrain.ops import (
 from posttrain.rewards import RewardConfig, build_reward
 from posttrain.rollout import generate
 from posttrain.tasks.base import TaskConfig
+from posttrain.tools import Toolbox, ToolConfig
 from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
@@ -73,6 +80,7 @@ class Config:
         "model": "model.name",
         "adapter": "model.adapter",
         "resume": "run.resume",
+        "tool": "tools.names",
     }
     steps: int = 200
     """optimizer steps; each samples a fresh batch"""
@@ -107,6 +115,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     gen: GenOverrides = field(default_factory=GenOverrides)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
 
 def reinforce_loss(
@@ -141,6 +150,8 @@ def main(cfg: Config) -> int:
     task = tasks.load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    model.eval()  # dropout off: scoring and training forwards equal the sampler's (issue #16)
+    toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     # before any resume, so that a "copy" reference holds the initial weights
     ref = build_reference(cfg.ref, model, cfg.kl_coef)
     reward_fn = build_reward(cfg.reward, task, acc.device)
@@ -160,7 +171,7 @@ def main(cfg: Config) -> int:
     policy = acc.unwrap_model(model)
 
     def evaluate(step: int) -> None:
-        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen)
+        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen, toolbox)
         run.log(step, reduce_mean(acc, metrics))
         run.samples(step, samples)
 
@@ -180,7 +191,9 @@ def main(cfg: Config) -> int:
             # 1. rollout and reward
             t0 = time.perf_counter()
             rows, seeds = prompts.draw(cfg.batch_size)  # seeds: one per prompt (PromptStream)
-            roll = generate(policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds)
+            roll = generate(
+                policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds, tools=toolbox
+            )
             t1 = time.perf_counter()
             out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
             if ref is None:  # nothing needs a forward pass before the update
@@ -200,7 +213,7 @@ def main(cfg: Config) -> int:
                 )
             t2 = time.perf_counter()
             # 2. advantages: (penalised) reward minus baseline, 0 for skipped samples
-            mask = roll.completion_mask  # (B, T)
+            mask = roll.policy_mask  # (B, T) the sampled tokens (tool results left out)
             valid = out.valid.to(mask.device)  # (B,)
             rewards = out.total.to(mask.device)  # (B,)
             if ref is not None and cfg.kl_in == "reward":
