@@ -3,6 +3,9 @@
 posttrain generate --model default --prompt "Name three colours." --chat
 posttrain generate --input prompts.txt --output out.jsonl --gen.temperature=0.7 --gen.n=4
 posttrain generate --input reviews.csv --column text --limit 100 --gen.max_new_tokens=20
+posttrain generate --prompt "What is 37 * 1.609344? " --tool calculator
+
+With tools, each record also lists the calls its completion made ("tool_calls").
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import ClassVar
 
 from posttrain.config import ConfigError, ModelConfig
 from posttrain.rollout import GenerationConfig
+from posttrain.tools import Toolbox, ToolConfig
 
 
 def _greedy() -> GenerationConfig:
@@ -32,6 +36,7 @@ class Config:
         "temperature": "gen.temperature",
         "max-new-tokens": "gen.max_new_tokens",
         "n": "gen.n",
+        "tool": "tools.names",
     }
     prompts: list[str] = field(default_factory=list)
     """prompts given on the command line (repeat --prompt for several)"""
@@ -49,8 +54,11 @@ class Config:
     """random seed for sampling"""
     progress: bool = True
     """show a progress bar"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default); training commands and eval call it --run.threads"""
     model: ModelConfig = field(default_factory=ModelConfig)
     gen: GenerationConfig = field(default_factory=_greedy)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
 
 def read_prompts(cfg: Config) -> list[str]:
@@ -84,10 +92,15 @@ def main(cfg: Config) -> int:
     from posttrain.runs import seed_everything
 
     prompts = read_prompts(cfg)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model, tok = load_model(cfg.model)
     show = cfg.progress and (len(prompts) * cfg.gen.n > 8 or cfg.output is not None)
-    roll = generate(model, tok, prompts, cfg.gen, progress=show)
+    tools = Toolbox.from_config(cfg.tools)
+    roll = generate(model, tok, prompts, cfg.gen, progress=show, tools=tools)
     out = open(cfg.output, "w") if cfg.output else None  # noqa: SIM115
     try:
         for i, text in enumerate(roll.completions):
@@ -98,6 +111,8 @@ def main(cfg: Config) -> int:
                 "finish_reason": roll.finish_reasons[i],
                 "tokens": int(roll.completion_mask[i].sum()),
             }
+            if tools is not None:
+                rec["tool_calls"] = roll.tool_records(i)
             if out:
                 out.write(json.dumps(rec) + "\n")
             elif len(prompts) == 1 and cfg.gen.n == 1:

@@ -97,3 +97,16 @@ def test_embedded_default_chat_reply(capsys):
     )
     assert "Paris" in roll.completions[0]
     assert roll.finish_reasons[0] == "eos"
+
+
+def test_generate_takes_threads(tiny_dir, capsys):
+    """README: `--threads=N` for generate, as `--run.threads=N` for the commands that write runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        argv = ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--threads=1", "--n=1"]
+        assert main(argv + ["--gen.max_new_tokens=2"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
