@@ -313,3 +313,49 @@ def test_separate_critic_values_and_frozen_lm_head(tiny_dir):
     _, values = ac(ids, attn, 3)
     hidden = critic(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
     assert torch.allclose(values, head(hidden[-1][:, 3:6]), atol=1e-5)
+
+
+def test_fixed_reduction_micro_batch_1x4_equals_4x1(tiny):
+    """Issue #16: `take` trims a micro-batch to its longest completion, so a `fixed` reduction
+    normalised by the micro-batch's width changed with the grouping of ragged rows. With the run's
+    constant (max_new_tokens) four micro-batches of one row, each weighted by
+    `accumulation_weight`, give the gradient of one batch of four."""
+    from posttrain.algos.ppo import drop_left_padding, minibatch_loss
+    from posttrain.online import accumulation_weight, take
+    from posttrain.rollout import generate
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    prompts = ["hello", "The quick brown fox", "Paris", "This film is"]
+    roll = generate(model, tok, prompts, GenerationConfig(max_new_tokens=6))
+    lengths = torch.tensor([2, 6, 3, 5])
+    roll.completion_mask = (torch.arange(6)[None] < lengths[:, None]).float()
+    ac = ActorCritic(model, ValueHead(hidden_size(model)))
+    torch.nn.init.normal_(ac.value_head.summary.weight, std=0.1)
+    s = score_rollout(ac, None, roll, temperature=1.0, n_micro=1)
+    g = torch.Generator().manual_seed(1)
+    per_row = {
+        "old_logp": s["old_logp"] - 0.1 * torch.rand(4, 6, generator=g),  # ratios != 1
+        "old_values": s["values"],
+        "adv": torch.randn(4, 6, generator=g),
+        "returns": torch.randn(4, 6, generator=g),
+        "loss_mask": roll.completion_mask,
+    }
+    cfg = load_config(Config, None, ["--loss_reduction=fixed", "--ent_coef=0.01"])
+    params = [p for p in ac.parameters() if p.requires_grad]
+
+    def grad(rows, normaliser):
+        mb = drop_left_padding(take(roll, rows, **per_row))
+        loss, _ = minibatch_loss(ac, mb, cfg, 1.0, normaliser=normaliser)
+        w = accumulation_weight(mb["loss_mask"], "fixed", step_rows=4, step_tokens=0)
+        return torch.autograd.grad(loss * w, params, allow_unused=True)
+
+    def accumulated(normaliser):
+        parts = [grad(torch.tensor([i]), normaliser) for i in range(4)]
+        return [sum(p[k] for p in parts) if parts[0][k] is not None else None for k in range(len(params))]  # fmt: skip
+
+    def close(a, b):
+        return all(x is None or torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+    assert close(accumulated(6), grad(torch.arange(4), 6))
+    assert not close(accumulated(None), grad(torch.arange(4), None))  # the micro-batch's width
