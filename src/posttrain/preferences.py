@@ -15,6 +15,11 @@ right-padded, chosen rows first, then rejected rows), which `ops.completion_logp
 
 `build_pairs` makes pairs from a policy and a reward: n >= 2 samples per prompt, scored, the best
 and the worst kept when their score gap exceeds `min_gap`. Commands reach it with `--build.enabled`.
+
+Tools (a posttrain.tools.Toolbox): pairs built with tools hold the calls and their results in the
+completion text; `tokenize_pairs(..., tools=)` gives each completion a mask that leaves out the tool
+results (`chosen_mask`, `rejected_mask`), which `collate_pairs` makes the loss mask, so no tool
+token gets a log-prob in the DPO loss (the tokens stay in the attention).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 
 from posttrain.config import ConfigError
 from posttrain.rollout import GenerationConfig
+from posttrain.tools import Toolbox
 
 Record = dict[str, Any]
 RewardFn = Callable[[list[Any], list[str], dict[str, list[Any]]], Any]
@@ -233,7 +239,13 @@ def prompt_text(tok: Any, prompt: str | list[dict[str, str]], cfg: PairsConfig) 
 
 
 def tokenize_pairs(
-    tok: Any, records: list[Record], cfg: PairsConfig, *, joined: bool = False, suffix: str = ""
+    tok: Any,
+    records: list[Record],
+    cfg: PairsConfig,
+    *,
+    joined: bool = False,
+    suffix: str = "",
+    tools: Toolbox | None = None,
 ) -> tuple[list[Record], Counter]:
     """Validated, tokenized pairs and counts of what was dropped or truncated.
 
@@ -242,8 +254,13 @@ def tokenize_pairs(
     so the loss can mask the prompt exactly. Reward model (joined=True): the whole text
     prompt + completion is tokenized as one string (as a reward scores it at inference), kept in
     chosen_ids/rejected_ids with prompt_ids empty, followed by `suffix` (joined only), which
-    truncation never cuts.
+    truncation never cuts. With `tools` (DPO only), chosen_mask/rejected_mask hold 0 on the tokens
+    of tool results and 1 elsewhere.
     """
+    from posttrain.data import IGNORE_INDEX, tool_labels
+
+    if joined and tools is not None:
+        raise ValueError("tool masks are for DPO's separate completions, not joined sequences")
     counts: Counter = Counter()
     items: list[Record] = []
     eos = [tok.eos_token_id] if not joined and tok.eos_token_id is not None else []
@@ -270,16 +287,22 @@ def tokenize_pairs(
         for key in ("chosen", "rejected"):
             if joined:
                 ids = tok(text + rec[key], add_special_tokens=not chat)["input_ids"]
+                keep = [1] * len(ids)
             else:
-                ids = tok(rec[key], add_special_tokens=False)["input_ids"]
+                ids, labels = tool_labels(tok, rec[key], tools)
+                keep = [int(lab != IGNORE_INDEX) for lab in labels]
             if len(ids) + len(eos) > budget:
                 counts[f"truncated {key}"] += 1
                 ids = ids[: budget - len(eos)] + eos + suffix_ids
+                keep = keep[: budget - len(eos)] + [1] * len(eos)
             elif suffix_ids:  # whole: one string, as the reward tokenizes it at inference
                 ids = tok(text + rec[key] + suffix, add_special_tokens=not chat)["input_ids"]
             else:
                 ids = ids + eos
+                keep = keep + [1] * len(eos)
             item[f"{key}_ids"] = ids
+            if tools is not None:
+                item[f"{key}_mask"] = keep
         items.append(item)
     if not items:
         raise ConfigError(f"no valid preference pairs left ({dict(counts)})")
@@ -292,7 +315,7 @@ class PairBatch:
 
     input_ids: torch.Tensor  # (2B, P + T) prompt left-padded, completion right-padded
     attention_mask: torch.Tensor  # (2B, P + T)
-    mask: torch.Tensor  # (2B, T) 1.0 on completion tokens; the loss sees only these
+    mask: torch.Tensor  # (2B, T) 1.0 on completion tokens (less tool results); the loss sees these
     index: list[int] = field(default_factory=list)  # (B,) record index of each pair
 
     @property
@@ -313,7 +336,8 @@ class PairBatch:
 
 
 def collate_pairs(items: list[Record], pad_id: int) -> PairBatch:
-    """Stack pairs into one concatenated batch (one forward pass for chosen and rejected)."""
+    """Stack pairs into one concatenated batch (one forward pass for chosen and rejected). Items
+    with chosen_mask/rejected_mask (tools) leave those tokens out of the loss mask."""
     prompts = [it["prompt_ids"] for it in items] * 2
     comps = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
     P, T = max(len(p) for p in prompts), max(len(c) for c in comps)
@@ -323,7 +347,12 @@ def collate_pairs(items: list[Record], pad_id: int) -> PairBatch:
         ids[r, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
         ids[r, P : P + len(c)] = torch.tensor(c, dtype=torch.long)
         attn[r, P - len(p) : P + len(c)] = 1
-    return PairBatch(ids, attn, attn[:, P:].float(), [it["index"] for it in items])
+    mask = attn[:, P:].float()  # (2B, T)
+    if "chosen_mask" in items[0]:
+        keeps = [it["chosen_mask"] for it in items] + [it["rejected_mask"] for it in items]
+        for r, keep in enumerate(keeps):
+            mask[r, : len(keep)] *= torch.tensor(keep, dtype=mask.dtype)
+    return PairBatch(ids, attn, mask, [it["index"] for it in items])
 
 
 def collate_sequences(
@@ -394,6 +423,7 @@ def build_pairs(
     min_gap: float,
     pairs_per_prompt: int = 1,
     progress: bool = False,
+    tools: Toolbox | None = None,
 ) -> tuple[list[Record], dict[str, float]]:
     """Sample gen.n >= 2 completions per row["prompt"], score them, keep (best, worst) pairs.
 
@@ -401,7 +431,8 @@ def build_pairs(
     columnar batch (the task reward signature). A pair is kept when best - worst > min_gap and the
     two texts differ. With pairs_per_prompt = m > 1 the samples sorted by score also give the
     pairs (2nd best, 2nd worst), ... up to m disjoint pairs (no sample is used twice), each
-    checked the same way. Returns (records, stats).
+    checked the same way. With `tools` the policy may call them while it samples; a record then
+    lists each completion's calls (chosen_tool_calls, rejected_tool_calls). Returns (records, stats).
     """
     from posttrain.rollout import generate
     from posttrain.tasks.base import columns
@@ -414,7 +445,7 @@ def build_pairs(
             f"(n={gen.n}): each pair takes two distinct samples"
         )
     prompts = [r["prompt"] for r in rows]
-    ro = generate(model, tok, prompts, gen, progress=progress)
+    ro = generate(model, tok, prompts, gen, progress=progress, tools=tools)
     rep = [rows[i] for i in ro.prompt_index.tolist()]
     scores = reward_fn([r["prompt"] for r in rep], ro.completions, columns(rep))
     scores = torch.as_tensor(scores, dtype=torch.float32).flatten().cpu()  # (B * n,)
@@ -437,15 +468,17 @@ def build_pairs(
             ):
                 skipped["identical or empty text"] += 1
             else:
-                records.append(
-                    {
-                        "prompt": row["prompt"],
-                        "chosen": texts[best],
-                        "rejected": texts[worst],
-                        "score_chosen": float(s[best]),
-                        "score_rejected": float(s[worst]),
-                    }
-                )
+                rec = {
+                    "prompt": row["prompt"],
+                    "chosen": texts[best],
+                    "rejected": texts[worst],
+                    "score_chosen": float(s[best]),
+                    "score_rejected": float(s[worst]),
+                }
+                if tools is not None:
+                    for key, j in (("chosen", best), ("rejected", worst)):
+                        rec[f"{key}_tool_calls"] = ro.tool_records(i * gen.n + j)
+                records.append(rec)
                 gaps.append(gap)
     stats = {
         "prompts": float(len(rows)),
@@ -460,9 +493,15 @@ def build_pairs(
 
 
 def build_from_task(
-    model: Any, tok: Any, task_cfg: Any, build: BuildConfig, progress: bool = False
+    model: Any,
+    tok: Any,
+    task_cfg: Any,
+    build: BuildConfig,
+    progress: bool = False,
+    tools: Toolbox | None = None,
 ) -> tuple[list[Record], dict[str, float], GenerationConfig]:
-    """build_pairs over the first build.prompts rows of the task's train split, with its reward."""
+    """build_pairs over the first build.prompts rows of the task's train split, with its reward
+    (the policy calling `tools`, if any)."""
     import dataclasses
 
     from posttrain.tasks import load_task
@@ -483,6 +522,7 @@ def build_from_task(
         min_gap=build.min_gap,
         pairs_per_prompt=build.pairs_per_prompt,
         progress=progress,
+        tools=tools,
     )
     if not records:
         raise ConfigError(
@@ -493,12 +533,12 @@ def build_from_task(
 
 
 def pair_records(
-    cfg: Any, run_path: Path, model: Any = None, tok: Any = None
+    cfg: Any, run_path: Path, model: Any = None, tok: Any = None, tools: Toolbox | None = None
 ) -> tuple[list[Record], list[Record]]:
     """(train, held-out) records for a command with `data`, `build`, `task` and `run` sections.
 
-    With build.enabled the pairs are sampled from `model` (or build.model) and written to
-    RUN/pairs.jsonl; on resume that file is read back instead of sampling again.
+    With build.enabled the pairs are sampled from `model` (or build.model), calling `tools` if
+    any, and written to RUN/pairs.jsonl; on resume that file is read back instead of sampling again.
     """
     data: PairsConfig = cfg.data
     if cfg.build.enabled:
@@ -509,7 +549,7 @@ def pair_records(
 
                 model, tok = load_model(cfg.build.model or cfg.model.name, device=cfg.model.device)
             records, stats, gen = build_from_task(
-                model, tok, cfg.task, cfg.build, progress=cfg.run.progress
+                model, tok, cfg.task, cfg.build, progress=cfg.run.progress, tools=tools
             )
             write_jsonl(path, records)
             (run_path / "pairs_stats.json").write_text(json.dumps(stats, indent=1))

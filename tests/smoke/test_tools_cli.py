@@ -95,3 +95,92 @@ def test_eval_cli_gives_every_strategy_the_tools(tiny_dir, tmp_path, spy_generat
     assert all(t is not None and t.tools.keys() == {"calc"} for t in spy_generate)
     lines = read_jsonl(_run_dir(tmp_path) / "results.jsonl")
     assert len(lines) == 4 and all(isinstance(r["tool_calls"], list) for r in lines)
+
+
+def test_rft_samples_with_tools_and_records_calls(tiny_dir, tmp_path, monkeypatch, spy_generate):
+    import torch
+    from test_sft import FakeTask
+
+    import posttrain.tasks
+
+    class AnyTask(FakeTask):
+        def reward(self, prompts, completions, batch):
+            return torch.ones(len(completions))
+
+    monkeypatch.setattr(posttrain.tasks, "load_task", lambda cfg: AnyTask())
+    argv = [
+        "rft", "--model.name", str(tiny_dir), "--k=2", "--questions=2", "--gen.max_new_tokens=4",
+        "--train.max_steps=1", "--train.batch_size=2", "--eval_limit=2",
+        "--eval_max_new_tokens=4", "--lora.r=4", "--tool", "calculator",
+        "--run.out_dir", str(tmp_path), "--run.progress=false", "--run.threads=1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert len(spy_generate) == 2 and all(t.tools.keys() == {"calc"} for t in spy_generate)
+    samples = read_jsonl(_run_dir(tmp_path) / "samples.jsonl")
+    assert len(samples) == 4 and all(isinstance(s["tool_calls"], list) for s in samples)
+
+
+def test_distill_with_tools(tiny_dir, tool_pairs, tmp_path):
+    argv = [
+        "distill", "--model.name", str(tiny_dir), "--teacher.name", str(tiny_dir),
+        "--data.source", str(tool_pairs), "--data.validation_size=0", "--train.batch_size=4",
+        "--train.max_steps=1", "--tool", "calculator", "--run.out_dir", str(tmp_path),
+        "--run.progress=false", "--run.threads=1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    (rec,) = [r for r in read_jsonl(_run_dir(tmp_path) / "metrics.jsonl") if "loss" in r]
+    # the same 18 result tokens as in sft are left out (see test_sft_takes_no_loss_on_tool_results)
+    plain = sum(
+        len(tok_ids) + 1
+        for tok_ids in _completion_ids(tiny_dir, [r["completion"] for r in TOOL_PAIRS])
+    )
+    assert rec["tokens"] == plain - 18
+
+
+def _completion_ids(tiny_dir, texts):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_dpo_with_tool_pairs(tiny_dir, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": " I do not know."}
+        for r in TOOL_PAIRS
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    argv = [
+        "dpo", "--model.name", str(tiny_dir), "--data.source", str(path),
+        "--data.eval_fraction=0", "--batch_size=2", "--max_steps=2", "--tool", "calculator",
+        "--run.out_dir", str(tmp_path / "runs"), "--run.progress=false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    metrics = [r for r in read_jsonl(_run_dir(tmp_path / "runs") / "metrics.jsonl") if "loss" in r]
+    assert len(metrics) == 2 and all(r["loss"] == r["loss"] for r in metrics)  # finite
+
+
+def test_dpo_builds_pairs_with_tools(tiny_dir, tmp_path, spy_generate):
+    argv = [
+        "dpo", "--model.name", str(tiny_dir), "--build.enabled=true", "--build.prompts=4",
+        "--build.n=2", "--build.min_gap=-1", "--build.max_new_tokens=4", "--build.only=true",
+        "--tool", "calculator", "--run.out_dir", str(tmp_path), "--run.progress=false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert len(spy_generate) == 1 and spy_generate[0].tools.keys() == {"calc"}
+    pairs = read_jsonl(_run_dir(tmp_path) / "pairs.jsonl")
+    assert pairs and all(isinstance(p["chosen_tool_calls"], list) for p in pairs)
+
+
+def test_generate_with_tools_records_calls(tiny_dir, tmp_path, spy_generate):
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "generate", "--model", str(tiny_dir), "--prompt", "What is 3 * 4? ", "--n", "2",
+        "--gen.temperature=1.0", "--gen.max_new_tokens=4", "--tool", "calculator",
+        "--output", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert spy_generate[0].tools.keys() == {"calc"}
+    lines = read_jsonl(out)
+    assert len(lines) == 2 and all(r["tool_calls"] == [] for r in lines)

@@ -110,3 +110,57 @@ def test_a_token_across_the_result_boundary_is_masked(tools):
     assert tools.result_spans(text) == [(14, 19)]
     ids, labels = tool_labels(Fake(), text, tools)
     assert ids == [1, 2, 3] and labels == [1, X, X]
+
+
+def test_dpo_pair_mask_leaves_out_tool_results(tok, tools):
+    """chosen = COMPLETION (29 tokens, results at 17-20) + EOS; rejected = " no" + EOS. The loss
+    mask of the chosen row is 1 on its 26 policy tokens and 0 on the 4 result tokens; the summed
+    log-prob is the sum of the per-token log-probs at those 26 positions only."""
+    import torch
+
+    from posttrain.algos.dpo import pair_logps
+    from posttrain.ops import selective_log_softmax
+    from posttrain.preferences import PairsConfig, collate_pairs, tokenize_pairs
+
+    rec = {"prompt": "What is 3 * 4? ", "chosen": COMPLETION, "rejected": " no"}
+    (item,), _ = tokenize_pairs(tok, [rec], PairsConfig(), tools=tools)
+    assert item["chosen_mask"] == [1] * 17 + [0] * 4 + [1] * 8 + [1]
+    assert item["rejected_mask"] == [1] * len(item["rejected_ids"])
+    batch = collate_pairs([item], tok.pad_token_id)
+    T = batch.n_completion
+    assert T == 30 and batch.mask[0].tolist() == [1.0] * 17 + [0.0] * 4 + [1.0] * 9
+    n_rej = len(item["rejected_ids"])
+    assert batch.mask[1].tolist() == [1.0] * n_rej + [0.0] * (T - n_rej)
+    (plain,), _ = tokenize_pairs(tok, [rec], PairsConfig())
+    assert "chosen_mask" not in plain and plain["chosen_ids"] == item["chosen_ids"]
+
+    from conftest import build_model
+
+    model = build_model(tok)
+    with torch.no_grad():
+        logp = pair_logps(model, batch)  # (2,)
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        tok_logp = selective_log_softmax(full[:, -T - 1 : -1], batch.input_ids[:, -T:])  # (2, T)
+    keep = [t for t in range(T) if not 17 <= t <= 20]
+    assert torch.allclose(logp[0], tok_logp[0, keep].sum(), atol=1e-4)
+    assert not torch.allclose(logp[0], tok_logp[0].sum(), atol=1e-4)
+
+
+def test_distill_loss_skips_tool_tokens():
+    """V = 2, labels [-100, 0, -100, 1]: position 2 is a tool result (label -100 from tool_labels),
+    so positions 0 and 2 predict labels and position 1 predicts the tool token. The student's
+    logits are 0 where they count (CE = log 2 each, KL to a uniform teacher = 0) and wildly off at
+    position 1. With w = 0.5, T = 1: loss = 0.5 * (log 2 + log 2) / 2 + 0.5 * 0 = 0.5 * log 2."""
+    import math
+
+    import torch
+
+    from posttrain.algos.distill import distill_loss
+
+    labels = torch.tensor([[X, 0, X, 1]])
+    student = torch.zeros(1, 4, 2)
+    student[0, 1] = torch.tensor([20.0, -20.0])  # predicts the tool token: must not count
+    teacher = torch.zeros(1, 4, 2)
+    loss, m = distill_loss(student, teacher, labels, weight=0.5, temperature=1.0)
+    assert loss.item() == pytest.approx(0.5 * math.log(2), abs=1e-6)
+    assert m["tokens"].item() == 2 and m["kl"].item() == pytest.approx(0.0, abs=1e-6)

@@ -11,7 +11,9 @@ Teacher and student must share a tokenizer: the loss compares distributions over
     posttrain distill --config configs/distill.toml
     posttrain distill --model default --teacher.name runs/rft-.../final --lora.enabled=true
 
-The training loop is `sft.fit`; only the per-batch loss differs.
+The training loop is `sft.fit`; only the per-batch loss differs. With `[tools]` (`--tool
+calculator`), tool results in the data's completions get label -100, so neither the cross-entropy
+nor the KL term is taken there; the teacher's forward pass still reads them (they are context).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from posttrain.algos.sft import (
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
 from posttrain.data import IGNORE_INDEX
 from posttrain.tasks.base import TaskConfig
+from posttrain.tools import Toolbox, ToolConfig
 
 
 def _optim() -> OptimConfig:
@@ -46,6 +49,7 @@ class Config:
         "model": "model.name",
         "teacher": "teacher.name",
         "resume": "run.resume",
+        "tool": "tools.names",
     }
     weight: float = 0.5
     """w: share of the KL term; 0 is plain SFT, 1 is pure distillation"""
@@ -67,6 +71,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -141,8 +146,9 @@ def main(cfg: Config) -> int:
     teacher.requires_grad_(False)
     vocab = check_tokenizers(tok, teacher_tok, cfg.model.name, cfg.teacher.name)
     train_rows, val_rows, fmt = load_rows(cfg)
-    train_set = encode_rows(train_rows, tok, cfg.data, fmt)
-    val_set = encode_rows(val_rows, tok, cfg.data, fmt)
+    tools = Toolbox.from_config(cfg.tools)
+    train_set = encode_rows(train_rows, tok, cfg.data, fmt, tools)
+    val_set = encode_rows(val_rows, tok, cfg.data, fmt, tools)
 
     def loss_fn(model: Any, batch: dict[str, torch.Tensor], normaliser: Any):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -16,6 +16,11 @@ IPO (Azar et al. 2023, length-normalised log-probs as in TRL), cDPO (label smoot
     posttrain dpo --data.source=pairs.jsonl --beta=0.1 --optim.lr=5e-7
     posttrain dpo --config configs/dpo_sentiment.toml            # build pairs, train, evaluate
     posttrain dpo --config configs/dpo_sentiment.toml --sweep.betas=[0.05,0.1,0.5]
+
+Tools (`[tools]`, `--tool calculator`): completions that hold tool calls get no log-prob on the
+tool results (`preferences.tokenize_pairs(tools=)`: the loss mask leaves them out, in the policy's
+and the reference's sums and in the length normalisation); pairs built with --build.enabled are
+sampled with the tools, and the task evaluation samples with them too.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from posttrain.preferences import (
     tokenize_pairs,
 )
 from posttrain.tasks.base import TaskConfig
+from posttrain.tools import Toolbox, ToolConfig
 
 Metrics = dict[str, torch.Tensor]
 
@@ -94,6 +100,7 @@ class Config:
         "model": "model.name",
         "data": "data.source",
         "loss": "loss_type",
+        "tool": "tools.names",
     }
     loss_type: LossType = LossType.DPO
     """dpo, ipo, cdpo (label-smoothed) or simpo (reference-free)"""
@@ -126,6 +133,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
         if self.beta <= 0:
@@ -332,11 +340,13 @@ def heldout_metrics(
 
 
 def task_eval(cfg: Config, model: Any, tok: Any) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Mean task reward and task metrics of samples on cfg.eval.split (seeded, RNG restored)."""
+    """Mean task reward and task metrics of samples on cfg.eval.split (seeded, RNG restored),
+    sampled with cfg.tools; with tools each sample lists its calls ("tool_calls")."""
     from posttrain.rollout import generate
     from posttrain.tasks import columns, load_task
 
     task = load_task(cfg.task)
+    tools = Toolbox.from_config(cfg.tools)
     rows = task.rows(cfg.eval.split)[: cfg.eval.size]
     gen = task.generation()
     if cfg.eval.max_new_tokens:
@@ -344,13 +354,16 @@ def task_eval(cfg: Config, model: Any, tok: Any) -> tuple[dict[str, float], list
     batch = columns(rows)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed + 1)
-        ro = generate(model, tok, batch["prompt"], gen)
+        ro = generate(model, tok, batch["prompt"], gen, tools=tools)
     rewards = torch.as_tensor(task.reward(batch["prompt"], ro.completions, batch)).float()
     summary, _ = task.evaluate(ro.completions, batch)
     samples = [
         {"prompt": p, "completion": c, "reward": float(r)}
         for p, c, r in zip(batch["prompt"], ro.completions, rewards)
     ]
+    if tools is not None:
+        for i, sample in enumerate(samples):
+            sample["tool_calls"] = ro.tool_records(i)
     return {"task/reward": float(rewards.mean()), **{f"task/{k}": v for k, v in summary.items()}}, (
         samples
     )
@@ -374,12 +387,13 @@ def train(cfg: Config) -> Path:
 
     acc, run = start(cfg, "dpo")
     policy, tok = load_policy(cfg.model, cfg.lora, acc.device)
-    train_recs, eval_recs = pair_records(cfg, run.path, policy, tok)
+    tools = Toolbox.from_config(cfg.tools)
+    train_recs, eval_recs = pair_records(cfg, run.path, policy, tok, tools)
     if cfg.build.only:
         print(f"pairs written to {run.path / 'pairs.jsonl'}")
         return run.path
-    train_items, counts = tokenize_pairs(tok, train_recs, cfg.data)
-    eval_items = tokenize_pairs(tok, eval_recs, cfg.data)[0] if eval_recs else []
+    train_items, counts = tokenize_pairs(tok, train_recs, cfg.data, tools=tools)
+    eval_items = tokenize_pairs(tok, eval_recs, cfg.data, tools=tools)[0] if eval_recs else []
     if counts:
         print(f"preference data: {dict(counts)}", flush=True)
     run.write_json(

@@ -15,6 +15,9 @@ from SFT models; here paths are compared as normalised text and sampled from the
 any reward (no verifier needed). `iterations > 1` samples again with the fine-tuned model (prompted
 in its own training format), adds the new distinct paths, and trains the same adapter further with
 a fresh optimizer each time.
+
+Tools (`[tools]`, `--tool calculator`): the samples may call them; a kept path holds its calls and
+their results, and the SFT on kept paths gives the results no loss (`data.tool_labels`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from posttrain.algos.sft import (
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import TaskConfig, columns
+from posttrain.tools import Toolbox, ToolConfig, calls_in
 
 # gen(prompts, cfg) -> cfg.n completions per prompt, contiguous (posttrain.prompting.Generator)
 Generator = Callable[[list[Any], GenerationConfig], list[str]]
@@ -59,7 +63,11 @@ def _optim() -> OptimConfig:
 
 @dataclass
 class Config:
-    ALIASES: ClassVar[dict[str, str]] = {"model": "model.name", "resume": "run.resume"}
+    ALIASES: ClassVar[dict[str, str]] = {
+        "model": "model.name",
+        "resume": "run.resume",
+        "tool": "tools.names",
+    }
     k: int = 10
     """completions sampled per question (the paper and the seed use 10-20)"""
     mode: Literal["verifier", "best_of_n"] = "verifier"
@@ -93,6 +101,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     gen: GenerationConfig = field(default_factory=_gen)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
         if self.k < 1:
@@ -194,10 +203,12 @@ def sample_records(
     gen_cfg: GenerationConfig,
     cfg: Config,
     raw: list[dict[str, Any]] | None = None,
+    tools: Toolbox | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Sample cfg.k completions per prompt, score them with the task's reward, select.
 
-    `raw`, when given, receives every sample as {question, completion, reward}."""
+    `raw`, when given, receives every sample as {question, completion, reward}, and with `tools`
+    (those `gen` samples with) the calls each completion made as "tool_calls"."""
     import dataclasses
 
     gen_cfg = dataclasses.replace(gen_cfg, n=cfg.k)
@@ -210,6 +221,9 @@ def sample_records(
             {"question": q, "completion": c, "reward": float(r)}
             for q, c, r in zip(questions, completions, rewards)
         ]
+        if tools is not None:
+            for rec in raw[-len(completions) :]:
+                rec["tool_calls"] = [call.as_dict() for call in calls_in(rec["completion"], tools)]
     return select(
         rows,
         completions,
@@ -233,6 +247,7 @@ def main(cfg: Config) -> int:
     acc, run = start(cfg, "rft")
     model, tok = load_policy(cfg.model, cfg.lora, acc.device)
     task = load_task(cfg.task)
+    tools = Toolbox.from_config(cfg.tools)
     rows = [with_question(r) for r in task.rows("train")]  # sentiment: the opening is the question
     rows = rows[: cfg.questions] if cfg.questions else rows
     data_cfg = DataConfig(
@@ -258,9 +273,11 @@ def main(cfg: Config) -> int:
                 if it == 0
                 else [fill(cfg.prompt_template, r) for r in rows]
             )
-            gen = model_generator(acc.unwrap_model(model), tok, progress=cfg.run.progress)
+            gen = model_generator(
+                acc.unwrap_model(model), tok, progress=cfg.run.progress, tools=tools
+            )
             raw: list[dict[str, Any]] = []
-            new, stats = sample_records(gen, task, rows, prompts, cfg.gen, cfg, raw)
+            new, stats = sample_records(gen, task, rows, prompts, cfg.gen, cfg, raw, tools)
             run.write_json(path.name, {"stats": stats, "records": new})
             run.samples(offset, raw[: 8 * cfg.k])  # the first questions' samples, for a look
             run.log(offset, {f"rft/{k}": v for k, v in stats.items()} | {"iteration": it})
@@ -275,7 +292,7 @@ def main(cfg: Config) -> int:
                 "no sample passed the filter, so there is nothing to train on; raise k or "
                 "gen.temperature, check the prompt, or use mode=best_of_n"
             )
-        train_set = encode_rows(records, tok, data_cfg, "template")
+        train_set = encode_rows(records, tok, data_cfg, "template", tools)
         model, fit_summary = fit(
             acc,
             run,

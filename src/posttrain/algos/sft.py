@@ -459,14 +459,14 @@ def test_eval(
     run: Any, model: Any, tok: Any, cfg: Any, prompt_template: str, summary: dict[str, Any]
 ) -> None:
     """Accuracy on cfg.eval_limit test rows of cfg.task, prompted with `prompt_template`, with
-    the tools of cfg.tools (when the config has that section)."""
+    the tools of cfg.tools."""
     from posttrain.tasks import load_task
 
     task = load_task(cfg.task)
     rows = [with_question(r) for r in task.rows("test")[: cfg.eval_limit]]
     prompts = [fill(prompt_template, r) for r in rows]
     t0 = time.perf_counter()
-    tools = Toolbox.from_config(getattr(cfg, "tools", None))
+    tools = Toolbox.from_config(cfg.tools)
     summary["test"] = task_accuracy(
         model, tok, task, rows, prompts, cfg.eval_max_new_tokens, cfg.run.progress, tools
     )
