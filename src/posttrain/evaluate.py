@@ -4,6 +4,14 @@
     posttrain eval --task unit_conversion --strategy zero_shot --strategy few_shot --strategy cot
     posttrain eval --task sentiment --model default --model runs/grpo-1/checkpoints/step_000100/policy
     posttrain eval --task unit_conversion --model default --adapter runs/sft-1/final/policy
+    posttrain eval --adapter runs/sft-1/final --task custom --task.source questions.csv \
+        --task.prompt_column question --task.answer_column answer
+
+A folder trained by posttrain holds posttrain.json (`runs.write_trained_format`): the task it was
+trained on, its prompt format (strategy, chat, system prompt) and its tools. `eval --model FOLDER`
+or `--adapter FOLDER` uses them for what the command line leaves unset: the task when no --task
+option is given, the strategy when no --strategy is, the tools when no --tool is, the system
+prompt when --system_prompt is unset (`--trained_format=false`: ignore the file).
 
 The metrics are the task's evaluation metrics (accuracy and answer rate, mean sentiment, ROUGE, ...),
 computed separately from any training reward, so a policy that games its reward shows up here.
@@ -47,8 +55,8 @@ class Config:
     }
     models: list[str] = field(default_factory=list)
     """models to evaluate (repeat --model; default: model.name); an adapter directory works too"""
-    strategies: list[str] = field(default_factory=lambda: ["default"])
-    """prompting strategies (repeat --strategy): default (the task's own prompt), direct, zero_shot, few_shot, cot, self_consistency, self_reflection, tree_of_thought"""
+    strategies: list[str] = field(default_factory=list)
+    """prompting strategies (repeat --strategy): default (the task's own prompt), direct, zero_shot, few_shot, cot, self_consistency, self_reflection, tree_of_thought (unset: the trained folder's, else default)"""
     split: str = "test"
     """which split to evaluate: train, validation or test"""
     limit: int = 0
@@ -58,7 +66,11 @@ class Config:
     temperature: float = 0.0
     """decoding temperature of answers (0: greedy)"""
     max_new_tokens: int = 0
-    """most new tokens per answer (0: the task's default; 24 for the direct strategy)"""
+    """most new tokens per answer (0: the task's default; 24 for the direct strategy without tools)"""
+    system_prompt: str | None = None
+    """system message for chat prompts (unset: the trained folder's, else none)"""
+    trained_format: bool = True
+    """read posttrain.json of a trained --model/--adapter folder: its task, strategy, system prompt and tools fill what the command line leaves unset"""
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
@@ -90,13 +102,14 @@ def evaluate(
     progress: bool = False,
     desc: str = "eval",
     tools: Toolbox | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Run one strategy over a task split -> (summary metrics, one record per example).
 
     strategy "default" uses the rows' own prompts (the training prompt); the others build prompts
     from each row's "question" (tasks with checkable answers: unit conversion, custom with answers).
     tools: the model may call them in every generation of every strategy; each record then holds
-    the calls its completion made ("tool_calls").
+    the calls its completion made ("tool_calls"). system_prompt: added to chat prompts.
     """
     rows = task.rows(split)  # type: ignore[arg-type]
     rows = rows[:limit] if limit else rows
@@ -108,11 +121,13 @@ def evaluate(
             "Use --strategy default"
         )
     gen_cfg = task.generation()
-    # `direct` answers are a bare <answer>x</answer>: 24 tokens are plenty
-    default_tokens = 24 if strategy == "direct" else gen_cfg.max_new_tokens
+    # `direct` answers are a bare <answer>x</answer>: 24 tokens are plenty (not with tool calls)
+    default_tokens = 24 if strategy == "direct" and tools is None else gen_cfg.max_new_tokens
     gen_cfg = dataclasses.replace(
         gen_cfg, temperature=temperature, n=1, max_new_tokens=max_new_tokens or default_tokens
     )
+    if system_prompt is not None:
+        gen_cfg = dataclasses.replace(gen_cfg, system_prompt=system_prompt)
     gen = model_generator(model, tokenizer, tools=tools)
     prompting = prompting or PromptingConfig()
     examples: list = []
@@ -182,21 +197,68 @@ def _no_parse(text: str) -> None:
     return None
 
 
+@dataclass
+class Setup:
+    """What one model is evaluated with: the command line, filled from its posttrain.json."""
+
+    task: TaskConfig
+    strategies: list[str]
+    tools: ToolConfig
+    system_prompt: str | None
+    trained: str = ""
+    """what was taken from posttrain.json, for the log ("" : nothing)"""
+
+
+def for_trained(cfg: Config, folder: str | None) -> Setup:
+    """cfg's task, strategies, tools and system prompt; those the command line left unset come from
+    the trained folder's posttrain.json when it has one (and cfg.trained_format)."""
+    from posttrain.runs import read_trained_format
+
+    info = read_trained_format(folder) if cfg.trained_format else None
+    setup = Setup(cfg.task, cfg.strategies or ["default"], cfg.tools, cfg.system_prompt)
+    if info is None:
+        return setup
+    taken = []
+    if info.get("task") and cfg.task == TaskConfig():  # no --task option given
+        known = {f.name for f in dataclasses.fields(TaskConfig)}
+        setup.task = TaskConfig(**{k: v for k, v in info["task"].items() if k in known})
+        taken.append(f"task {setup.task.name}")
+    if info.get("strategy") and not cfg.strategies:
+        setup.strategies = [info["strategy"]]
+        taken.append(f"strategy {info['strategy']}")
+    if info.get("tools") and not cfg.tools.names:
+        setup.tools = ToolConfig(**info["tools"])
+        taken.append(f"tools {', '.join(setup.tools.names)}")
+    if info.get("system_prompt") is not None and cfg.system_prompt is None:
+        setup.system_prompt = info["system_prompt"]
+        taken.append("system prompt")
+    if taken:
+        setup.trained = "from posttrain.json: " + "; ".join(taken)
+    return setup
+
+
 def main(cfg: Config) -> int:
     from posttrain.models import load_model
     from posttrain.runs import Run, seed_everything
     from posttrain.tasks import load_task
 
     run = Run.start(cfg.run, "eval", cfg)
-    task = load_task(cfg.task)
-    tools = Toolbox.from_config(cfg.tools)
     names = cfg.models or [cfg.model.name]
     entries: list[dict[str, Any]] = []
     with open(run.path / "results.jsonl", "w") as out:
         for name in names:
             model, tok = load_model(dataclasses.replace(cfg.model, name=name))
             label = name + (f"+{Path(cfg.model.adapter).name}" if cfg.model.adapter else "")
-            for strategy in cfg.strategies:
+            setup = for_trained(cfg, cfg.model.adapter or name)
+            task = load_task(setup.task)
+            tools = Toolbox.from_config(setup.tools)
+            strategies = setup.strategies
+            trained_only = not cfg.strategies and strategies != ["default"]
+            if trained_only and "question" not in task.rows(cfg.split)[0]:
+                strategies = ["default"]  # a trained strategy needs question rows
+            if setup.trained:
+                print(f"{label}: {setup.trained}", flush=True)
+            for strategy in strategies:
                 seed_everything(cfg.run.seed)
                 summary, records = evaluate(
                     model,
@@ -212,6 +274,7 @@ def main(cfg: Config) -> int:
                     progress=cfg.run.progress,
                     desc=f"{label} {strategy}",
                     tools=tools,
+                    system_prompt=setup.system_prompt,
                 )
                 entries.append({"model": label, "strategy": strategy, **summary})
                 for rec in records:

@@ -303,3 +303,64 @@ def config_dict(run_dir: str | Path) -> dict[str, Any]:
 
 
 __all__ = ["Run", "seed_everything", "read_jsonl", "config_dict", "to_dict"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What a trained folder remembers: how its prompts looked and which tools it called
+
+TRAINED_FORMAT = "posttrain.json"
+
+
+def write_trained_format(
+    folder: str | Path,
+    command: str,
+    *,
+    task: Any = None,
+    strategy: str | None = None,
+    prompt_template: str | None = None,
+    chat: bool = False,
+    system_prompt: str | None = None,
+    tools: Any = None,
+) -> Path:
+    """FOLDER/posttrain.json: the training task (a TaskConfig; None when trained on a data file),
+    the prompting strategy its prompts followed (direct, cot, ...; None: none of them), the
+    prompt template, chat, system prompt and tools (a ToolConfig; None or no names: none).
+    `posttrain eval --model/--adapter FOLDER` fills what its command line leaves unset from it."""
+    import dataclasses
+
+    info = {
+        "command": command,
+        "task": dataclasses.asdict(task) if task is not None else None,
+        "strategy": strategy,
+        "prompt_template": prompt_template,
+        "chat": bool(chat),
+        "system_prompt": system_prompt,
+        "tools": dataclasses.asdict(tools) if tools is not None and tools.names else None,
+    }
+    path = Path(folder) / TRAINED_FORMAT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def read_trained_format(folder: str | Path | None) -> dict[str, Any] | None:
+    """The posttrain.json of a trained folder, or None (hub ids, folders trained elsewhere)."""
+    if not folder:
+        return None
+    path = Path(folder) / TRAINED_FORMAT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_online_format(run: Run, cfg: Any, gen: Any) -> Path:
+    """run/final/posttrain.json for an online command (reinforce, rloo, grpo, ppo): its prompts
+    are the task's rows (cfg.task.strategy), sampled with the resolved GenerationConfig `gen`."""
+    command = json.loads((run.path / "run.json").read_text())["command"]
+    return write_trained_format(
+        run.path / "final",
+        command,
+        task=cfg.task,
+        strategy=cfg.task.strategy,
+        chat=gen.chat,
+        system_prompt=gen.system_prompt,
+        tools=cfg.tools,
+    )

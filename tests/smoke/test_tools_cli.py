@@ -159,6 +159,9 @@ def test_dpo_with_tool_pairs(tiny_dir, tmp_path):
     assert main(argv) == 0
     metrics = [r for r in read_jsonl(_run_dir(tmp_path / "runs") / "metrics.jsonl") if "loss" in r]
     assert len(metrics) == 2 and all(r["loss"] == r["loss"] for r in metrics)  # finite
+    info = json.loads((_run_dir(tmp_path / "runs") / "final" / "posttrain.json").read_text())
+    assert info["command"] == "dpo" and info["task"] is None and info["strategy"] is None
+    assert info["tools"]["names"] == ["calculator"] and info["chat"] is False
 
 
 def test_dpo_builds_pairs_with_tools(tiny_dir, tmp_path, spy_generate):
@@ -184,3 +187,89 @@ def test_generate_with_tools_records_calls(tiny_dir, tmp_path, spy_generate):
     assert spy_generate[0].tools.keys() == {"calc"}
     lines = read_jsonl(out)
     assert len(lines) == 2 and all(r["tool_calls"] == [] for r in lines)
+
+
+def test_trained_folder_remembers_its_format_and_eval_uses_it(
+    tiny_dir, tmp_path, monkeypatch, spy_generate
+):
+    """sft on the task's rows with the direct template and the calculator writes
+    final/posttrain.json; `eval --adapter final` on another question file (a custom task) then
+    prompts with the direct format ("{question} ", no chat template) and calls the calculator,
+    with no --strategy or --tool given; --strategy on the command line wins."""
+    from test_sft import FakeTask
+
+    import posttrain.tasks
+
+    real_load_task = posttrain.tasks.load_task
+    monkeypatch.setattr(posttrain.tasks, "load_task", lambda cfg: FakeTask())
+    argv = [
+        "sft", "--model.name", str(tiny_dir), "--train.max_steps=1", "--train.batch_size=3",
+        "--eval_limit=0", "--tool", "calculator", "--run.out_dir", str(tmp_path / "sft"),
+        "--run.progress=false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    final = _run_dir(tmp_path / "sft") / "final"
+    info = json.loads((final / "posttrain.json").read_text())
+    assert info["command"] == "sft" and info["strategy"] == "direct" and info["chat"] is False
+    assert info["prompt_template"] == "{question} " and info["task"]["name"] == "unit_conversion"
+    assert info["tools"]["names"] == ["calculator"] and info["tools"]["format"] == "tag"
+
+    monkeypatch.setattr(posttrain.tasks, "load_task", real_load_task)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "\n".join(json.dumps({"q": f"What is {a} * 7?", "a": a * 7}) for a in range(1, 9))
+    )
+    prompts: list = []
+    real = posttrain.rollout.generate
+
+    def spy(model, tok, batch, *args, **kwargs):
+        prompts.extend(batch)
+        spy_generate.append(kwargs.get("tools"))
+        return real(model, tok, batch, *args, **kwargs)
+
+    monkeypatch.setattr(posttrain.rollout, "generate", spy)
+    base = [
+        "eval", "--model", str(tiny_dir), "--adapter", str(final), "--task", "custom",
+        "--task.source", str(questions), "--task.prompt_column", "q", "--task.answer_column", "a",
+        "--split", "test", "--limit", "2", "--max_new_tokens", "3", "--run.progress=false",
+    ]  # fmt: skip
+    assert main([*base, "--run.out_dir", str(tmp_path / "eval")]) == 0
+    (entry,) = json.loads((_run_dir(tmp_path / "eval") / "summary.json").read_text())["entries"]
+    assert entry["strategy"] == "direct" and entry["examples"] >= 1
+    assert all(
+        isinstance(p, str) and p.startswith("What is ") and p.endswith("? ") for p in prompts
+    )
+    assert spy_generate and all(t is not None and "calc" in t.tools for t in spy_generate)
+
+    prompts.clear()
+    spy_generate.clear()
+    argv = [
+        *base,
+        "--strategy",
+        "cot",
+        "--trained_format=false",
+        "--run.out_dir",
+        str(tmp_path / "e2"),
+    ]
+    assert main(argv) == 0
+    (entry,) = json.loads((_run_dir(tmp_path / "e2") / "summary.json").read_text())["entries"]
+    assert entry["strategy"] == "cot" and all(t is None for t in spy_generate)
+
+
+@pytest.mark.parametrize("command", ["reinforce", "rloo"])
+def test_online_final_folder_records_its_format(tiny_dir, tmp_path, monkeypatch, command):
+    from rl_fakes import REWARD_PY, use_fake_task
+
+    use_fake_task(monkeypatch)
+    reward = tmp_path / "reward.py"
+    reward.write_text(REWARD_PY)
+    argv = [
+        command, "--model.name", str(tiny_dir), "--steps=1", "--batch_size=2",
+        "--eval_limit=0", f"--reward.components=python:{reward}:e_rate", "--tool", "calculator",
+        "--gen.system_prompt", "Be brief.", "--run.out_dir", str(tmp_path / "runs"),
+        "--run.progress=false",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    info = json.loads((_run_dir(tmp_path / "runs") / "final" / "posttrain.json").read_text())
+    assert info["command"] == command and info["strategy"] == "cot"
+    assert info["system_prompt"] == "Be brief." and info["tools"]["names"] == ["calculator"]

@@ -32,6 +32,7 @@ from posttrain.algos.sft import (
     fit,
     load_rows,
     test_eval,
+    trained_format,
 )
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
 from posttrain.data import IGNORE_INDEX
@@ -183,6 +184,7 @@ def main(cfg: Config) -> int:
         return 130
     if cfg.eval_limit and cfg.data.source is None and fmt == "template":
         test_eval(run, model, tok, cfg, cfg.data.prompt_template, summary)
-    finish(run, model, tok, cfg, summary)
+    trained = trained_format("distill", cfg.data, fmt, cfg.task, cfg.tools)
+    finish(run, model, tok, cfg, summary, trained)
     run.close()
     return 0

@@ -376,6 +376,7 @@ def task_eval(cfg: Config, model: Any, tok: Any) -> tuple[dict[str, float], list
 def train(cfg: Config) -> Path:
     """One DPO run; returns its run directory."""
     from posttrain.models import frozen_copy
+    from posttrain.runs import write_trained_format
     from posttrain.train import (
         StopOnInterrupt,
         build_optimizer,
@@ -498,6 +499,15 @@ def train(cfg: Config) -> Path:
     tok.save_pretrained(run.path / "final")
     run.close()
     return run.path
+    write_trained_format(
+        run.path / "final",
+        "dpo",
+        task=cfg.task if cfg.build.enabled else None,  # pairs.jsonl's prompts are the task's
+        strategy=cfg.task.strategy if cfg.build.enabled else None,
+        chat=cfg.data.chat,
+        system_prompt=cfg.data.system_prompt,
+        tools=cfg.tools,
+    )
 
 
 def sweep(cfg: Config) -> Path:

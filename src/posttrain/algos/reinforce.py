@@ -67,6 +67,7 @@ from posttrain.ops import (
 )
 from posttrain.rewards import RewardConfig, build_reward
 from posttrain.rollout import generate
+from posttrain.runs import write_online_format
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
 from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
@@ -286,5 +287,6 @@ def main(cfg: Config) -> int:
     if acc.is_main_process:
         policy.save_pretrained(run.path / "final")
         tok.save_pretrained(run.path / "final")
+        write_online_format(run, cfg, gen)  # posttrain.json: task, prompt format, tools
     run.close()
     return 0

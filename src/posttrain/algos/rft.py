@@ -37,6 +37,7 @@ from posttrain.algos.sft import (
     finish,
     fit,
     test_eval,
+    trained_format,
     with_question,
 )
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
@@ -313,6 +314,7 @@ def main(cfg: Config) -> int:
             return 130
     if cfg.eval_limit:
         test_eval(run, model, tok, cfg, cfg.prompt_template, summary)
-    finish(run, model, tok, cfg, summary)
+    trained = trained_format("rft", data_cfg, "template", cfg.task, cfg.tools)
+    finish(run, model, tok, cfg, summary, trained)
     run.close()
     return 0

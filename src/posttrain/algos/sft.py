@@ -474,17 +474,44 @@ def test_eval(
     run.log(summary["steps"], {f"test_{k}": v for k, v in summary["test"].items()})
 
 
-def finish(run: Any, model: Any, tok: Any, cfg: Any, results: dict[str, Any]) -> Any:
-    """Write the hub-ready folder run/final (weights, tokenizer, model card) and log its size."""
+def trained_format(
+    command: str, data: DataConfig, fmt: str, task: TaskConfig, tools: ToolConfig
+) -> dict[str, Any]:
+    """What `runs.write_trained_format` records for training on `data` in format `fmt`: the task
+    when its rows were the data, the `direct` strategy when the prompt template is its prompt."""
+    template = fmt == "template"
+    return {
+        "command": command,
+        "task": task if data.source is None else None,
+        "strategy": "direct" if template and data.prompt_template == "{question} " else None,
+        "prompt_template": data.prompt_template if template else None,
+        "chat": fmt == "messages",
+        "tools": tools,
+    }
+
+
+def finish(
+    run: Any,
+    model: Any,
+    tok: Any,
+    cfg: Any,
+    results: dict[str, Any],
+    trained: dict[str, Any] | None = None,
+) -> Any:
+    """Write the hub-ready folder run/final (weights, tokenizer, model card and, given `trained`
+    (see `trained_format`), posttrain.json) and log its size."""
     import shutil
 
     from posttrain.export import save_folder
     from posttrain.models import dir_size_mb, is_peft
+    from posttrain.runs import write_trained_format
 
     folder = run.path / "final"
     save_folder(
         model, tok, folder, base_model=cfg.model.name, config_toml=to_toml(cfg), results=results
     )
+    if trained is not None:
+        write_trained_format(folder, **trained)
     size = dir_size_mb(folder)
     kind = "adapter" if is_peft(model) else "model"
     results = {**results, f"{kind}_size_mb": size}
@@ -520,6 +547,6 @@ def main(cfg: Config) -> int:
         return 130
     if cfg.eval_limit and cfg.data.source is None and fmt == "template":
         test_eval(run, model, tok, cfg, cfg.data.prompt_template, summary)
-    finish(run, model, tok, cfg, summary)
+    finish(run, model, tok, cfg, summary, trained_format("sft", cfg.data, fmt, cfg.task, cfg.tools))
     run.close()
     return 0
