@@ -497,8 +497,6 @@ def train(cfg: Config) -> Path:
     model = acc.unwrap_model(policy)
     model.save_pretrained(run.path / "final")
     tok.save_pretrained(run.path / "final")
-    run.close()
-    return run.path
     write_trained_format(
         run.path / "final",
         "dpo",
@@ -508,6 +506,8 @@ def train(cfg: Config) -> Path:
         system_prompt=cfg.data.system_prompt,
         tools=cfg.tools,
     )
+    run.close()
+    return run.path
 
 
 def sweep(cfg: Config) -> Path:
