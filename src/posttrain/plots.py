@@ -99,6 +99,11 @@ def series(records: Iterable[dict[str, Any]]) -> dict[str, tuple[list[float], li
     return out
 
 
+def logged_once(records: Iterable[dict[str, Any]]) -> dict[str, tuple[float, float]]:
+    """key -> (step, value) for the numeric keys logged at one step only (shown as numbers)."""
+    return {k: (xs[0], ys[0]) for k, (xs, ys) in series(records).items() if len(xs) == 1}
+
+
 def group_metrics(keys: Iterable[str]) -> dict[str, list[str]]:
     """Group name -> its keys (in first-seen order), groups in GROUPS order, empty ones left out."""
     found: dict[str, list[str]] = {g: [] for g in GROUPS}
@@ -189,7 +194,7 @@ def plot_records(
 ) -> list[Path]:
     """One PNG per metric group into out_dir; returns their paths (empty when nothing to plot)."""
     out = Path(out_dir)
-    data = series(records)
+    data = {k: v for k, v in series(records).items() if len(v[0]) > 1}  # once: a number, no plot
     groups = group_metrics(data)
     if not groups:
         return []
@@ -277,4 +282,13 @@ def plot_compare(
     return paths
 
 
-__all__ = ["GROUPS", "ema", "group_metrics", "group_of", "plot_compare", "plot_records", "plot_run"]
+__all__ = [
+    "GROUPS",
+    "ema",
+    "group_metrics",
+    "group_of",
+    "logged_once",
+    "plot_compare",
+    "plot_records",
+    "plot_run",
+]

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.plots import group_metrics, plot_compare, plot_records, series
+from posttrain.plots import group_metrics, logged_once, plot_compare, plot_records, series
 from posttrain.runs import config_dict, read_jsonl
 
 # commands that train on a fixed data set (no rollouts)
@@ -278,6 +278,7 @@ td.text { white-space: pre-wrap; max-width: 560px; font-family: monospace; font-
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 0.85em; }
 img { display: block; max-width: 100%; margin: 8px 0; border: 1px solid #eee; }
 .muted { color: #777; } .up { color: #1a7f37; } .down { color: #b42318; }
+table.tools { margin: 0; font-size: 0.95em; } table.tools td.result { background: #eef6ff; }
 """
 
 
@@ -285,8 +286,47 @@ def esc(v: Any) -> str:
     return html.escape(str(v), quote=True)
 
 
+class Html(str):
+    """Markup built here from escaped parts (a nested table): a cell shows it as is."""
+
+
+def tool_calls_html(calls: Any) -> Html | None:
+    """A sample's `tool_calls` ([{tool, call, result, error}]) as a small table of its own, so
+    that what the tools returned stands apart from what the model wrote."""
+    if not isinstance(calls, list) or not calls:
+        return None
+    rows = []
+    for c in calls:
+        c = c if isinstance(c, dict) else {"call": c}
+        err = c.get("error")
+        result = f"<span class='down'>error: {fmt(err)}</span>" if err else fmt(c.get("result"))
+        rows.append(
+            f"<tr><td class='text'>{fmt(c.get('tool'))}</td><td class='text call'>"
+            f"{fmt(c.get('call'))}</td><td class='text result'>{result}</td></tr>"
+        )
+    head = "<tr><th>tool</th><th>call</th><th>result</th></tr>"
+    return Html(f"<table class='tools'>{head}{''.join(rows)}</table>")
+
+
+def _sample_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """Columns and cells of sample records; `tool_calls` becomes a nested table after the
+    completion."""
+    cols = _columns(rows, skip=("tool_calls",))
+    with_tools = any(r.get("tool_calls") for r in rows)
+    if with_tools:
+        at = cols.index("completion") + 1 if "completion" in cols else len(cols)
+        cols.insert(at, "tool calls")
+    cells = [
+        [tool_calls_html(r.get("tool_calls")) if c == "tool calls" else r.get(c) for c in cols]
+        for r in rows
+    ]
+    return cols, cells
+
+
 def fmt(v: Any) -> str:
     """A cell value as escaped text: numbers to 4 significant digits, long text cut."""
+    if isinstance(v, Html):
+        return str(v)
     if v is None:
         return '<span class="muted">-</span>'
     if isinstance(v, bool):
@@ -350,9 +390,8 @@ def eval_section(evals: dict[str, dict[str, Any]]) -> str:
     for lab, e in evals.items():
         ex = [x for x in e["examples"] if isinstance(x, dict)][:SAMPLE_ROWS]
         if ex:
-            cols = _columns(ex)
             out.append(f"<details><summary>examples: {esc(lab)}</summary>")
-            out.append(table(cols, [[x.get(c) for c in cols] for x in ex]) + "</details>")
+            out.append(table(*_sample_rows(ex)) + "</details>")
     return "\n".join(out)
 
 
@@ -407,25 +446,63 @@ def samples_section(samples: list[dict[str, Any]]) -> str:
     rows = []
     for st in shown:
         rows += [s for s in samples if s.get("step", 0) == st][:SAMPLE_ROWS]
-    cols = _columns(rows)
     return (
         f"<h2>Sample generations</h2><p class='muted'>{SAMPLE_ROWS} per step at steps "
         f"{esc(', '.join(map(str, shown)))} (of {len(samples)} rows in samples.jsonl)</p>"
-        + table(cols, [[r.get(c) for c in cols] for r in rows])
+        + table(*_sample_rows(rows))
     )
+
+
+def last_step(metrics: Sequence[dict[str, Any]]) -> int | None:
+    """The highest step logged: the number of training steps (log lines may repeat a step)."""
+    steps = [m["step"] for m in metrics if isinstance(m.get("step"), int | float)]
+    return int(max(steps)) if steps else None
+
+
+def once_section(metrics: list[dict[str, Any]]) -> str:
+    """Metrics logged at a single step: a table of numbers rather than one-dot charts."""
+    once = logged_once(metrics)
+    if not once:
+        return ""
+    rows = [[k, v, step] for k, (step, v) in once.items()]
+    return "<h2>Logged once</h2>" + table(["metric", "value", "at step"], rows)
+
+
+def eval_run_section(results: dict[str, Any], plots_dir: Path, has_chart: bool) -> str:
+    """`posttrain eval`'s summary.json: its results table and a bar chart of every metric."""
+    summ = results.get("summary.json")
+    if not isinstance(summ, dict) or not _is_rows(summ.get("entries")):
+        return ""
+    entries = summ["entries"]
+    cols = _columns(entries)
+    out = [
+        "<h2>Results</h2>",
+        f"<p class='muted'>task {esc(summ.get('task', '?'))}, split {esc(summ.get('split', '?'))}"
+        "; one row per model x strategy (results.jsonl holds every example)</p>",
+        table(cols, [[e.get(c) for c in cols] for e in entries]),
+    ]
+    if not has_chart:  # `eval` draws comparison.png for two or more entries only
+        from posttrain.evaluate import bar_chart
+
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        out.append(img(bar_chart(entries, plots_dir / "results.png", title=summ.get("task", ""))))
+    return "\n".join(out)
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the HTML report of one run (default RUN_DIR/report.html) and its PNGs (RUN_DIR/plots,
-    or OUT_STEM_plots/ beside `out`, so a report of someone else's run leaves it untouched)."""
+    or OUT_STEM_plots/ beside `out`, so a report of someone else's run leaves it untouched).
+    An `eval` run shows its results table and bar chart and no training sections."""
     r = load_run(run_dir)
     run: Path = r["path"]
     plots_dir = run / "plots" if out is None else Path(out).parent / f"{Path(out).stem}_plots"
     out = Path(out) if out else run / "report.html"
     command = r["info"].get("command", "")
+    if command == "eval":
+        return _eval_report(r, out, plots_dir)
     pngs = plot_records(r["metrics"], plots_dir, title=r["name"]) if r["metrics"] else []
     keys = list(series(r["metrics"]))
-    last = r["metrics"][-1].get("step") if r["metrics"] else None
+    last = last_step(r["metrics"])
     started = r["info"].get("started")
     parts = [
         f"<h1>{esc(r['name'])}</h1>",
@@ -433,11 +510,13 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         + esc(
             f"command: {command or '?'} | run directory: {run.resolve()} | "
             f"started: {time.strftime('%Y-%m-%d %H:%M', time.localtime(started)) if started else '?'} | "
-            f"logged steps: {len(r['metrics'])} (last step {last})"
+            f"steps: {last} ({len(r['metrics'])} records in metrics.jsonl)"
         )
         + "</p>",
     ]
-    summ = summarize(r["metrics"], headline_keys(keys))
+    summ = summarize(
+        r["metrics"], [k for k in headline_keys(keys) if k not in logged_once(r["metrics"])]
+    )
     if summ:
         parts += [
             "<h2>Summary</h2>",
@@ -459,10 +538,31 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         parts += [img(p) for p in pngs]
     elif not r["metrics"]:
         parts.append("<p class='muted'>metrics.jsonl is empty: nothing to plot yet.</p>")
+    parts.append(once_section(r["metrics"]))
     parts.append(samples_section(r["samples"]))
     parts.append(results_section(r["results"]))
     if r["figures"]:
         parts.append("<h2>Figures in the run directory</h2>")
+        parts += [img(p) for p in r["figures"]]
+    if r["config_text"]:
+        parts += ["<h2>Resolved config</h2>", f"<pre>{esc(r['config_text'])}</pre>"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page(f"posttrain report: {r['name']}", "\n".join(p for p in parts if p)))
+    return out
+
+
+def _eval_report(r: dict[str, Any], out: Path, plots_dir: Path) -> Path:
+    started = r["info"].get("started")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(started)) if started else "?"
+    has_chart = any(p.name == "comparison.png" for p in r["figures"])
+    parts = [
+        f"<h1>{esc(r['name'])}</h1>",
+        f"<p class='muted'>command: eval | run directory: {esc(r['path'].resolve())} | "
+        f"started: {esc(when)}</p>",
+        eval_run_section(r["results"], plots_dir, has_chart),
+        results_section({k: v for k, v in r["results"].items() if k != "summary.json"}),
+    ]
+    if r["figures"]:
         parts += [img(p) for p in r["figures"]]
     if r["config_text"]:
         parts += ["<h2>Resolved config</h2>", f"<pre>{esc(r['config_text'])}</pre>"]
@@ -500,7 +600,16 @@ def config_differences(configs: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def run_labels(runs: Sequence[dict[str, Any]], diffs: Sequence[str]) -> list[str]:
-    """'beta=0.1' style labels from the differing config keys, else the directory names."""
+    """'beta=0.1' style labels from the differing config keys, else the directory names.
+
+    Keys whose value is different in every run (a sweep's variable) label the runs alone; keys
+    that only some runs change (a sweep that evaluates its first run only, or reuses a cache
+    from its second run on) stay in the "Config differences" table."""
+    flats = [_flat_config(r["config"]) for r in runs]
+    distinct = [
+        k for k in diffs if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) == len(runs)
+    ]
+    diffs = distinct or diffs
     if not diffs:
         labels = [r["name"] for r in runs]
     else:
@@ -522,6 +631,9 @@ def build_compare(
     metrics: Sequence[str] | None = None,
 ) -> Path:
     """Write one HTML page (and PNGs beside it) with several runs on the same axes."""
+    # a shell glob over a sweep's folder (runs/dpo-sweep/beta_*) also matches its own files
+    # (beta_sweep.png): only directories are runs
+    run_dirs = [d for d in run_dirs if Path(d).is_dir() or not Path(d).exists()]
     if len(run_dirs) < 1:
         raise ValueError("compare needs at least one run directory")
     runs = [load_run(d) for d in run_dirs]
@@ -546,7 +658,7 @@ def build_compare(
     rows = []
     for lab, r in zip(labels, runs):
         s = summarize(r["metrics"], shown)
-        row: list[Any] = [lab, str(r["path"]), len(r["metrics"])]
+        row: list[Any] = [lab, str(r["path"]), last_step(r["metrics"])]
         for k in shown:
             row += [s[k]["final"], s[k]["best"]] if k in s else [None, None]
         rows.append(row)

@@ -149,6 +149,21 @@ class Run:
                     json.dumps({"step": step, **{k: _jsonable(v) for k, v in r.items()}}) + "\n"
                 )
 
+    def eval_record(
+        self, step: int, summary: dict[str, Any], examples: list[dict[str, Any]] | None = None
+    ) -> None:
+        """The before/after evaluation the report's "Evaluation" table shows: eval_before.json at
+        step 0, eval_after.json at any later step (the last evaluation wins: the end of training
+        for a run that finished). Every command that evaluates at step 0 and at the end calls it.
+        `summary` may be a logged record: its `step` is dropped and an `eval/` prefix stripped."""
+        summary = {
+            k.removeprefix("eval/"): v
+            for k, v in summary.items()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        name = "eval_before.json" if step == 0 else "eval_after.json"
+        self.write_json(name, {"step": step, "summary": summary, "examples": (examples or [])[:8]})
+
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
         if self.is_main:

@@ -139,6 +139,8 @@ def test_dpo_builds_pairs_from_a_task_and_evaluates(tiny_dir, tmp_path):
     rows = read_jsonl(run / "metrics.jsonl")
     assert rows[0]["step"] == 0 and "task/reward" in rows[0]
     assert rows[-1]["step"] == 1 and "task/reward" in rows[-1]
+    after = json.loads((run / "eval_after.json").read_text())["summary"]
+    assert after["task/reward"] == rows[-1]["task/reward"] and (run / "eval_before.json").is_file()
     from posttrain.algos.dpo import Config
     from posttrain.config import load_config
 

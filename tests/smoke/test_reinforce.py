@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -69,6 +70,9 @@ def test_reinforce_runs_and_changes_weights(variant, tiny_dir, tmp_path, monkeyp
         assert ("kl/exact" in r) == (variant == "kl_in_reward")
     evals = [r for r in read_jsonl(run / "metrics.jsonl") if "eval/reward" in r]
     assert [r["step"] for r in evals] == [0, 3]
+    for when, rec in (("before", evals[0]), ("after", evals[-1])):  # the report's before/after
+        saved = json.loads((run / f"eval_{when}.json").read_text())
+        assert saved["summary"]["reward"] == rec["eval/reward"]
     assert len(read_jsonl(run / "samples.jsonl")) > 0
     before = load_file(str(tiny_dir / "model.safetensors"))
     after = load_file(str(run / "final" / "model.safetensors"))

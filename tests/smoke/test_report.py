@@ -192,3 +192,64 @@ def test_report_of_a_real_training_run(browser, tiny_dir, tmp_path):
     assert_clean(facts, images=len(pngs))
     assert re.search(r"optimizer updates per rollout\s+1\b", facts["text"])
     assert "Sample generations" in facts["text"]
+
+
+# ---- #17: eval runs, steps, sweeps, metrics logged once, tool calls --------------------------
+
+
+def test_report_counts_steps_not_log_lines_and_shows_once_metrics_as_numbers(tmp_path):
+    from posttrain.report import build_report
+
+    run = tmp_path / "sft-2"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"command": "sft", "started": 1.7e9}))
+    recs = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5},
+        {"step": 2, "eval_loss": 1.6},
+        {"step": 2, "rft/mean_reward": 0.4},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    page = build_report(run).read_text()
+    assert "steps: 2 (4 records in metrics.jsonl)" in page
+    assert "<h2>Logged once</h2>" in page and "rft/mean_reward" in page
+    assert not (run / "plots" / "other.png").exists() and not (run / "plots" / "reward.png").exists()
+
+
+def test_report_of_an_eval_run_shows_results_and_no_training(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(tiny_dir), "--task", "unit_conversion", "--limit=2"]
+    assert main(argv + ["--max_new_tokens=2", "--run.name=ev", "--run.progress=false"]) == 0
+    assert main(["report", "runs/ev"]) == 0
+    page = (tmp_path / "runs" / "ev" / "report.html").read_text()
+    assert "<h2>Results</h2>" in page and "accuracy" in page and 'alt="results"' in page
+    for training in ("optimizer updates", "metrics.jsonl is empty", "Training curves", "Summary"):
+        assert training not in page
+
+
+def test_compare_a_sweep_folder_with_its_own_png(tmp_path, capsys):
+    sweep = tmp_path / "dpo-sweep"
+    for beta in (0.1, 0.5):
+        fake_run(sweep, f"beta_{beta}", beta)
+    (sweep / "beta_sweep.png").write_bytes(b"\x89PNG not a run")
+    args = sorted(str(p) for p in sweep.glob("beta_*"))  # what the shell expands beta_* to
+    assert main(["compare", *args]) == 0
+    page = (sweep / "compare.html").read_text()
+    assert "kl_coef=0.1" in page and "kl_coef=0.5" in page
+    assert "<td class=\"num\">12</td>" in page  # steps, not log lines
+
+
+def test_samples_with_tool_calls_show_calls_and_results_apart(tmp_path):
+    from posttrain.report import build_report
+
+    run = fake_run(tmp_path, "tools", 0.1, steps=2)
+    call = {"tool": "calculator", "call": "37 * 1.609344", "result": "59.545728", "error": None}
+    bad = {"tool": "calculator", "call": "1/0", "result": None, "error": "division by zero"}
+    rec = {"step": 2, "prompt": "p", "completion": "<answer>59.5</answer>", "reward": 1.0}
+    with open(run / "samples.jsonl", "w") as f:
+        f.write(json.dumps({**rec, "tool_calls": [call, bad]}) + "\n")
+    page = build_report(run).read_text()
+    assert "<th>tool calls</th>" in page and "<table class='tools'>" in page
+    assert "<td class='text result'>59.545728</td>" in page
+    assert "error: division by zero" in page
+    assert "&quot;tool&quot;" not in page  # not dumped as JSON into the completion's row

@@ -63,6 +63,8 @@ def test_reward_model_trains_and_saves(tiny_dir, pairs, tmp_path, lora):
     final = json.loads((run / "eval.json").read_text())
     assert set(final) >= {"eval/accuracy", "eval/margin", "eval/loss"}
     assert final["eval/loss"] < rows[0]["eval/loss"]  # held-out loss fell from step 0
+    after = json.loads((run / "eval_after.json").read_text())["summary"]
+    assert after["loss"] == final["eval/loss"] and (run / "eval_before.json").is_file()
     # every held-out pair with its two scores, the building reward's gap, and the verdict
     preds = read_jsonl(run / "eval_pairs.jsonl")
     assert len(preds) == 4

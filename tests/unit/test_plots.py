@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from posttrain.plots import auto_smoothing, ema, group_metrics, group_of, plot_records, series
+from posttrain.plots import (
+    auto_smoothing,
+    ema,
+    group_metrics,
+    group_of,
+    logged_once,
+    plot_records,
+    series,
+)
 from posttrain.report import (
     config_differences,
     headline_keys,
@@ -97,10 +105,11 @@ def test_plot_records_one_png_per_group(tmp_path):
 
 
 def test_plot_records_handles_sparse_and_empty(tmp_path):
-    # eval logged at two steps only, one metric at a single step: both plotted, no error
+    # eval logged at two steps only: plotted; a metric at a single step: a number, not a chart
     recs = _recs(5, ["loss"]) + [{"step": 5, "eval/acc": 0.5}, {"step": 1, "eval/acc": 0.1}]
     recs.append({"step": 6, "once": 1.0})
-    assert [p.name for p in plot_records(recs, tmp_path)] == ["loss.png", "eval.png", "other.png"]
+    assert [p.name for p in plot_records(recs, tmp_path)] == ["loss.png", "eval.png"]
+    assert logged_once(recs) == {"once": (6.0, 1.0)}
     assert plot_records([], tmp_path / "none") == []
     assert plot_records([{"step": 1, "note": "text"}], tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
@@ -193,3 +202,30 @@ def test_config_differences_and_labels():
     runs = [{"name": "a", "config": a}, {"name": "b", "config": b}]
     assert run_labels(runs, diffs) == ["beta=0.1", "beta=0.2"]
     assert run_labels(runs, []) == ["a", "b"]
+
+
+def test_sweep_labels_come_from_the_key_that_differs_in_every_run():
+    """A DPO sweep turns off the before-eval and reuses the reference cache after its first run:
+    those keys differ too, but only beta differs in every run, so beta alone labels them."""
+    cfgs = [
+        {"beta": b, "eval": {"before": i == 0}, "ref": {"cache": None if i == 0 else "c.json"}}
+        for i, b in enumerate([0.1, 0.05, 0.5])
+    ]
+    runs = [{"name": f"beta_{c['beta']}", "config": c} for c in cfgs]
+    diffs = config_differences(cfgs)
+    assert set(diffs) == {"beta", "eval.before", "ref.cache"}
+    assert run_labels(runs, diffs) == ["beta=0.1", "beta=0.05", "beta=0.5"]
+
+
+def test_eval_record_writes_before_and_after(tmp_path):
+    from posttrain.config import RunConfig
+    from posttrain.runs import Run
+
+    run = Run.start(RunConfig(out_dir=str(tmp_path), name="r"), "reinforce")
+    run.eval_record(0, {"step": 0, "eval/reward": 0.25, "eval/note": "x"}, [{"prompt": "p"}] * 9)
+    run.eval_record(4, {"eval/reward": 0.5})
+    run.eval_record(8, {"eval/reward": 0.75})  # the last evaluation is the "after"
+    ev = read_evals(run.path)
+    assert list(ev) == ["before", "after"]
+    assert ev["before"]["summary"] == {"reward": 0.25} and len(ev["before"]["examples"]) == 8
+    assert ev["after"]["summary"] == {"reward": 0.75}

@@ -446,6 +446,7 @@ def train(cfg: Config) -> Path:
     elif cfg.eval.enabled and cfg.eval.before:
         summary, samples = task_eval(cfg, policy, tok)
         run.log(0, summary)
+        run.eval_record(0, summary, samples)
         run.samples(0, samples[:16])
 
     def save(step: int) -> None:
@@ -491,6 +492,7 @@ def train(cfg: Config) -> Path:
     if cfg.eval.enabled:
         summary, samples = task_eval(cfg, policy, tok)
         final.update(summary)
+        run.eval_record(step, summary, samples)
         run.samples(step, samples[:16])
     if final:
         run.log(step, final)

@@ -478,7 +478,8 @@ def main(cfg: Config) -> int:
 
     def evaluate(step: int) -> None:
         metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen, toolbox)
-        run.log(step, reduce_mean(acc, metrics))
+        rec = run.log(step, reduce_mean(acc, metrics))
+        run.eval_record(step, rec, samples)  # eval_before.json / eval_after.json for the report
         run.samples(step, samples)
 
     def save(step: int) -> None:

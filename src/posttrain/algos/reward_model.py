@@ -221,7 +221,8 @@ def main(cfg: Config) -> int:
     if cfg.run.resume:
         state = run.load_checkpoint({"model": acc.unwrap_model(model)}, opt, sched)
     elif eval_items:
-        run.log(0, heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0])
+        before = heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0]
+        run.eval_record(0, run.log(0, before))
 
     def save(step: int) -> None:
         cursor = {"epoch": step // spe, "batch_in_epoch": step % spe}
@@ -259,7 +260,7 @@ def main(cfg: Config) -> int:
         return 0
     if eval_items:
         final, scores = heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)
-        run.log(step, final)
+        run.eval_record(step, run.log(step, final))
         run.write_json("eval.json", final)
         if run.is_main:
             write_jsonl(
