@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import enum
 import inspect
 import sys
 import textwrap
@@ -173,6 +174,8 @@ def _type_name(tp: Any) -> str:
         return f"list[{_type_name(inner)}]"
     if tp is type(None):
         return "none"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # the choices, as they are typed
+        return " | ".join(repr(m.value) for m in tp)
     return getattr(tp, "__name__", str(tp))
 
 

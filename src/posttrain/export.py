@@ -318,7 +318,9 @@ def _cli(command: str, argv: list[str]) -> int:
         )
         ap.add_argument("adapter_dir", help="a saved LoRA adapter folder")
         ap.add_argument("--out", required=True, help="folder to write the merged model to")
-        ap.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+        ap.add_argument(
+            "--dtype", default="float32", help="float32, bfloat16 or float16 (default: float32)"
+        )
         args = ap.parse_args(argv)
         path = merge(args.adapter_dir, args.out, args.dtype)
         from posttrain.models import dir_size_mb

@@ -706,7 +706,11 @@ def cli(command: str, argv: list[str]) -> int:
             description="Build a self-contained HTML report (config, curves, evals, samples).",
         )
         p.add_argument("run_dir", help="a run directory (holds metrics.jsonl, config.toml)")
-        p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+        p.add_argument(
+            "--out",
+            help="HTML file to write (default RUN_DIR/report.html, PNGs in RUN_DIR/plots/); "
+            "with --out X.html the PNGs go to X_plots/ beside it",
+        )
         a = p.parse_args(argv)
         try:
             path = build_report(a.run_dir, a.out)

@@ -107,7 +107,8 @@ def load_reward_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device) 
     kind, path = resolve(cfg.name)
     if kind in ("gguf", "adapter"):
         raise ModelLoadError(
-            f"reward models start from a model directory or hub id, not a {kind} ({cfg.name!r}); "
+            f"reward models start from a model directory or hub id, not "
+            f"{'a GGUF file' if kind == 'gguf' else 'a LoRA adapter'} ({cfg.name!r}); "
             "merge the adapter first (posttrain merge) or use the base model"
         )
     src = str(embedded_dir() if kind == "embedded" else (path or cfg.name))
