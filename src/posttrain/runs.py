@@ -103,12 +103,16 @@ class Run:
                     path.mkdir()
                     break
                 except FileExistsError:
+                    if _never_ran(path):  # an earlier start that failed before its first step
+                        break
                     k += 1
                     path = root / f"{name}-{k}"
             if cfg is not None:
                 save_config(cfg, path / "config.toml")
             (path / "run.json").write_text(
-                json.dumps({"command": command, "started": time.time()}, indent=1)
+                json.dumps(
+                    {"command": command, "started": time.time(), "pid": os.getpid()}, indent=1
+                )
             )
         return cls(path, rcfg, is_main)
 
@@ -254,6 +258,33 @@ class Run:
             for fname in ("metrics.jsonl", "samples.jsonl"):
                 _truncate_jsonl(self.path / fname, state["step"])
         return state
+
+
+def _never_ran(path: Path) -> bool:
+    """A run directory that a failed start left behind (a config error, a missing model): only
+    config.toml, run.json and empty files, written by this process or by one that has ended.
+    The next run with the same name reuses it instead of becoming NAME-2."""
+    entries = list(path.iterdir())
+    if not (path / "run.json").is_file() or any(
+        not p.is_file() or (p.name not in ("config.toml", "run.json") and p.stat().st_size)
+        for p in entries
+    ):
+        return False
+    try:
+        pid = json.loads((path / "run.json").read_text()).get("pid")
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(pid, int):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _main_thread() -> bool:

@@ -46,3 +46,19 @@ def test_unknown_bare_name_is_not_a_connection_error(tmp_path, capsys, monkeypat
     assert main(["generate", "--model", "no-such-model-here", "--prompt", "hi"]) == 2
     line = _error(capsys)
     assert "no such local file or directory" in line and "couldn't connect" not in line
+
+
+@pytest.mark.parametrize("command", ["sft", "eval"])
+def test_a_failed_start_leaves_a_folder_the_next_run_reuses(command, tiny_dir, tmp_path, capsys):
+    """A run that fails before its first step does not push the next one to NAME-2."""
+    common = ["--run.out_dir", str(tmp_path), "--run.name=x", "--run.progress=false"]
+    bad = [command, "--model", str(tiny_dir), "--adapter", str(tmp_path / "nowhere"), *common]
+    assert main(bad) == 2
+    assert main(bad) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    good = [command, "--model", str(tiny_dir), *common]
+    good += ["--train.max_steps=1", "--eval_limit=0"] if command == "sft" else ["--limit=1"]
+    assert main(good + ["--max_new_tokens=2"] * (command == "eval")) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
+    assert main(good + ["--max_new_tokens=2"] * (command == "eval")) == 0  # a real run stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "x-2"]
