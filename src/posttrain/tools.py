@@ -148,6 +148,7 @@ def calc(expression: str) -> str:
         expression: the arithmetic to do, for example "37 * 1.609344" or "(98.6 - 32) * 5/9"
     """
     text = str(expression).strip().replace("×", "*").replace("÷", "/").replace("^", "**")
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # thousands separators: 1,250
     if not text:
         raise ToolError("empty expression")
     if len(text) > MAX_EXPRESSION_CHARS:

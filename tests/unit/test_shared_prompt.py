@@ -90,11 +90,11 @@ def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperatur
     seeds = [11, 12, 13, 21, 22, 23]
     plain = _sample(*args, seeds)
     shared = _sample(*args, seeds, groups)
-    assert torch.equal(plain[0], shared[0]) and torch.equal(plain[1], shared[1])
-    torch.testing.assert_close(plain[2], shared[2], atol=1e-5, rtol=1e-5)
-    assert plain[3] == shared[3]
+    assert torch.equal(plain.ids, shared.ids) and torch.equal(plain.mask, shared.mask)
+    torch.testing.assert_close(plain.logp, shared.logp, atol=1e-5, rtol=1e-5)
+    assert plain.reasons == shared.reasons
     if temperature > 0:  # the three samples of a prompt differ: the cache copies are independent
-        assert not torch.equal(shared[0][0], shared[0][1])
+        assert not torch.equal(shared.ids[0], shared.ids[1])
 
 
 def test_dpo_pair_logps_run_each_prompt_once_with_the_same_result(tiny):

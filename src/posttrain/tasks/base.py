@@ -63,6 +63,8 @@ class TaskConfig:
     """unit conversion: relative tolerance for a correct answer"""
     difficulty: Literal["standard", "easy"] = "standard"
     """unit conversion: standard (all units, any values) or easy (integer factors, values 1-50)"""
+    train_phrasing: Literal["fixed", "varied"] = "fixed"
+    """unit conversion: train questions in the test's wordings (fixed) or in many wordings and unit names (varied)"""
     format_reward: float = 0.0
     """unit conversion: reward for a parseable <answer> tag, added to the correctness reward"""
     strategy: str = "cot"

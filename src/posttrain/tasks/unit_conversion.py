@@ -34,6 +34,7 @@ from posttrain.config import ConfigError
 from posttrain.prompting import Example, build_prompt, nearest_examples, parse_answer
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import Batch, Split, TaskConfig
+from posttrain.tools import calc, format_number
 
 DEFAULT_SIZES = {"train": 1000, "validation": 100, "test": 200}
 EASY_SIZES = {"train": 600, "validation": 50, "test": 200}  # about 2,000 distinct easy questions
@@ -163,6 +164,52 @@ TEMPERATURE_TEMPLATES = [
 ]
 
 
+# Train questions under `train_phrasing = "varied"`: more wordings and unit names than the test's
+# templates, so that a trained model reads questions, not one generator's sentences.
+VARIED_TEMPLATES = [
+    *TEMPLATES,
+    "How many {to} are in {value} {src}?",
+    "{value} {src} equals how many {to}?",
+    "Please convert {value} {src} into {to}.",
+    "I have {value} {src}. How much is that in {to}?",
+    "What's {value} {src} expressed in {to}?",
+    "Turn {value} {src} into {to}.",
+    "{value} {src} to {to}?",
+    "Change {value} {src} to {to}.",
+    "Find the number of {to} in {value} {src}.",
+    "How much is {value} {src} in {to}?",
+    "What does {value} {src} come to in {to}?",
+    "Convert from {src} to {to}: {value}",
+    "{value} {src} = ? {to}",
+    "How many {to} make up {value} {src}?",
+    "What is the equivalent of {value} {src} in {to}?",
+    "Calculate {value} {src} in {to}.",
+    "Give me {value} {src} in {to}, please.",
+    "could you tell me how many {to} {value} {src} is",
+    "{value} {src} in {to}",
+]
+CONTEXT_TEMPLATES = {  # one sentence of context per dimension
+    "length": ["A trail is {value} {src} long. How long is it in {to}?", "The distance is {value} {src}. What is it in {to}?"],
+    "mass": ["A parcel weighs {value} {src}. What is its weight in {to}?", "The recipe needs {value} {src} of flour. How many {to} is that?"],
+    "volume": ["A tank holds {value} {src}. How many {to} is that?", "The bottle contains {value} {src}. Express it in {to}."],
+    "time": ["A task takes {value} {src}. How many {to} is that?", "The video lasts {value} {src}. How long is it in {to}?"],
+    "speed": ["A car drives at {value} {src}. What is that speed in {to}?", "The wind blows at {value} {src}. Give the speed in {to}."],
+    "area": ["A field covers {value} {src}. What is its area in {to}?", "The flat has {value} {src} of floor space. How many {to} is that?"],
+    "data": ["A file is {value} {src}. How big is it in {to}?", "The download is {value} {src}. What is its size in {to}?"],
+    "temperature": ["The oven is at {value} {src}. What is that in {to}?", "It is {value} {src} outside. What is the temperature in {to}?"],
+}  # fmt: skip
+ALIASES = {  # other names people write for a unit (British spellings, short forms)
+    "mm": ["millimetres"], "cm": ["centimetres"], "m": ["metres"], "km": ["kilometres", "kms"],
+    "in": ["in."], "ft": ["ft."], "mi": ["mi."], "lb": ["lbs"], "oz": ["oz."], "t": ["tonnes"],
+    "ml": ["ml", "millilitres"], "l": ["litres", "l"], "m3": ["m³"], "h": ["hrs", "hr"],
+    "min": ["mins"], "s": ["sec", "secs"], "ms": ["msec"], "km/h": ["kph", "km/hr", "kilometres per hour"],
+    "m/s": ["metres per second"], "kn": ["kt", "knots"], "m2": ["m²", "sq m", "square metres"],
+    "ft2": ["sq ft"], "in2": ["sq in"], "km2": ["km²", "sq km"], "mi2": ["sq mi"], "cm2": ["cm²"],
+    "C": ["C", "Celsius", "degrees C"], "F": ["F", "Fahrenheit", "degrees F"], "K": ["Kelvin"],
+    "kB": ["KB"], "bit": ["b"], "day": ["d"], "week": ["wk", "wks"],
+}  # fmt: skip
+
+
 TEMPERATURE_RULES = {  # (from, to) -> (rule, arithmetic) for worked solutions
     ("C", "F"): ("°F = °C * 9/5 + 32", "{v} * 9/5 + 32"),
     ("F", "C"): ("°C = (°F - 32) * 5/9", "({v} - 32) * 5/9"),
@@ -200,20 +247,6 @@ def convert(value: str | Fraction | float, src: str, dst: str) -> float:
     return float(v * a.factor / b.factor)
 
 
-def format_number(x: float | Fraction, digits: int = 10) -> str:
-    """A number as a model should write it: up to `digits` significant digits, no exponent unless
-    the number is very large or small, no trailing zeros (6000, 0.125, 1.5e-09)."""
-    x = float(x)
-    if x == 0:
-        return "0"
-    if abs(x) >= 1e15 or abs(x) < 1e-6:
-        mant, exp = f"{x:.{digits - 1}e}".split("e")
-        return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
-    s = f"{x:.{decimals}f}"
-    return s.rstrip("0").rstrip(".") if "." in s else s
-
-
 def solution(value: str, src: str, dst: str) -> str:
     """A short worked solution ending in <answer>...</answer> (few-shot examples, SFT targets)."""
     a, b = BY_KEY[src], BY_KEY[dst]
@@ -223,6 +256,55 @@ def solution(value: str, src: str, dst: str) -> str:
         return f"{rule}. {arithmetic.format(v=value)} = <answer>{ans}</answer>"
     factor = format_number(a.factor / b.factor)
     return f"1 {a.singular} = {factor} {b.plural}. {value} * {factor} = <answer>{ans}</answer>"
+
+
+def tool_solution(value: str, src: str, dst: str) -> str:
+    """A worked solution that states the factor as a fact and does the arithmetic with a
+    calculator call (`posttrain.tools`, tag format); the result after the call is what the
+    calculator returns, and the answer repeats it:
+
+        1 mile = 1609.344 meters.
+        <calc>4.2 * 1609.344</calc> = 6759.2448
+        <answer>6759.2448</answer>
+
+    The fact names the larger unit ("1 kilometer = 1000 meters"), multiplying from the larger and
+    dividing from the smaller, so each pair of units is one fact whichever way it is asked; factors
+    keep 7 significant digits (an error under 1e-6, far inside the task's tolerance)."""
+    a, b = BY_KEY[src], BY_KEY[dst]
+    v = value.replace(",", "")
+    if a.dimension == "temperature":
+        rule, arithmetic = TEMPERATURE_RULES[(src, dst)]
+        fact, expr = f"{rule}.", arithmetic.format(v=v)
+    else:
+        r = a.factor / b.factor
+        if r >= 1:
+            f = format_number(r, 7)
+            fact, expr = f"1 {a.singular} = {f} {b.plural}.", f"{v} * {f}"
+        else:
+            f = format_number(1 / r, 7)
+            fact, expr = f"1 {b.singular} = {f} {a.plural}.", f"{v} / {f}"
+    result = calc(expr)
+    return f"{fact}\n<calc>{expr}</calc> = {result}\n<answer>{result}</answer>"
+
+
+def varied_question(key: str, seed: int, value: str, src: Unit, dst: Unit) -> str:
+    """A question in one of many wordings and unit names, drawn from a generator of its own
+    (seeded by the conversion), so the main stream and the other splits do not move."""
+    rng = random.Random(f"{seed}:{key}:varied")
+    dim = src.dimension
+    pool = (
+        TEMPERATURE_TEMPLATES if dim == "temperature" else VARIED_TEMPLATES
+    ) + CONTEXT_TEMPLATES[dim]
+    template = rng.choice(pool)
+    if value.isdigit() and int(value) >= 1000 and rng.random() < 0.3:
+        value = f"{int(value):,}"
+
+    def name(u: Unit, plural: bool) -> str:
+        names = [u.plural if plural else u.singular, u.abbrev, *ALIASES.get(u.key, [])]
+        return rng.choice(names) if rng.random() < 0.6 else names[0]
+
+    q = template.format(value=value, src=name(src, value != "1"), to=name(dst, True))
+    return q[0].upper() + q[1:] if rng.random() < 0.85 else q
 
 
 def _value(rng: random.Random, dimension: str) -> str:
@@ -264,12 +346,13 @@ def easy_pairs() -> list[tuple[Unit, Unit]]:
 
 
 def generate_questions(
-    seed: int, sizes: dict[str, int], difficulty: str = "standard"
+    seed: int, sizes: dict[str, int], difficulty: str = "standard", train_phrasing: str = "fixed"
 ) -> dict[str, list[dict[str, Any]]]:
     """Rows for every split, drawn from one seeded stream (see the module docstring).
 
     difficulty "easy" draws only `easy_pairs()` with integer values 1-50: a curriculum level that
     a 135M model can learn (it rarely multiplies arbitrary decimals right).
+    train_phrasing "varied" words train questions with `varied_question` (other splits unchanged).
     """
     rng = random.Random(seed)
     easy = easy_pairs() if difficulty == "easy" else []
@@ -302,6 +385,8 @@ def generate_questions(
         src_name = src.abbrev if short else (src.singular if value == "1" else src.plural)
         question = template.format(value=value, src=src_name, to=dst.plural)
         question = question[0].upper() + question[1:]
+        if split == "train" and train_phrasing == "varied":
+            question = varied_question(key, seed, value, src, dst)
         out[split].append(
             {
                 "question": question,
@@ -311,6 +396,7 @@ def generate_questions(
                 "to_unit": dst.key,
                 "dimension": dim,
                 "solution": solution(value, src.key, dst.key),
+                "tool_solution": tool_solution(value, src.key, dst.key),
             }
         )
     return out
@@ -374,7 +460,9 @@ class UnitConversionTask:
 
     def _all(self) -> dict[str, list[dict[str, Any]]]:
         if self._rows is None:
-            raw = generate_questions(self.cfg.seed, self.sizes, self.cfg.difficulty)
+            raw = generate_questions(
+                self.cfg.seed, self.sizes, self.cfg.difficulty, self.cfg.train_phrasing
+            )
             examples = self.examples(train=raw["train"])
             pool = [(r["question"], r["solution"]) for r in raw["train"]]
             for rows in raw.values():
@@ -455,4 +543,9 @@ class UnitConversionTask:
             "accuracy": sum(r["correct"] for r in per) / n,
             "answer_rate": sum(r["parsed"] is not None for r in per) / n,
         }
+        # accuracy per dimension (length, mass, ...), where the rows say which
+        dims = batch.get("dimension") or [None] * len(per)
+        for d in sorted({d for d in dims if d}):
+            hits = [r["correct"] for r, rd in zip(per, dims) if rd == d]
+            summary[f"accuracy/{d}"] = sum(hits) / len(hits)
         return summary, per
