@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets' "Generating train split" bars for a local jsonl file say nothing to a user
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     from posttrain.config import ConfigError
     from posttrain.models import ModelLoadError
 

@@ -41,6 +41,11 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
+    if not acc.is_main_process:  # one copy of every printed line under `accelerate launch`
+        import os
+        import sys
+
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
     run = Run.start(cfg.run, command, cfg, is_main=acc.is_main_process)
     if acc.num_processes > 1:
         path = broadcast_object_list([str(run.path)])[0]

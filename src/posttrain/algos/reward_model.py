@@ -111,14 +111,24 @@ def load_reward_model(cfg: ModelConfig, lora: LoraConfig, device: torch.device) 
             f"{'a GGUF file' if kind == 'gguf' else 'a LoRA adapter'} ({cfg.name!r}); "
             "merge the adapter first (posttrain merge) or use the base model"
         )
+    from transformers.utils import logging as hf_logging
+
     src = str(embedded_dir() if kind == "embedded" else (path or cfg.name))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        src,
-        num_labels=1,
-        dtype=pick_dtype(cfg.dtype, device),
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision,
-    )
+    # transformers' load report (lm_head UNEXPECTED, score MISSING, in ANSI codes) says what is
+    # expected here: the LM head is dropped and a fresh scoring head starts training
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src,
+            num_labels=1,
+            dtype=pick_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+        )
+    finally:
+        hf_logging.set_verbosity(level)
     tok = load_tokenizer(cfg.name, cfg.trust_remote_code)
     model.config.pad_token_id = tok.pad_token_id  # the head finds the last non-pad token with it
     if lora.enabled:
