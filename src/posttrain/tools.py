@@ -52,7 +52,7 @@ class ToolConfig:
     max_calls: int = 4
     """tool calls per completion; later calls get an error text"""
     max_result_tokens: int = 32
-    """a result is cut to this many tokens"""
+    """tokens a call's result may insert (a longer result is cut and ends in ...)"""
     timeout_s: float = 2.0
     """seconds a call may take before the model gets an error text"""
 
@@ -339,11 +339,19 @@ class Toolbox:
         return f"\n<tool_response>\n{result}\n</tool_response>\n"
 
     def result_ids(self, tokenizer: Any, result: str) -> list[int]:
-        """Token ids of a formatted result, the result cut to `max_result_tokens` tokens."""
-        ids = tokenizer(result, add_special_tokens=False)["input_ids"]
-        if len(ids) > self.cfg.max_result_tokens:
-            result = tokenizer.decode(ids[: self.cfg.max_result_tokens]) + "..."
-        return tokenizer(self.format_result(result), add_special_tokens=False)["input_ids"]
+        """Token ids of a formatted result, at most `max_result_tokens` in all: a longer result
+        is cut and ends in "..." (the format's own text kept where it fits)."""
+
+        def enc(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        limit = self.cfg.max_result_tokens
+        ids = enc(self.format_result(result))
+        if len(ids) <= limit:
+            return ids
+        budget = max(1, limit - len(enc(self.format_result("..."))))
+        cut = tokenizer.decode(enc(result)[:budget]) + "..."
+        return enc(self.format_result(cut))[:limit]
 
     def limit_text(self) -> str:
         return f"error: at most {self.cfg.max_calls} tool calls per completion"
