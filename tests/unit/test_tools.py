@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from posttrain.rollout import GenerationConfig, generate
-from posttrain.tools import ToolConfig, Toolbox, ToolError, calc, calls_in
+from posttrain.tools import Toolbox, ToolConfig, ToolError, calc, calls_in
 
 STRENGTH = 12.0
 # the chain: other -> <calc> -> 7 -> * -> 3 -> </calc> -> (other) ...; the calculator then
