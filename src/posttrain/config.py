@@ -7,7 +7,13 @@ a one-line docstring written right under the field; `field_docs` reads them from
     cfg = load_config(Config, "configs/sft.toml", ["--optim.lr=1e-5", "--model", "default"])
 
 Unknown keys and values that do not fit the field's type are errors that name the key and list the
-valid ones; nothing is silently ignored. `save_config` writes the resolved config as TOML.
+valid ones; nothing is silently ignored. A field's range is its metadata, written with `check`:
+
+    lr: float = check(1e-5, "> 0")   # then the field's docstring, as for any field
+
+`load_config` checks every rule of every section once, for every command (`check_config`; the
+training setup calls it again for configs built in Python), and each broken rule is one line that
+names the key: `optim.lr must be > 0, got -1.0`. `save_config` writes the resolved config as TOML.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import dataclasses
 import difflib
 import enum
 import inspect
+import re
 import sys
 import textwrap
 import types
@@ -36,6 +43,48 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the config's dataclass."""
+
+
+_OPS: dict[str, Any] = {
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+}
+_INTERVAL = re.compile(r"in ([\[(])\s*(\S+?)\s*,\s*(\S+?)\s*([\])])$")
+_COMPARE = re.compile(r"(>=|<=|>|<)\s*(\S+)$")
+
+
+def _parse_rule(rule: str) -> list[tuple[str, str]]:
+    """'>= 1 and <= batch_size' -> [('>=', '1'), ('<=', 'batch_size')]; 'run directory' as is."""
+    parts: list[tuple[str, str]] = []
+    for part in (p.strip() for p in rule.split(" and ")) if rule else []:
+        if part == "run directory":
+            parts.append((part, ""))
+        elif m := _INTERVAL.match(part):
+            lo, a, b, hi = m.groups()
+            parts += [(">=" if lo == "[" else ">", a), ("<=" if hi == "]" else "<", b)]
+        elif m := _COMPARE.match(part):
+            parts.append((m.group(1), m.group(2)))
+        else:
+            raise ValueError(f"bad check rule {rule!r}")
+    return parts
+
+
+def check(
+    default: Any = dataclasses.MISSING, rule: str = "", *, default_factory: Any = None
+) -> Any:
+    """A dataclass field whose value must satisfy `rule`, checked by `load_config`.
+
+    Rules: a comparison with a number or with another field of the same section (`"> 0"`,
+    `">= 1"`, `"<= batch_size"`), an interval (`"in [0, 1]"`, `"in (0, 1]"`), several joined by
+    `" and "`, or `"run directory"` (a folder with a config.toml). `None` values pass; a list's
+    rule applies to each item.
+    """
+    _parse_rule(rule)  # a typo in a rule fails at import, not when a user hits it
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata={"check": rule})
+    return field(default=default, metadata={"check": rule})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,11 +111,11 @@ class ModelConfig:
 class LoraConfig:
     enabled: bool = False
     """train a LoRA adapter instead of all weights"""
-    r: int = 16
+    r: int = check(16, ">= 1")
     """LoRA rank"""
-    alpha: int = 64
+    alpha: int = check(64, "> 0")
     """LoRA alpha (scaling = alpha / r); about 4x the rank works well"""
-    dropout: float = 0.0
+    dropout: float = check(0.0, "in [0, 1)")
     """dropout on the LoRA input"""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """module names to adapt; ["all-linear"] adapts every linear layer but the output head"""
@@ -74,21 +123,21 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
+    lr: float = check(1e-5, "> 0")
     """peak learning rate (AdamW)"""
-    weight_decay: float = 0.0
+    weight_decay: float = check(0.0, ">= 0")
     """AdamW weight decay"""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = check(rule="in [0, 1)", default_factory=lambda: [0.9, 0.999])
     """AdamW betas"""
-    eps: float = 1e-8
+    eps: float = check(1e-8, ">= 0")
     """AdamW epsilon"""
-    warmup_steps: int = 0
+    warmup_steps: int = check(0, ">= 0")
     """linear warm-up steps"""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     """learning-rate schedule after warm-up"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = check(1.0, ">= 0")
     """gradient clipping by global norm; 0 disables"""
-    grad_accum: int = 1
+    grad_accum: int = check(1, ">= 1")
     """micro-batches accumulated per optimizer step"""
 
 
@@ -100,19 +149,19 @@ class RunConfig:
     """run directory name (default: command and time); a new suffix is added if it exists"""
     seed: int = 0
     """seed for python, numpy and torch"""
-    log_every: int = 1
+    log_every: int = check(1, ">= 1")
     """log one metrics line every this many steps"""
-    sample_every: int = 10
+    sample_every: int = check(10, ">= 0")
     """write generations to samples.jsonl every this many steps (0: never)"""
-    save_every: int = 0
+    save_every: int = check(0, ">= 0")
     """checkpoint every this many steps (0: only at the end)"""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = check(2, ">= 1")
     """how many checkpoints to keep"""
-    resume: str | None = None
+    resume: str | None = check(None, "run directory")
     """a run directory to continue from its last checkpoint"""
     tensorboard: bool = False
     """also write TensorBoard event files into the run directory"""
-    threads: int = 0
+    threads: int = check(0, ">= 0")
     """torch CPU threads (0: torch's default)"""
     progress: bool = True
     """show progress bars"""
@@ -381,6 +430,52 @@ def _field_type(cls: type, dotted: str) -> Any:
     return tp
 
 
+# ---------------------------------------------------------------------------------------------
+# Range rules (field metadata)
+
+
+def _rule_errors(obj: Any, key: str, value: Any, rule: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [e for i, v in enumerate(value) for e in _rule_errors(obj, f"{key}[{i}]", v, rule)]
+    for op, operand in _parse_rule(rule):
+        if op == "run directory":
+            if not (Path(value) / "config.toml").is_file():
+                what = "does not exist" if not Path(value).exists() else "has no config.toml"
+                return [f"{key} must be a run directory, but {str(value)!r} {what}"]
+            continue
+        try:
+            bound: Any = float(operand)
+        except ValueError:  # another field of the same section
+            bound = getattr(obj, operand)
+            if bound is None:
+                continue
+            rule = re.sub(rf"\b{operand}\b", f"{operand} ({bound})", rule)
+        if not _OPS[op](value, bound):
+            return [f"{key} must be {rule}, got {value!r}"]
+    return []
+
+
+def check_config(cfg: Any) -> None:
+    """Check every field's `check` rule in `cfg` and its sections; one ConfigError listing every
+    broken rule on one line, each naming its dotted key."""
+
+    def walk(obj: Any, prefix: str) -> list[str]:
+        errors: list[str] = []
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                errors += walk(value, f"{prefix}{f.name}.")
+            elif f.metadata.get("check"):
+                errors += _rule_errors(obj, prefix + f.name, value, f.metadata["check"])
+        return errors
+
+    errors = walk(cfg, "")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
@@ -397,6 +492,7 @@ def load_config(
         _apply(cfg, data)
     for key, value in parse_overrides(overrides or [], cls):
         _set_dotted(cfg, key, value)
+    check_config(cfg)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         validate()
@@ -475,7 +571,8 @@ def help_text(cls: type, command: str = "") -> str:
             if _is_dataclass_type(tp):
                 continue
             default = to_dict(getattr(obj, f.name))
-            out.append(f"  --{prefix}{f.name}  ({_type_name(tp)}, default {default!r})")
+            rule = f", must be {f.metadata['check']}" if f.metadata.get("check") else ""
+            out.append(f"  --{prefix}{f.name}  ({_type_name(tp)}, default {default!r}{rule})")
             if f.name in docs:
                 out.append(f"      {docs[f.name]}")
         for f in dataclasses.fields(klass):

@@ -23,18 +23,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.config import RunConfig
+from posttrain.config import RunConfig, check
 
 
 @dataclass
 class Config:
-    questions: int = 96
+    questions: int = check(96, ">= 1")
     """training questions RFT samples reasoning paths for"""
-    k: int = 4
+    k: int = check(4, ">= 1")
     """samples per training question"""
-    eval_limit: int = 50
+    eval_limit: int = check(50, ">= 0")
     """test questions evaluated before and after"""
-    epochs: int = 3
+    epochs: int = check(3, ">= 1")
     """RFT training epochs over the kept reasoning paths"""
     model: str = "default"
     """the model to post-train"""

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from posttrain.config import ConfigError, ModelConfig, RunConfig
+from posttrain.config import ConfigError, ModelConfig, RunConfig, check
 from posttrain.prompting import STRATEGIES, PromptingConfig, model_generator, run_strategy
 from posttrain.tasks.base import Task, TaskConfig, columns
 from posttrain.tools import Toolbox, ToolConfig, calls_in
@@ -59,13 +59,13 @@ class Config:
     """prompting strategies (repeat --strategy): default (the task's own prompt), direct, zero_shot, few_shot, cot, self_consistency, self_reflection, tree_of_thought (unset: the trained folder's, else default)"""
     split: str = "test"
     """which split to evaluate: train, validation or test"""
-    limit: int = 0
+    limit: int = check(0, ">= 0")
     """evaluate only the first N examples of the split (0: all)"""
-    batch_size: int = 32
+    batch_size: int = check(32, ">= 1")
     """examples per strategy call (the progress bar advances per batch)"""
-    temperature: float = 0.0
+    temperature: float = check(0.0, ">= 0")
     """decoding temperature of answers (0: greedy)"""
-    max_new_tokens: int = 0
+    max_new_tokens: int = check(0, ">= 0")
     """most new tokens per answer (0: the task's default; 24 for the direct strategy without tools)"""
     system_prompt: str | None = None
     """system message for chat prompts (unset: the trained folder's, else none)"""
@@ -83,8 +83,6 @@ class Config:
                 raise ConfigError(f"unknown strategy {s!r}; choose from {', '.join(STRATEGIES)}")
         if self.split not in ("train", "validation", "test"):
             raise ConfigError(f"--split must be train, validation or test, not {self.split!r}")
-        if self.limit < 0 or self.batch_size < 1:
-            raise ConfigError("--limit must be >= 0 and --batch_size >= 1")
 
 
 def evaluate(

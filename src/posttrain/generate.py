@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from posttrain.config import ConfigError, ModelConfig
+from posttrain.config import ConfigError, ModelConfig, check
 from posttrain.rollout import GenerationConfig
 from posttrain.tools import Toolbox, ToolConfig
 
@@ -46,7 +46,7 @@ class Config:
     """column (or JSON field) holding the prompt in --input"""
     split: str = "train"
     """dataset split for --input"""
-    limit: int = 0
+    limit: int = check(0, ">= 0")
     """use only the first N prompts (0: all)"""
     output: str | None = None
     """write JSONL records here instead of printing"""
@@ -54,7 +54,7 @@ class Config:
     """random seed for sampling"""
     progress: bool = True
     """show a progress bar"""
-    threads: int = 0
+    threads: int = check(0, ">= 0")
     """torch CPU threads (0: torch's default); training commands and eval call it --run.threads"""
     model: ModelConfig = field(default_factory=ModelConfig)
     gen: GenerationConfig = field(default_factory=_greedy)

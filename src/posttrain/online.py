@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, check
 from posttrain.models import adapter_disabled, frozen_copy, is_peft
 from posttrain.ops import (
     Reduction,
@@ -52,13 +52,13 @@ class GenOverrides:
     """Generation settings for training rollouts. Unset keys take the task's defaults
     (`task.generation()`); the number of samples per prompt is set by the algorithm."""
 
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = check(None, ">= 1")
     """most tokens generated per completion (unset: the task's default)"""
-    temperature: float | None = None
+    temperature: float | None = check(None, "> 0")
     """sampling temperature, > 0 (unset: the task's default); the loss uses the same temperature"""
-    top_k: int | None = None
+    top_k: int | None = check(None, ">= 0")
     """keep the k most likely tokens, 0 = off (unset: the task's default)"""
-    top_p: float | None = None
+    top_p: float | None = check(None, "in (0, 1]")
     """nucleus sampling, 1 = off (unset: the task's default)"""
     stop: list[str] | None = None
     """stop strings (unset: the task's default)"""
@@ -66,9 +66,9 @@ class GenOverrides:
     """apply the chat template to string prompts (unset: the task's default)"""
     system_prompt: str | None = None
     """system message for chat prompts (unset: the task's default)"""
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = check(None, ">= 1")
     """prompts keep their last this many tokens (unset: the task's default)"""
-    token_budget: int | None = None
+    token_budget: int | None = check(None, ">= 1")
     """generation micro-batch limit in tokens (unset: the task's default)"""
 
 

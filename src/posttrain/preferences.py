@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import torch
 
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, check
 from posttrain.rollout import GenerationConfig
 from posttrain.tools import Toolbox
 
@@ -60,15 +60,15 @@ class PairsConfig:
     """apply the chat template to string prompts too (message prompts always use it)"""
     system_prompt: str | None = None
     """system message added to chat prompts"""
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = check(256, ">= 1")
     """longer prompts are errors or dropped (see on_invalid)"""
-    max_completion_tokens: int = 256
+    max_completion_tokens: int = check(256, ">= 1")
     """longer completions are cut to this many tokens (counted as truncated)"""
     on_invalid: Literal["error", "drop"] = "error"
     """empty fields, chosen == rejected, prompts over budget: stop with an error, or count and drop"""
-    limit: int = 0
+    limit: int = check(0, ">= 0")
     """use only the first N records (0: all)"""
-    eval_fraction: float = 0.1
+    eval_fraction: float = check(0.1, "in [0, 1)")
     """fraction of pairs held out for evaluation (ignored when eval_source is set)"""
     eval_source: str | None = None
     """a separate file/dataset of held-out pairs"""
@@ -84,17 +84,17 @@ class BuildConfig:
     """stop after writing pairs.jsonl (train later with --data.source=RUN/pairs.jsonl)"""
     model: str | None = None
     """policy that samples (default: model.name, before any training)"""
-    prompts: int = 256
+    prompts: int = check(256, ">= 1")
     """number of train-split prompts of the task to sample for"""
-    n: int = 4
+    n: int = check(4, ">= 2")
     """completions sampled per prompt (>= 2); the best and worst form the pair"""
     temperature: float = 1.0
     """sampling temperature"""
-    max_new_tokens: int = 0
+    max_new_tokens: int = check(0, ">= 0")
     """tokens per completion (0: the task's default)"""
     min_gap: float = 0.1
     """keep a pair only if reward(best) - reward(worst) exceeds this"""
-    pairs_per_prompt: int = 1
+    pairs_per_prompt: int = check(1, ">= 1")
     """disjoint pairs kept per prompt: 1 = best vs worst; m = the i-th best vs the i-th worst for
     i < m (at most n // 2), each kept only if its own gap exceeds min_gap"""
 

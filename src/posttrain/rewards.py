@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, check
 
 Batch = dict[str, list[Any]]
 ScoreFn = Callable[[list[str], list[str], Batch], Any]
@@ -56,9 +56,9 @@ class RewardConfig:
     """text a classifier / reward model scores: auto = completion for classifier:, prompt + completion for model:"""
     reference_field: str = "reference"
     """rouge: the batch field holding the reference text"""
-    batch_size: int = 32
+    batch_size: int = check(32, ">= 1")
     """classifier / reward-model batch size"""
-    max_length: int = 512
+    max_length: int = check(512, ">= 1")
     """classifier / reward-model inputs are truncated to this many tokens"""
     device: str = "auto"
     """device for classifiers and reward models (auto: the policy's device)"""
@@ -66,7 +66,7 @@ class RewardConfig:
     """a reward that raises or is NaN/inf: raise (stop the run, naming the sample) or skip (mark the sample invalid, count it, leave it out of the loss)"""
     normalize: bool = False
     """standardise the total reward with a running mean and std over all rewards so far"""
-    clip: float = 0.0
+    clip: float = check(0.0, ">= 0")
     """after normalisation, clip the total reward to [-clip, clip] (0: no clipping)"""
 
 

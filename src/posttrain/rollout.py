@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from posttrain import cpu
+from posttrain.config import check
 from posttrain.ops import position_ids_from_mask, prompt_pass
 from posttrain.tools import Toolbox, ToolCall
 
@@ -37,15 +38,15 @@ Prompt = str | list[dict[str, str]]
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 64
+    max_new_tokens: int = check(64, ">= 1")
     """most tokens generated per completion"""
-    temperature: float = 1.0
+    temperature: float = check(1.0, ">= 0")
     """sampling temperature; 0 means greedy decoding"""
-    top_k: int = 0
+    top_k: int = check(0, ">= 0")
     """keep the k most likely tokens (0: off)"""
-    top_p: float = 1.0
+    top_p: float = check(1.0, "in (0, 1]")
     """nucleus sampling: keep the smallest set with this total probability (1: off)"""
-    n: int = 1
+    n: int = check(1, ">= 1")
     """samples per prompt (rows of one prompt are contiguous in the Rollout)"""
     stop: list[str] = field(default_factory=list)
     """stop strings: a completion ends after the first one it produces (kept in the text)"""
@@ -53,11 +54,11 @@ class GenerationConfig:
     """wrap string prompts as a user message and apply the tokenizer's chat template"""
     system_prompt: str | None = None
     """system message for chat prompts"""
-    max_prompt_tokens: int = 1024
+    max_prompt_tokens: int = check(1024, ">= 1")
     """prompts longer than this keep their last tokens"""
-    token_budget: int = 32768
+    token_budget: int = check(32768, ">= 1")
     """micro-batch size limit in tokens (rows x (prompt + max_new_tokens)); bounds memory"""
-    max_batch_size: int = 64
+    max_batch_size: int = check(64, ">= 1")
     """micro-batch size limit in rows: past this the KV cache copies of each step cost more
     than batching saves on a CPU"""
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, check
 
 
 @dataclass
@@ -49,11 +49,11 @@ class ToolConfig:
     """tools the model may call while generating: calculator, module:function or file.py:function (empty: none)"""
     format: Literal["tag", "json"] = "tag"
     """call format: tag (<calc>1 + 2</calc> = 3) or json (<tool_call>{...}</tool_call>, the chat templates' style)"""
-    max_calls: int = 4
+    max_calls: int = check(4, ">= 1")
     """tool calls per completion; later calls get an error text"""
-    max_result_tokens: int = 32
+    max_result_tokens: int = check(32, ">= 1")
     """tokens a call's result may insert (a longer result is cut and ends in ...)"""
-    timeout_s: float = 2.0
+    timeout_s: float = check(2.0, "> 0")
     """seconds a call may take before the model gets an error text"""
 
 

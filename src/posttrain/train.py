@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from posttrain import cpu
-from posttrain.config import LoraConfig, ModelConfig, OptimConfig
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, check_config
 from posttrain.runs import Run, seed_everything
 
 
@@ -37,6 +37,7 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
 
+    check_config(cfg)  # a config built in Python gets the command line's checks
     acc = Accelerator(cpu=not torch.cuda.is_available())
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -47,6 +48,11 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
 
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
     run = Run.start(cfg.run, command, cfg, is_main=acc.is_main_process)
+    if cfg.run.resume and run.latest_checkpoint() is None:
+        raise ConfigError(
+            f"run.resume: {cfg.run.resume!r} has no checkpoint to resume from "
+            "(the run stopped before its first save); start a new run instead"
+        )
     if acc.num_processes > 1:
         path = broadcast_object_list([str(run.path)])[0]
         run = Run(type(run.path)(path), cfg.run, is_main=acc.is_main_process)

@@ -34,7 +34,7 @@ from posttrain.algos.sft import (
     test_eval,
     trained_format,
 )
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.data import IGNORE_INDEX
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
@@ -52,15 +52,15 @@ class Config:
         "resume": "run.resume",
         "tool": "tools.names",
     }
-    weight: float = 0.5
+    weight: float = check(0.5, "in [0, 1]")
     """w: share of the KL term; 0 is plain SFT, 1 is pure distillation"""
-    temperature: float = 2.0
+    temperature: float = check(2.0, "> 0")
     """T: softmax temperature of teacher and student in the KL term"""
     kl: Literal["forward", "reverse"] = "forward"
     """forward: KL(teacher || student) (mean-seeking); reverse: KL(student || teacher)"""
-    eval_limit: int = 200
+    eval_limit: int = check(200, ">= 0")
     """after training, greedy accuracy on this many test rows of the task (0: off; task data only)"""
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int = check(32, ">= 1")
     """tokens generated per test question for that accuracy"""
     output: str | None = None
     """also copy the final hub-ready folder here"""
@@ -73,12 +73,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tools: ToolConfig = field(default_factory=ToolConfig)
-
-    def validate(self) -> None:
-        if not 0.0 <= self.weight <= 1.0:
-            raise ConfigError(f"weight must be in [0, 1], got {self.weight}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
 
 
 def distill_loss(

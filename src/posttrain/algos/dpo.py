@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.ops import completion_logits_shared, masked_sum, selective_log_softmax
 from posttrain.preferences import (
     BuildConfig,
@@ -80,11 +80,11 @@ class EvalConfig:
     """sample on the task's eval split before and after training: mean reward + task metrics"""
     split: str = "test"
     """task split to evaluate on"""
-    size: int = 64
+    size: int = check(64, ">= 1")
     """prompts evaluated"""
     before: bool = True
     """also evaluate before training (logged at step 0)"""
-    max_new_tokens: int = 0
+    max_new_tokens: int = check(0, ">= 0")
     """tokens per completion (0: the task's default)"""
 
 
@@ -104,23 +104,23 @@ class Config:
     }
     loss_type: LossType = LossType.DPO
     """dpo, ipo, cdpo (label-smoothed) or simpo (reference-free)"""
-    beta: float = 0.1
+    beta: float = check(0.1, "> 0")
     """inverse temperature of the implicit reward; smaller stays closer to the reference"""
-    label_smoothing: float = 0.1
+    label_smoothing: float = check(0.1, "in [0, 1]")
     """cdpo: probability that a preference label is flipped"""
     simpo_gamma: float = 0.5
     """simpo: target reward margin"""
     reference: Literal["precomputed", "frozen_copy", "adapter_disabled"] = "precomputed"
     """reference log-probs: computed once before training, a frozen model copy, or LoRA switched off"""
-    epochs: int = 1
+    epochs: int = check(1, ">= 1")
     """passes over the training pairs"""
-    max_steps: int = 0
+    max_steps: int = check(0, ">= 0")
     """stop after this many optimizer steps (0: epochs decide)"""
-    batch_size: int = 4
+    batch_size: int = check(4, ">= 1")
     """pairs per micro-batch (2x rows in the forward pass); x optim.grad_accum per step"""
-    eval_every: int = 0
+    eval_every: int = check(0, ">= 0")
     """held-out loss/accuracy every this many steps (0: at the end only)"""
-    eval_batch_size: int = 16
+    eval_batch_size: int = check(16, ">= 1")
     """pairs per forward pass when evaluating or precomputing reference log-probs"""
     reference_cache: str | None = None
     """reference_logps.json of a run on the same pairs and starting model: reused, not recomputed"""
@@ -136,14 +136,10 @@ class Config:
     tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
-        if self.beta <= 0:
-            raise ConfigError("beta must be positive")
         if self.reference == "adapter_disabled" and not self.lora.enabled:
             raise ConfigError("reference=adapter_disabled needs --lora.enabled=true")
         if self.sweep.betas and self.run.resume:
             raise ConfigError("a beta sweep cannot be resumed; resume its runs one by one")
-        if self.batch_size < 1 or self.optim.grad_accum < 1:
-            raise ConfigError("batch_size and optim.grad_accum must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from posttrain import tasks, train
 from posttrain.advantages import group_normalized_advantages, rloo_advantages
-from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.online import (
     GenOverrides,
     PromptStream,
@@ -98,27 +98,27 @@ class Config:
         "resume": "run.resume",
         "tool": "tools.names",
     }
-    steps: int = 100
+    steps: int = check(100, ">= 1")
     """rollout batches (each followed by inner_epochs x num_minibatches optimizer steps)"""
-    batch_size: int = 8
+    batch_size: int = check(8, ">= 1")
     """prompts per rollout batch (on each process)"""
-    group_size: int = 4
+    group_size: int = check(4, ">= 2")
     """k, completions sampled per prompt"""
     advantage: Literal["rloo", "group_norm"] = "group_norm"
     """rloo: r_i - mean of the others; group_norm: (r_i - group mean) / (group std + eps)"""
     scale_rewards: bool = True
     """group_norm: divide by the group std (false: Dr. GRPO, centring only)"""
-    adv_eps: float = 1e-4
+    adv_eps: float = check(1e-4, ">= 0")
     """group_norm: eps added to the group std"""
-    inner_epochs: int = 1
+    inner_epochs: int = check(1, ">= 1")
     """passes over each rollout batch (GRPO's mu)"""
-    num_minibatches: int = 1
+    num_minibatches: int = check(1, ">= 1")
     """optimizer steps per pass; each minibatch is split into optim.grad_accum micro-batches"""
-    clip_eps: float = 0.2
+    clip_eps: float = check(0.2, ">= 0")
     """ratio clip: [1 - clip_eps, 1 + clip_eps_high]"""
-    clip_eps_high: float | None = None
+    clip_eps_high: float | None = check(None, ">= 0")
     """upper clip (DAPO clip-higher); unset: clip_eps"""
-    kl_coef: float = 0.04
+    kl_coef: float = check(0.04, ">= 0")
     """beta, the KL coefficient (0: no KL, no reference needed)"""
     kl_estimator: Literal["k1", "k3"] = "k3"
     """per-token KL estimator: k1 = log(pi/ref), k3 = ref/pi - log(ref/pi) - 1"""
@@ -128,13 +128,13 @@ class Config:
     """reference policy: auto (none if kl_coef is 0, adapter under LoRA, else copy), copy, adapter, none"""
     loss_reduction: Literal["token_mean", "seq_mean", "fixed"] = "seq_mean"
     """token_mean: over all tokens; seq_mean: per sequence, then over sequences; fixed: sum / (rows x fixed_normaliser)"""
-    fixed_normaliser: int = 0
+    fixed_normaliser: int = check(0, ">= 0")
     """the constant of the fixed reduction (0: gen.max_new_tokens)"""
-    eval_limit: int = 64
+    eval_limit: int = check(64, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
-    eval_every: int = 0
+    eval_every: int = check(0, ">= 0")
     """also evaluate every this many steps (0: start and end only)"""
-    n_samples: int = 8
+    n_samples: int = check(8, ">= 0")
     """rollout rows written to samples.jsonl every run.sample_every steps"""
     exact_kl: bool = False
     """log kl/exact, the KL over the whole vocabulary (costs a policy forward and (B, T, V) softmaxes)"""
@@ -158,7 +158,7 @@ class GRPOConfig(Config):
 @dataclass
 class RLOOConfig(Config):
     advantage: Literal["rloo", "group_norm"] = "rloo"
-    kl_coef: float = 0.05
+    kl_coef: float = check(0.05, ">= 0")
     kl_estimator: Literal["k1", "k3"] = "k1"
     kl_in: Literal["loss", "reward"] = "reward"
     loss_reduction: Literal["token_mean", "seq_mean", "fixed"] = "fixed"

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.online import GenOverrides, Reference, micro_batches, take
 from posttrain.ops import (
     Reduction,
@@ -63,13 +63,13 @@ def _ppo_task() -> TaskConfig:
 
 @dataclass
 class KLConfig:
-    coef: float = 0.2
+    coef: float = check(0.2, ">= 0")
     """initial KL coefficient beta in the per-token reward (0: no KL, no reference model)"""
     controller: Literal["adaptive", "fixed"] = "adaptive"
     """adaptive: move beta towards the target KL (Ziegler et al. 2019); fixed: keep beta"""
-    target: float = 6.0
+    target: float = check(6.0, "> 0")
     """adaptive: target KL per completion in nats (summed over its tokens)"""
-    horizon: int = 10000
+    horizon: int = check(10000, ">= 1")
     """adaptive: horizon in samples; beta changes by at most 20% per `horizon` samples"""
     estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator in the reward: k1 = logp - ref_logp (Ziegler), k3 = Schulman's"""
@@ -85,25 +85,25 @@ class Config:
         "resume": "run.resume",
         "tool": "tools.names",
     }
-    steps: int = 50
+    steps: int = check(50, ">= 1")
     """PPO steps: one rollout batch, then ppo_epochs of updates on it"""
-    batch_size: int = 8
+    batch_size: int = check(8, ">= 1")
     """prompts per step (on each process)"""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = check(1, ">= 1")
     """completions sampled per prompt (rollout rows = batch_size * samples_per_prompt)"""
-    mini_batch_size: int = 4
+    mini_batch_size: int = check(4, ">= 1")
     """rollout rows per optimizer step inside the PPO epochs (split into optim.grad_accum micro-batches)"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = check(4, ">= 1")
     """passes over each rollout batch, each in a fresh shuffled order"""
-    gamma: float = 1.0
+    gamma: float = check(1.0, "in [0, 1]")
     """discount factor (1: undiscounted, as in Ziegler et al.)"""
-    lam: float = 0.95
+    lam: float = check(0.95, "in [0, 1]")
     """GAE lambda"""
-    cliprange: float = 0.2
+    cliprange: float = check(0.2, ">= 0")
     """policy ratio clip epsilon"""
-    cliprange_value: float = 0.2
+    cliprange_value: float = check(0.2, ">= 0")
     """value clip: new values stay within this distance of the rollout's values"""
-    vf_coef: float = 0.1
+    vf_coef: float = check(0.1, ">= 0")
     """weight of the value loss in the total loss"""
     ent_coef: float = 0.0
     """weight of the entropy bonus (the loss adds -ent_coef * entropy)"""
@@ -113,19 +113,19 @@ class Config:
     """standardise the sequence rewards over the batch before the KL penalty is added"""
     loss_reduction: Reduction = "token_mean"
     """per-token losses -> scalar: token_mean, seq_mean or fixed (exact under grad_accum)"""
-    fixed_normaliser: int = 0
+    fixed_normaliser: int = check(0, ">= 0")
     """the constant of the fixed reduction: sum / (rows x fixed_normaliser) (0: gen.max_new_tokens)"""
     critic: Literal["head", "separate"] = "head"
     """value function: a head on the policy's trunk, or a separate copy of the model with its own head"""
     value_head: str | None = None
     """start from the value_head.safetensors in this directory (a PPO output) instead of a zero head"""
-    forward_batch_size: int = 16
+    forward_batch_size: int = check(16, ">= 1")
     """rows per no-grad forward pass when scoring the rollout (bounds memory)"""
-    eval_limit: int = 16
+    eval_limit: int = check(16, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
-    eval_every: int = 0
+    eval_every: int = check(0, ">= 0")
     """also evaluate every this many steps (0: start and end only)"""
-    n_samples: int = 8
+    n_samples: int = check(8, ">= 0")
     """rollout rows written to samples.jsonl every run.sample_every steps"""
     kl: KLConfig = field(default_factory=KLConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,8 +139,6 @@ class Config:
 
     def validate(self) -> None:
         rows = self.batch_size * self.samples_per_prompt
-        if min(self.steps, self.batch_size, self.samples_per_prompt, self.ppo_epochs) < 1:
-            raise ConfigError("steps, batch_size, samples_per_prompt and ppo_epochs must be >= 1")
         if not 1 <= self.mini_batch_size <= rows:
             raise ConfigError(
                 f"mini_batch_size={self.mini_batch_size} must be between 1 and the rollout rows "
@@ -151,8 +149,6 @@ class Config:
                 f"optim.grad_accum={self.optim.grad_accum} splits each mini-batch into micro-batches: "
                 f"it cannot exceed mini_batch_size={self.mini_batch_size}"
             )
-        if self.kl.coef < 0 or self.kl.target <= 0 or self.kl.horizon < 1:
-            raise ConfigError("kl.coef must be >= 0, kl.target > 0 and kl.horizon >= 1")
 
 
 # ---------------------------------------------------------------------------------------------

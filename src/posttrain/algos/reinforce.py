@@ -37,7 +37,7 @@ from torch import Tensor
 
 from posttrain import tasks, train
 from posttrain.advantages import MovingAverageBaseline, batch_mean_baseline
-from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.online import (
     GenOverrides,
     PromptStream,
@@ -83,17 +83,17 @@ class Config:
         "resume": "run.resume",
         "tool": "tools.names",
     }
-    steps: int = 200
+    steps: int = check(200, ">= 1")
     """optimizer steps; each samples a fresh batch"""
-    batch_size: int = 16
+    batch_size: int = check(16, ">= 1")
     """prompts per step (on each process)"""
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = check(1, ">= 1")
     """completions sampled per prompt"""
     baseline: Literal["none", "mean", "moving_average"] = "moving_average"
     """b in -(r - b) log p: none, the batch mean, or a moving average of past batch means"""
-    baseline_decay: float = 0.9
+    baseline_decay: float = check(0.9, "in [0, 1]")
     """moving-average baseline: b <- decay * b + (1 - decay) * mean reward"""
-    kl_coef: float = 0.0
+    kl_coef: float = check(0.0, ">= 0")
     """alpha, the KL penalty coefficient (0: no penalty, no reference needed)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator: k1 = log(pi/ref), k3 = ref/pi - log(ref/pi) - 1"""
@@ -101,11 +101,11 @@ class Config:
     """where the penalty goes: subtracted from the reward (no gradient) or added to the loss"""
     ref: Literal["auto", "copy", "adapter", "none"] = "auto"
     """reference policy: auto (none if kl_coef is 0, adapter under LoRA, else copy), a frozen copy, the base weights with the LoRA adapter off, none"""
-    eval_limit: int = 64
+    eval_limit: int = check(64, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
-    eval_every: int = 0
+    eval_every: int = check(0, ">= 0")
     """also evaluate every this many steps (0: start and end only)"""
-    n_samples: int = 8
+    n_samples: int = check(8, ">= 0")
     """rollout rows written to samples.jsonl every run.sample_every steps"""
     exact_kl: bool = False
     """log kl/exact, the KL over the whole vocabulary (costs a policy forward and (B, T, V) softmaxes)"""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.models import ModelLoadError
 from posttrain.ops import position_ids_from_mask
 from posttrain.preferences import (
@@ -47,15 +47,15 @@ class Config:
     ALIASES: ClassVar[dict[str, str]] = {"model": "model.name", "data": "data.source"}
     margin: float = 0.0
     """required score gap: loss = -log sigmoid(r_chosen - r_rejected - margin)"""
-    epochs: int = 1
+    epochs: int = check(1, ">= 1")
     """passes over the training pairs"""
-    max_steps: int = 0
+    max_steps: int = check(0, ">= 0")
     """stop after this many optimizer steps (0: epochs decide)"""
-    batch_size: int = 8
+    batch_size: int = check(8, ">= 1")
     """pairs per micro-batch (2x rows in the forward pass); x optim.grad_accum per step"""
-    eval_every: int = 0
+    eval_every: int = check(0, ">= 0")
     """held-out accuracy every this many steps (0: at the end only)"""
-    eval_batch_size: int = 16
+    eval_batch_size: int = check(16, ">= 1")
     """pairs per forward pass when evaluating"""
     score_suffix: str = ""
     """text appended to prompt + completion before scoring, e.g. "\nOverall, the review is":
@@ -68,10 +68,6 @@ class Config:
     data: PairsConfig = field(default_factory=PairsConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.optim.grad_accum < 1:
-            raise ConfigError("batch_size and optim.grad_accum must be at least 1")
 
 
 def bradley_terry_loss(

@@ -40,7 +40,7 @@ from posttrain.algos.sft import (
     trained_format,
     with_question,
 )
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import TaskConfig, columns
 from posttrain.tools import Toolbox, ToolConfig, calls_in
@@ -69,29 +69,29 @@ class Config:
         "resume": "run.resume",
         "tool": "tools.names",
     }
-    k: int = 10
+    k: int = check(10, ">= 1")
     """completions sampled per question (the paper and the seed use 10-20)"""
     mode: Literal["verifier", "best_of_n"] = "verifier"
     """verifier: keep samples with reward >= threshold; best_of_n: keep the best_of highest"""
     threshold: float = 1.0
     """verifier mode: the reward a correct sample reaches"""
-    best_of: int = 1
+    best_of: int = check(1, ">= 1")
     """best_of_n mode: distinct samples kept per question"""
-    max_per_question: int = 0
+    max_per_question: int = check(0, ">= 0")
     """verifier mode: keep at most this many distinct correct paths per question (0: all)"""
-    questions: int = 0
+    questions: int = check(0, ">= 0")
     """sample for only the first N training questions (0: all)"""
-    iterations: int = 1
+    iterations: int = check(1, ">= 1")
     """rounds of sample -> train; later rounds sample from the fine-tuned model"""
     prompt_template: str = "{question} "
     """training prompt built from a record (the `direct` prompt: raw question, no chat template)"""
     completion_template: str = "{reasoning}"
     """training completion built from a record; EOS is appended"""
-    max_length: int = 256
+    max_length: int = check(256, ">= 1")
     """training examples longer than this many tokens are cut at the end"""
-    eval_limit: int = 200
+    eval_limit: int = check(200, ">= 0")
     """after training, greedy accuracy on this many test rows (0: off)"""
-    eval_max_new_tokens: int = 96
+    eval_max_new_tokens: int = check(96, ">= 1")
     """tokens generated per test question for that accuracy"""
     output: str | None = None
     """also copy the final hub-ready folder here"""
@@ -105,14 +105,10 @@ class Config:
     tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"k must be >= 1, got {self.k}")
         if self.gen.temperature <= 0 and self.k > 1:
             raise ConfigError(
                 "gen.temperature is 0 (greedy): all k samples would be the same; use 0.5-1.0"
             )
-        if self.iterations < 1:
-            raise ConfigError(f"iterations must be >= 1, got {self.iterations}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,15 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, to_toml
+from posttrain.config import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    check,
+    to_toml,
+)
 from posttrain.data import IGNORE_INDEX, collate_sft
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
@@ -44,7 +52,7 @@ class DataConfig:
     """split to train on"""
     validation_split: str | None = None
     """split for the eval loss; unset: hold out validation_size rows of the train split"""
-    validation_size: float = 0.05
+    validation_size: float = check(0.05, ">= 0")
     """rows held out for the eval loss when there is no validation split (< 1: a fraction)"""
     format: Literal["auto", "prompt_completion", "messages", "text", "template"] = "auto"
     """how rows become text; auto: messages, else prompt+completion, else text, else template"""
@@ -61,23 +69,23 @@ class DataConfig:
     default is prompting's `direct` prompt, so `posttrain eval --strategy direct` matches it"""
     completion_template: str = "<answer>{answer}</answer>"
     """template format: the completion; EOS is appended"""
-    max_length: int = 256
+    max_length: int = check(256, ">= 1")
     """examples longer than this many tokens are cut at the end"""
-    limit: int = 0
+    limit: int = check(0, ">= 0")
     """use only the first N training rows (0: all)"""
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = check(3, ">= 1")
     """passes over the training data"""
-    max_steps: int = 0
+    max_steps: int = check(0, ">= 0")
     """optimizer steps (0: epochs x steps per epoch); overrides epochs when set"""
-    batch_size: int = 16
+    batch_size: int = check(16, ">= 1")
     """examples per micro-batch on each process; a step sees batch_size x grad_accum x processes"""
-    eval_every: int = 50
+    eval_every: int = check(50, ">= 0")
     """eval loss on the validation rows every this many steps (0: only at the end)"""
-    eval_batch_size: int = 32
+    eval_batch_size: int = check(32, ">= 1")
     """examples per forward pass for the eval loss"""
 
 
@@ -98,9 +106,9 @@ class Config:
         "resume": "run.resume",
         "tool": "tools.names",
     }
-    eval_limit: int = 200
+    eval_limit: int = check(200, ">= 0")
     """after training, greedy accuracy on this many test rows of the task (0: off; task data only)"""
-    eval_max_new_tokens: int = 32
+    eval_max_new_tokens: int = check(32, ">= 1")
     """tokens generated per test question for that accuracy"""
     output: str | None = None
     """also copy the final hub-ready folder here"""

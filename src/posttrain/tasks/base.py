@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from posttrain.config import check
 from posttrain.rollout import GenerationConfig
 
 Split = Literal["train", "validation", "test"]
@@ -37,21 +38,21 @@ class TaskConfig:
     """column holding a checkable answer (custom tasks)"""
     reward: str | None = None
     """custom reward as module:function or path/to/file.py:function"""
-    train_size: int = 0
+    train_size: int = check(0, ">= 0")
     """rows in the train split (0: the task's default)"""
-    validation_size: int = 0
+    validation_size: int = check(0, ">= 0")
     """rows in the validation split (0: the task's default)"""
-    test_size: int = 0
+    test_size: int = check(0, ">= 0")
     """rows in the test split (0: the task's default)"""
     seed: int = 0
     """seed for generated data and for split assignment"""
-    prompt_tokens: int = 10
+    prompt_tokens: int = check(10, ">= 1")
     """sentiment: whitespace words of the review kept as the prompt (model-independent; see docs/tasks.md)"""
-    article_tokens: int = 512
+    article_tokens: int = check(512, ">= 1")
     """summarization: articles are truncated to this many whitespace words"""
     rouge: Literal["rouge1", "rouge2", "rougeL"] = "rouge1"
     """summarization: the ROUGE F-score used as the reward"""
-    completion_tokens: int = 0
+    completion_tokens: int = check(0, ">= 0")
     """sentiment and summarization: most tokens generated per prompt (0: the task's default, 20 and 64)"""
     classifier_device: str = "auto"
     """sentiment classifier device: auto (cuda if available), cpu, cuda, cuda:1, ..."""
@@ -59,7 +60,7 @@ class TaskConfig:
     """sentiment reward: vader (embedded) or a sequence-classifier model (hub id or directory)"""
     positive_label: str = "POSITIVE"
     """sentiment classifier: the label name (or index) that means positive"""
-    rel_tol: float = 0.01
+    rel_tol: float = check(0.01, ">= 0")
     """unit conversion: relative tolerance for a correct answer"""
     difficulty: Literal["standard", "easy"] = "standard"
     """unit conversion: standard (all units, any values) or easy (integer factors, values 1-50)"""
