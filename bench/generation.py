@@ -6,6 +6,12 @@
 Prints a markdown table of generated tokens per second and the ratio to sequential. Both sides use
 posttrain.rollout (the same sampler), so the ratio measures batching with left padding and the KV
 cache, nothing else. Run it on a quiet machine: a busy core skews the numbers.
+
+A second table ("with tools") decodes unit-conversion questions after two worked examples that
+call the calculator (`<calc>...</calc>`), at the largest batch, once without tools and once with
+the calculator running inside generation: tokens/s counts every completion token (a tool's result
+tokens cost a decoding step each, like sampled ones), so the ratio is the cost of running tools in
+the loop (finding calls, running them, tokenizing results). Skip it with --tool-rows=false.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tool-rows", default="true", choices=["true", "false"])
     args = ap.parse_args()
 
     import torch
@@ -78,6 +85,48 @@ def main() -> None:
         mode = "sequential" if bs == 1 else "batched"
         ratio = f"{tps / base:.1f}" if base else "-"
         print(f"| {mode} | {bs} | {n} | {secs:.1f} | {tps:.1f} | {ratio} |")
+    if args.tool_rows == "true":
+        tool_rows(
+            model, tok, args.prompts, args.new_tokens, max(int(b) for b in args.batches.split(","))
+        )
+
+
+TOOL_SHOTS = (
+    "Q: How many feet is 3 yards?\nA: 1 yard = 3 feet.\n<calc>3 * 3</calc> = 9\n<answer>9</answer>\n\n"
+    "Q: Convert 12.5 kg to pounds.\nA: 1 pound = 0.4535924 kilograms.\n<calc>12.5 / 0.4535924</calc>"
+    " = 27.55778277\n<answer>27.55778277</answer>\n\n"
+)
+
+
+def tool_rows(model, tok, n: int, new_tokens: int, batch: int) -> None:
+    """Batched decoding of the same prompts without and with the calculator in the loop."""
+    import torch
+
+    from posttrain.rollout import GenerationConfig, generate
+    from posttrain.tasks import TaskConfig, load_task
+    from posttrain.tools import Toolbox, ToolConfig
+
+    rows = load_task(TaskConfig(name="unit_conversion", strategy="direct")).rows("validation")
+    prompts = [f"{TOOL_SHOTS}Q: {rows[i % len(rows)]['question']}\nA:" for i in range(n)]
+    cfg = GenerationConfig(temperature=0.7, max_new_tokens=new_tokens, stop=["</answer>"])
+    box = Toolbox.from_config(ToolConfig(names=["calculator"]))
+    results = []
+    for label, tools in (("plain", None), ("calculator", box)):
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        roll = generate(model, tok, prompts, cfg, batch_size=batch, tools=tools)
+        secs = time.perf_counter() - t0
+        n_tok = int(roll.completion_mask.sum())
+        calls = sum(len(c) for c in roll.tool_calls) if roll.tool_calls else 0
+        tool_tok = int(roll.tool_mask.sum()) if roll.tool_mask is not None else 0
+        results.append((label, n_tok, tool_tok, calls, secs, n_tok / secs))
+    print(f"\nwith tools: {n} unit-conversion prompts after 2 worked examples, batch {batch}\n")
+    print("| tools | tokens | of which tool | calls | seconds | tokens/s | x plain |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, n_tok, tool_tok, calls, secs, tps in results:
+        print(
+            f"| {label} | {n_tok} | {tool_tok} | {calls} | {secs:.1f} | {tps:.1f} | {tps / results[0][5]:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
-"""`posttrain demo` (`make demo`): the whole story on the embedded default, on a CPU in minutes.
+"""`posttrain demo` (`make demo`): what post-training does, on the embedded default, on a CPU in
+minutes.
 
-1. baseline: SmolLM2-135M-Instruct on unit-conversion test questions (the easy level: integer
-   factors), asked directly ("{question} " -> answer) and with few-shot worked examples;
-2. RFT (Yuan et al. 2023): sample k reasoning paths per training question, prompted with the 3
-   most similar other train questions as worked examples; keep the correct ones; LoRA fine-tune
-   on "question -> reasoning <answer>x</answer>";
-3. the fine-tuned adapter answers the same test questions directly, with no examples;
-4. an HTML report with the curves, the before/after table and sample generations.
+The task is unit conversion at its standard level: any units of eight dimensions, decimal values,
+temperatures. SmolLM2-135M-Instruct knows many conversion facts ("1 mile = 1609.344 meters") but
+cannot multiply decimals, so every prompting strategy scores about 0 here. The fix the field uses
+is a tool inside the rollout: the model writes `<calc>4.2 * 1609.344</calc>` and a calculator
+inserts ` = 6759.2448` (`posttrain.tools`).
 
-    posttrain demo                                  # sized for about 10 minutes on 2 CPU cores
-    posttrain demo --questions=200 --k=8 --eval_limit=200
+1. baseline: the base model on standard-level test questions with the strongest prompts: three
+   worked examples (few-shot, nearest train questions), and the same with worked examples that
+   call the calculator, the calculator on;
+2. SFT: a LoRA adapter on generated worked solutions that state the factor as a fact and do the
+   arithmetic with a calculator call (train questions in varied wordings, none from the test);
+   the calculator's results are masked out of the loss;
+3. after: the adapter answers the same test questions, asked directly (the raw question, no
+   examples), with the calculator;
+4. an HTML report: the before/after table, the curves and transcripts with their tool calls.
 
-The standard level of the task (any units, decimals, temperatures) is beyond a 135M model: every
-prompting strategy scores about 0 there, so there is nothing for rejection sampling to keep.
+    posttrain demo                                   # about 10 minutes on 2 CPU cores
+    posttrain demo --examples=3000 --eval_limit=200  # the recipe's size (configs/sft_unit_conversion_tools.toml)
 """
 
 from __future__ import annotations
@@ -23,105 +29,135 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posttrain.config import RunConfig, check
+from posttrain.config import ModelConfig, RunConfig, check
 
 
 @dataclass
 class Config:
-    questions: int = check(96, ">= 1")
-    """training questions RFT samples reasoning paths for"""
-    k: int = check(4, ">= 1")
-    """samples per training question"""
-    eval_limit: int = check(50, ">= 0")
-    """test questions evaluated before and after"""
-    epochs: int = check(3, ">= 1")
-    """RFT training epochs over the kept reasoning paths"""
+    examples: int = check(1280, ">= 1")
+    """generated worked solutions (with calculator calls) the adapter is trained on, one epoch"""
+    eval_limit: int = check(100, ">= 1")
+    """standard-level test questions evaluated before and after"""
+    batch_size: int = check(32, ">= 1")
+    """examples per optimizer step"""
+    lr: float = check(2e-3, "> 0")
+    """peak learning rate (LoRA r=32 on every linear layer, cosine schedule)"""
     model: str = "default"
     """the model to post-train"""
     run: RunConfig = field(default_factory=RunConfig)
 
 
 def main(cfg: Config) -> int:
-    from posttrain.algos import rft
+    from posttrain.algos import sft
     from posttrain.evaluate import evaluate
     from posttrain.models import load_model
     from posttrain.report import build_report
     from posttrain.runs import Run
     from posttrain.tasks import TaskConfig, load_task
+    from posttrain.tools import Toolbox, ToolConfig
 
     t0 = time.perf_counter()
     name = cfg.run.name or f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(
-        "posttrain demo: RFT on unit conversion with the embedded SmolLM2-135M-Instruct\n",
+        "posttrain demo: unit conversion (standard level) with the embedded SmolLM2-135M-Instruct,"
+        " before and after SFT with a calculator\n",
         flush=True,
     )
+    tool_cfg = ToolConfig(names=["calculator"])
+    tools = Toolbox.from_config(tool_cfg)
 
-    # 1. baseline: the base model asked directly (the prompt the fine-tuned model gets) and with
-    #    few-shot worked examples (the strongest prompting baseline here), greedy
-    task_cfg = TaskConfig(name="unit_conversion", difficulty="easy", strategy="few_shot")
-    print(f"[1/4] baseline on {cfg.eval_limit} test questions", flush=True)
+    # 1. baseline: the strongest prompts, greedy, with and without the calculator
+    task_cfg = TaskConfig(name="unit_conversion", difficulty="standard", strategy="few_shot")
+    print(f"[1/4] baseline on {cfg.eval_limit} standard-level test questions", flush=True)
     model, tok = load_model(cfg.model)
     task = load_task(task_cfg)
     before: dict[str, float] = {}
     before_rows: list[dict] = []
-    for strategy in ("direct", "few_shot"):
+    for label, box in (("few_shot", None), ("few_shot+calculator", tools)):
         summary, rows = evaluate(
             model,
             tok,
             task,
-            strategy=strategy,
+            strategy="few_shot",
             split="test",
             limit=cfg.eval_limit,
+            max_new_tokens=64,
             progress=cfg.run.progress,
-            desc=f"baseline {strategy}",
+            desc=f"baseline {label}",
+            tools=box,
         )
-        before.update({f"{strategy}/{k}": v for k, v in summary.items()})
-        before_rows += rows[:4]
+        before.update({f"{label}/{k}": v for k, v in summary.items()})
+        before_rows += [{**r, "strategy": label} for r in rows[:3]]
         print(
-            f"      {strategy:<9} accuracy {summary['accuracy']:.3f}, "
+            f"      {label:<20} accuracy {summary['accuracy']:.3f}, "
             f"answer rate {summary['answer_rate']:.3f}",
             flush=True,
         )
     del model
+    best_key = max(("few_shot", "few_shot+calculator"), key=lambda k: before[f"{k}/accuracy"])
 
-    # 2. RFT: sample few-shot reasoning paths, keep the correct ones, LoRA SFT on them
+    # 2. SFT on worked solutions that call the calculator
     print(
-        f"\n[2/4] RFT: {cfg.k} samples for each of {cfg.questions} training questions, then LoRA SFT",
+        f"\n[2/4] SFT: LoRA on {cfg.examples} generated worked solutions with calculator calls",
         flush=True,
     )
-    rcfg = rft.Config()
-    rcfg.model.name = cfg.model
-    rcfg.questions = cfg.questions
-    rcfg.k = cfg.k
-    rcfg.max_per_question = 4
-    rcfg.eval_limit = cfg.eval_limit
-    rcfg.eval_max_new_tokens = 48
-    rcfg.gen = dataclasses.replace(rcfg.gen, max_new_tokens=48, temperature=0.7)
-    rcfg.train = dataclasses.replace(rcfg.train, epochs=cfg.epochs, batch_size=8, eval_every=0)
-    rcfg.optim = dataclasses.replace(rcfg.optim, warmup_steps=2)
-    rcfg.run = dataclasses.replace(cfg.run, name=name, save_every=0)
-    rcfg.task = task_cfg
-    rft.main(rcfg)
+    scfg = sft.Config()
+    scfg.model.name = cfg.model
+    scfg.lora = dataclasses.replace(scfg.lora, enabled=True, r=32, alpha=64)
+    scfg.optim = dataclasses.replace(
+        scfg.optim, lr=cfg.lr, warmup_steps=5, schedule="cosine", max_grad_norm=1.0
+    )
+    scfg.task = dataclasses.replace(
+        task_cfg, strategy="direct", train_phrasing="varied", train_size=cfg.examples
+    )
+    scfg.data = dataclasses.replace(
+        scfg.data,
+        prompt_template="{question} ",
+        completion_template="{tool_solution}",
+        max_length=128,
+        validation_size=0.02,
+    )
+    scfg.train = dataclasses.replace(scfg.train, epochs=1, batch_size=cfg.batch_size, eval_every=0)
+    scfg.tools = tool_cfg
+    scfg.eval_limit = cfg.eval_limit
+    scfg.eval_max_new_tokens = 64
+    scfg.run = dataclasses.replace(cfg.run, name=name, save_every=0, sample_every=0)
+    sft.main(scfg)
     run_dir = Path(cfg.run.out_dir) / name
     if not run_dir.is_dir():  # Run.start picks a fresh name when one exists
         run_dir = sorted(Path(cfg.run.out_dir).glob(name + "*"), key=lambda p: p.stat().st_mtime)[
             -1
         ]
     results = json.loads((run_dir / "results.json").read_text())
-    after = {f"direct/{k}": v for k, v in results["test"].items()}
+    after = {f"direct+calculator/{k}": v for k, v in results["test"].items()}
 
-    # 3. before / after, on the same questions
+    # 3. before / after on the same questions, with transcripts of the adapter's tool calls
     print("\n[3/4] before / after on the same test questions", flush=True)
+    model, tok = load_model(ModelConfig(name=cfg.model, adapter=str(run_dir / "final")))
+    _, after_rows = evaluate(
+        model, tok, load_task(scfg.task), strategy="direct", split="test", limit=6,
+        max_new_tokens=64, tools=tools,
+    )  # fmt: skip
     run = Run(run_dir, cfg.run)
     run.write_json("eval_before.json", {"summary": before, "examples": before_rows})
-    run.write_json("eval_after.json", {"summary": after})
-    for key in ("direct/accuracy", "direct/answer_rate", "few_shot/accuracy"):
-        a = after.get(key)
+    after_examples = [{**r, "strategy": "direct+calculator"} for r in after_rows]
+    run.write_json("eval_after.json", {"summary": after, "examples": after_examples})
+    best = before[f"{best_key}/accuracy"]
+    acc = after["direct+calculator/accuracy"]
+    for key in ("few_shot", "few_shot+calculator"):
         print(
-            f"      {key:<20} before {before.get(key, float('nan')):.3f}"
-            + (f"   after RFT {a:.3f}" if a is not None else ""),
+            f"      before  {key:<20} accuracy {before[f'{key}/accuracy']:.3f}, "
+            f"answer rate {before[f'{key}/answer_rate']:.3f}",
             flush=True,
         )
+    print(
+        f"      after   {'direct+calculator':<20} accuracy {acc:.3f}, "
+        f"answer rate {after['direct+calculator/answer_rate']:.3f}   "
+        f"({acc - best:+.3f} over the best prompt)",
+        flush=True,
+    )
+    for r in after_rows[:2]:
+        print(f"\n      Q: {r['prompt'].strip()}\n      A: {r['completion'].strip()}", flush=True)
 
     print("\n[4/4] report", flush=True)
     report = build_report(run_dir)

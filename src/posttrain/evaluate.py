@@ -132,7 +132,9 @@ def evaluate(
     if strategy == "few_shot" and hasattr(task, "examples"):
         # the whole train split as a pool when examples are picked per question
         pool = prompting.examples == "nearest" and hasattr(task, "example_pool")
-        examples = task.example_pool() if pool else task.examples(k=prompting.shots)
+        # with tools, a task that has worked examples calling them shows those
+        kw = {"tools": True} if tools is not None and getattr(task, "tool_examples", False) else {}
+        examples = task.example_pool(**kw) if pool else task.examples(k=prompting.shots, **kw)
     # Strategies use the chat template when the tokenizer has one, raw "Question: ... Answer:" text
     # otherwise; `direct` is always raw text.
     chat = getattr(tokenizer, "chat_template", None) is not None

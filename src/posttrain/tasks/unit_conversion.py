@@ -489,23 +489,31 @@ class UnitConversionTask:
             raise ConfigError(f"unknown split {split!r}; use train, validation or test")
         return [dict(r) for r in self._all()[split]]
 
-    def examples(self, k: int = 3, train: list[dict[str, Any]] | None = None) -> list[Example]:
+    tool_examples = True  # worked examples that call the calculator exist (`tool_solution`)
+
+    def examples(
+        self, k: int = 3, train: list[dict[str, Any]] | None = None, tools: bool = False
+    ) -> list[Example]:
         """Worked examples for few-shot prompts: the first train rows of k different dimensions
-        (temperature left out: its worked solution is a formula, not a factor)."""
+        (temperature left out: its worked solution is a formula, not a factor); with tools, the
+        solutions that call the calculator."""
         train = self._all()["train"] if train is None else train
+        key = "tool_solution" if tools else "solution"
         picked: list[Example] = []
         dims: set[str] = set()
         for r in train:
             if r["dimension"] not in dims and r["dimension"] != "temperature":
                 dims.add(r["dimension"])
-                picked.append((r["question"], r["solution"]))
+                picked.append((r["question"], r[key]))
             if len(picked) == k:
                 break
         return picked
 
-    def example_pool(self) -> list[Example]:
-        """Every train row as a worked example (for examples picked per question)."""
-        return [(r["question"], r["solution"]) for r in self._all()["train"]]
+    def example_pool(self, tools: bool = False) -> list[Example]:
+        """Every train row as a worked example (for examples picked per question); with tools,
+        the solutions that call the calculator."""
+        key = "tool_solution" if tools else "solution"
+        return [(r["question"], r[key]) for r in self._all()["train"]]
 
     def generation(self) -> GenerationConfig:
         direct = self.cfg.strategy in ("direct", "zero_shot")
