@@ -186,7 +186,13 @@ def load_records(
         rows = rows[: cfg.limit]
     if not rows:
         raise ConfigError(f"preference data {src!r} is empty")
-    return [normalize_record(r, cfg) for r in rows]
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            records.append(normalize_record(row, cfg))
+        except ConfigError as e:
+            raise ConfigError(f"preference record {i} of {src}: {e}") from None
+    return records
 
 
 def split_records(
@@ -250,12 +256,13 @@ def tokenize_pairs(
     """Validated, tokenized pairs and counts of what was dropped or truncated.
 
     Each item: prompt_ids, chosen_ids, rejected_ids (lists) and "index" (the record's position).
-    DPO (joined=False): prompt and completions are tokenized apart and completions end with EOS,
-    so the loss can mask the prompt exactly. Reward model (joined=True): the whole text
-    prompt + completion is tokenized as one string (as a reward scores it at inference), kept in
-    chosen_ids/rejected_ids with prompt_ids empty, followed by `suffix` (joined only), which
-    truncation never cuts. With `tools` (DPO only), chosen_mask/rejected_mask hold 0 on the tokens
-    of tool results and 1 elsewhere.
+    DPO (joined=False): prompt and completions are tokenized apart, so the loss can mask the prompt
+    exactly; a completion ends with EOS unless it was cut at max_completion_tokens. Reward model
+    (joined=True): the whole text prompt + completion + `suffix` is tokenized as one string (as a
+    reward scores it at inference) and kept in chosen_ids/rejected_ids with prompt_ids empty; it is
+    cut as `joined_ids` says, never in the suffix. Errors name a record by its "row" in the file
+    (`pair_records`), else by its position. With `tools` (DPO only), chosen_mask/rejected_mask hold 0 on the tokens of tool
+    results and 1 elsewhere.
     """
     from posttrain.data import IGNORE_INDEX, tool_labels
 
@@ -278,35 +285,53 @@ def tokenize_pairs(
         if problem is not None:
             if cfg.on_invalid == "error":
                 raise ConfigError(
-                    f"preference record {i}: {problem}. Fix the data, raise data.max_prompt_tokens, "
-                    "or set --data.on_invalid=drop to count and skip such records"
+                    f"preference record {rec.get('row', i)}: {problem}. Fix the data, raise "
+                    "data.max_prompt_tokens, or set --data.on_invalid=drop to count and skip such "
+                    "records"
                 )
             counts[f"dropped: {problem}"] += 1
             continue
         item: Record = {"index": i, "prompt_ids": [] if joined else p_ids}
         for key in ("chosen", "rejected"):
             if joined:
-                ids = tok(text + rec[key], add_special_tokens=not chat)["input_ids"]
-                keep = [1] * len(ids)
+                whole = text + rec[key] + suffix
+                ids, cut = joined_ids(tok, whole, budget + len(suffix_ids), chat, bool(suffix))
             else:
                 ids, labels = tool_labels(tok, rec[key], tools)
                 keep = [int(lab != IGNORE_INDEX) for lab in labels]
-            if len(ids) + len(eos) > budget:
+                cut = len(ids) + len(eos) > budget
+                # a cut completion gets no EOS: the model must not learn to end where the text
+                # went on
+                ids, keep = (
+                    (ids[:budget], keep[:budget]) if cut else (ids + eos, keep + [1] * len(eos))
+                )
+                if tools is not None:
+                    item[f"{key}_mask"] = keep
+            if cut:
                 counts[f"truncated {key}"] += 1
-                ids = ids[: budget - len(eos)] + eos + suffix_ids
-                keep = keep[: budget - len(eos)] + [1] * len(eos)
-            elif suffix_ids:  # whole: one string, as the reward tokenizes it at inference
-                ids = tok(text + rec[key] + suffix, add_special_tokens=not chat)["input_ids"]
-            else:
-                ids = ids + eos
-                keep = keep + [1] * len(eos)
             item[f"{key}_ids"] = ids
-            if tools is not None:
-                item[f"{key}_mask"] = keep
         items.append(item)
     if not items:
         raise ConfigError(f"no valid preference pairs left ({dict(counts)})")
     return items, counts
+
+
+def joined_ids(
+    tok: Any, text: str, max_tokens: int, chat: bool, keep_end: bool
+) -> tuple[list[int], bool]:
+    """(ids, whether cut) of a reward model's whole text, tokenized as one string as the reward
+    tokenizes it at inference. Over max_tokens it is cut where the reward cuts it: a text that ends
+    in a scoring suffix (keep_end) loses its start (`rewards.ClassifierScorer` truncates on the
+    left there, so the suffix question and the text just before it survive), any other its end."""
+    ids = tok(text, add_special_tokens=not chat)["input_ids"]
+    if len(ids) <= max_tokens:
+        return ids, False
+    side, tok.truncation_side = tok.truncation_side, "left" if keep_end else "right"
+    try:
+        ids = tok(text, add_special_tokens=not chat, truncation=True, max_length=max_tokens)
+    finally:
+        tok.truncation_side = side
+    return ids["input_ids"], True
 
 
 @dataclass
@@ -558,8 +583,11 @@ def pair_records(
         records = load_records(data, str(path), "train")
     else:
         records = load_records(data)
+    # each record keeps its row in the file: errors name it after the split has moved it
+    records = [{**r, "row": i} for i, r in enumerate(records)]
     if data.eval_source:
-        return records, load_records(data, data.eval_source, data.eval_split)
+        held = load_records(data, data.eval_source, data.eval_split)
+        return records, [{**r, "row": i} for i, r in enumerate(held)]
     return split_records(records, data.eval_fraction, cfg.run.seed)
 
 

@@ -87,6 +87,29 @@ def test_invalid_records_error_or_drop(tiny):
         tokenize_pairs(tok, recs[1:], PairsConfig(max_prompt_tokens=32, on_invalid="drop"))
 
 
+def test_errors_name_the_record_of_the_file(tiny, tmp_path):
+    """The bad row is row 6 of the file; holding out prompts moves it in the train list, and
+    the error still names record 6."""
+    from posttrain.algos.dpo import Config
+
+    _, tok = tiny
+    rows = [
+        {"prompt": f"The movie {i} was", "chosen": " great", "rejected": " bad"} for i in range(10)
+    ]
+    rows[6]["rejected"] = " great"
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config()
+    cfg.data.source, cfg.data.eval_fraction = str(path), 0.5
+    from posttrain.preferences import pair_records
+
+    train, held = pair_records(cfg, tmp_path)
+    bad = train if any(r["rejected"] == r["chosen"] for r in train) else held
+    assert bad.index(next(r for r in bad if r["rejected"] == r["chosen"])) != 6
+    with pytest.raises(ConfigError, match="record 6: chosen == rejected"):
+        tokenize_pairs(tok, bad, cfg.data)
+
+
 def test_tokenization_text_and_chat(tiny):
     _, tok = tiny
     rec = {"prompt": "The movie was", "chosen": " great fun", "rejected": " bad"}
@@ -107,10 +130,14 @@ def test_tokenization_text_and_chat(tiny):
 
 
 def test_long_completions_are_truncated_and_counted(tiny):
+    """A cut completion keeps its first tokens and gets no EOS: the text did not end there, so
+    the model must not learn to stop there. A whole completion still ends with EOS."""
     _, tok = tiny
     rec = {"prompt": "The movie", "chosen": " great fun" * 20, "rejected": " bad"}
     (item,), counts = tokenize_pairs(tok, [rec], PairsConfig(max_completion_tokens=8))
-    assert len(item["chosen_ids"]) == 8 and item["chosen_ids"][-1] == tok.eos_token_id
+    whole = tok(rec["chosen"], add_special_tokens=False)["input_ids"]
+    assert item["chosen_ids"] == whole[:8] and tok.eos_token_id not in item["chosen_ids"]
+    assert item["rejected_ids"][-1] == tok.eos_token_id
     assert counts == {"truncated chosen": 1}
 
 
@@ -129,6 +156,24 @@ def test_joined_tokenization_with_a_scoring_suffix(tiny):
     assert counts == {"truncated chosen": 1}
     assert len(item["chosen_ids"]) == 24 + len(sfx_ids)
     assert item["chosen_ids"][-len(sfx_ids) :] == sfx_ids
+
+
+def test_joined_truncation_with_a_suffix_keeps_the_end_as_the_reward_scores_it(tiny):
+    """A reward model with a scoring suffix reads its score after the suffix, and the `model:`
+    reward (rewards.ClassifierScorer) cuts a long text on the left: training must see the same
+    end of the text, not its start."""
+    _, tok = tiny
+    sfx = " Verdict:"
+    cfg = PairsConfig(max_prompt_tokens=16, max_completion_tokens=8)
+    rec = {"prompt": "The movie", "chosen": " great fun" * 20 + " the end", "rejected": " bad"}
+    (item,), _ = tokenize_pairs(tok, [rec], cfg, joined=True, suffix=sfx)
+    whole = tok(rec["prompt"] + rec["chosen"] + sfx)["input_ids"]
+    assert item["chosen_ids"] == whole[-len(item["chosen_ids"]) :]
+    tok.truncation_side = "left"  # what ClassifierScorer sets for a model with a suffix
+    n = len(item["chosen_ids"])  # the budget (16 + 8) and the suffix's tokens
+    scored = tok(rec["prompt"] + rec["chosen"] + sfx, truncation=True, max_length=n)
+    tok.truncation_side = "right"
+    assert scored["input_ids"] == item["chosen_ids"]
 
 
 def test_collate_pairs_layout():
