@@ -193,13 +193,19 @@ def _logits(
     )
 
 
-def build_reference(kind: str, policy: Any, kl_coef: float) -> Reference | None:
-    """kind: auto (none when kl_coef is 0, else adapter under LoRA, else copy), copy, adapter, none.
+def build_reference(
+    kind: str, policy: Any, kl_coef: float, *, adapter: str | None = None
+) -> Reference | None:
+    """kind: auto (none when kl_coef is 0, else adapter under a fresh LoRA adapter, else copy),
+    copy, adapter, none. adapter: the saved adapter the policy was loaded with
+    (`--model.adapter`, e.g. an SFT run's): the run starts from base + that adapter, so auto
+    takes a frozen copy of it ("adapter" would switch it off and pull toward the model before SFT).
 
     Call it before loading a checkpoint, so that "copy" holds the initial weights.
     """
     if kind == "auto":
-        kind = "none" if kl_coef == 0 else ("adapter" if is_peft(policy) else "copy")
+        fresh_lora = is_peft(policy) and not adapter
+        kind = "none" if kl_coef == 0 else ("adapter" if fresh_lora else "copy")
     if kind == "none":
         if kl_coef:
             raise ConfigError(f"kl_coef={kl_coef} needs a reference policy; set ref=auto or copy")

@@ -119,3 +119,38 @@ def test_score_rollout_matches_sampler(tiny):
     torch.testing.assert_close(s["ref_logp"], s["old_logp"])
     assert s["kl_exact"].abs().max() < 1e-6
     assert (s["entropy"][m == 0] == 0).all() and (s["entropy"][m == 1] > 0).all()
+
+
+def test_auto_reference_of_a_run_from_an_sft_adapter_is_that_policy(tiny_dir, tmp_path):
+    """`--model.adapter DIR` with LoRA continues training a saved (SFT) adapter: ref=auto must be
+    the policy the run starts from (base + that adapter), not the base with the adapter off (the
+    model before SFT), so the KL to it is 0 at step 0."""
+    from posttrain.config import ModelConfig
+    from posttrain.models import load_model
+    from posttrain.train import load_policy
+
+    base, tok = load_model(str(tiny_dir))
+    sft = apply_lora(base, LoraConfig(enabled=True, r=4, dropout=0.0))
+    with torch.no_grad():  # a trained adapter: lora_B is no longer zero
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    policy, _ = load_policy(
+        ModelConfig(name=str(tiny_dir), adapter=str(tmp_path / "sft")), LoraConfig(enabled=True)
+    )
+    policy.eval()
+    ids = tok(["hello world", "The movie was"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        start = completion_logps(policy, ids["input_ids"], ids["attention_mask"], 3)
+        ref = build_reference("auto", policy, kl_coef=0.1, adapter=str(tmp_path / "sft"))
+        logits = ref.logits(ids["input_ids"], ids["attention_mask"], 3, 1.0)
+    ref_logp = selective_log_softmax(logits, ids["input_ids"][:, -3:])
+    torch.testing.assert_close(ref_logp, start)
+    # the reference stays put while the policy's adapter trains
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.add_(1.0)
+        again = ref.logits(ids["input_ids"], ids["attention_mask"], 3, 1.0)
+    torch.testing.assert_close(again, logits)

@@ -125,7 +125,7 @@ class Config:
     kl_in: Literal["loss", "reward"] = "loss"
     """where the KL goes: in the loss (differentiated) or subtracted from the reward"""
     ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if kl_coef is 0, adapter under LoRA, else copy), copy, adapter, none"""
+    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), copy, adapter, none"""
     loss_reduction: Literal["token_mean", "seq_mean", "fixed"] = "seq_mean"
     """token_mean: over all tokens; seq_mean: per sequence, then over sequences; fixed: sum / (rows x fixed_normaliser)"""
     fixed_normaliser: int = check(0, ">= 0")
@@ -279,7 +279,7 @@ def main(cfg: Config) -> int:
     model.eval()  # dropout off: pi_old (scoring pass) and pi (training forward) agree (issue #16)
     toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     # before any resume, so that a "copy" reference holds the initial weights
-    ref = build_reference(cfg.ref, model, cfg.kl_coef)
+    ref = build_reference(cfg.ref, model, cfg.kl_coef, adapter=cfg.model.adapter)
     reward_fn = build_reward(cfg.reward, task, acc.device)
     prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
     eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []

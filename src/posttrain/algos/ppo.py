@@ -74,7 +74,7 @@ class KLConfig:
     estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator in the reward: k1 = logp - ref_logp (Ziegler), k3 = Schulman's"""
     ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if coef is 0, adapter under LoRA, else copy), a frozen copy, the base weights with the LoRA adapter off, none"""
+    """reference policy: auto (none if coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), a frozen copy, the base weights with the LoRA adapter off, none"""
 
 
 @dataclass
@@ -449,7 +449,8 @@ def main(cfg: Config) -> int:
     head = load_value_head(cfg.value_head) if cfg.value_head else ValueHead(hidden_size(policy))
     ac = ActorCritic(policy, head.to(acc.device), critic)
     ac.eval()  # dropout off: the ratio on a freshly sampled batch is exactly 1
-    ref = build_reference(cfg.kl.ref, policy, cfg.kl.coef)  # before resume: the initial weights
+    # before resume: the initial weights
+    ref = build_reference(cfg.kl.ref, policy, cfg.kl.coef, adapter=cfg.model.adapter)
     reward_fn = build_reward(cfg.reward, task, acc.device)
     prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
     eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []

@@ -100,7 +100,7 @@ class Config:
     kl_in: Literal["reward", "loss"] = "reward"
     """where the penalty goes: subtracted from the reward (no gradient) or added to the loss"""
     ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if kl_coef is 0, adapter under LoRA, else copy), a frozen copy, the base weights with the LoRA adapter off, none"""
+    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), a frozen copy, the base weights with the LoRA adapter off, none"""
     eval_limit: int = check(64, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
     eval_every: int = check(0, ">= 0")
@@ -154,7 +154,7 @@ def main(cfg: Config) -> int:
     model.eval()  # dropout off: scoring and training forwards equal the sampler's (issue #16)
     toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     # before any resume, so that a "copy" reference holds the initial weights
-    ref = build_reference(cfg.ref, model, cfg.kl_coef)
+    ref = build_reference(cfg.ref, model, cfg.kl_coef, adapter=cfg.model.adapter)
     reward_fn = build_reward(cfg.reward, task, acc.device)
     prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
     eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []
