@@ -79,6 +79,32 @@ def test_dpo_lora_adapter_disabled_and_frozen_copy(tiny_dir, pairs, tmp_path):
     assert read_jsonl(run / "metrics.jsonl")[0]["loss"] == pytest.approx(25.0, abs=1e-3)
 
 
+@pytest.fixture
+def accelerate_bf16(monkeypatch):
+    """accelerate's bf16 mixed precision (configs/accelerate/ddp.yaml's), here on the CPU: only
+    the prepared module's forward runs in autocast."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(True)  # the state is a process-wide singleton
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "frozen_copy"])
+def test_reference_runs_in_the_policys_precision(
+    tiny_dir, pairs, tmp_path, accelerate_bf16, reference
+):
+    """At the first step the policy is the reference: log pi - log ref is 0 for every pair, so
+    the implicit rewards and their margin are 0, when the reference passes run in the policy's
+    bf16 autocast (in fp32 they differ by bf16 rounding, ~1e-2)."""
+    run = _dpo(tiny_dir, pairs, tmp_path, reference, "--max_steps=1", f"--reference={reference}",
+               "--data.eval_fraction=0", "--eval_batch_size=2")  # fmt: skip
+    first = read_jsonl(run / "metrics.jsonl")[0]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert abs(first[key]) < 1e-6, (key, first)
+
+
 def test_dpo_overfits_four_pairs(tiny_dir, pairs, tmp_path):
     run = _dpo(tiny_dir, pairs, tmp_path, "overfit", "--data.limit=4", "--data.eval_fraction=0",
                "--batch_size=4", "--max_steps=8", "--optim.lr=3e-3", "--beta=0.5")  # fmt: skip

@@ -30,6 +30,8 @@ import copy
 import json
 import shutil
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -295,9 +297,13 @@ def micro_batch_loss(
     items: list[dict[str, Any]],
     pad_id: int,
     ref_model: torch.nn.Module | None,
+    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> tuple[torch.Tensor, Metrics]:
     """The loss of one micro-batch of pairs: one policy forward pass, reference from the items'
-    cached "ref" values, `ref_model`, or the policy with its adapter off (cfg.reference)."""
+    cached "ref" values, `ref_model`, or the policy with its adapter off (cfg.reference).
+
+    precision: the policy's autocast (`Accelerator.autocast`), for the reference passes: under
+    accelerate's mixed precision only the prepared policy's forward runs in it."""
     device = next(policy.parameters()).device
     batch = collate_pairs(items, pad_id).to(device)
     logp = pair_logps(policy, batch)  # (2B,)
@@ -308,9 +314,11 @@ def micro_batch_loss(
             ref = ref.to(device)
         elif cfg.reference == "frozen_copy":
             assert ref_model is not None
-            ref = live_reference(ref_model, batch, adapter_off=False)
+            with precision():
+                ref = live_reference(ref_model, batch, adapter_off=False)
         else:
-            ref = live_reference(policy, batch, adapter_off=True)
+            with precision():
+                ref = live_reference(policy, batch, adapter_off=True)
     if cfg.loss_type.length_normalized:
         n_tok = batch.mask.sum(1).clamp(min=1)  # (2B,)
         logp = logp / n_tok
@@ -320,7 +328,12 @@ def micro_batch_loss(
 
 @torch.no_grad()
 def heldout_metrics(
-    cfg: Config, policy: torch.nn.Module, items: list[dict[str, Any]], pad_id: int, ref_model: Any
+    cfg: Config,
+    policy: torch.nn.Module,
+    items: list[dict[str, Any]],
+    pad_id: int,
+    ref_model: Any,
+    precision: Callable[[], AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Loss and reward metrics over held-out pairs, weighted by batch size."""
     was_training = policy.training
@@ -328,7 +341,7 @@ def heldout_metrics(
     sums: dict[str, float] = {}
     for s in range(0, len(items), cfg.eval_batch_size):
         chunk = items[s : s + cfg.eval_batch_size]
-        _, m = micro_batch_loss(cfg, policy, chunk, pad_id, ref_model)
+        _, m = micro_batch_loss(cfg, policy, chunk, pad_id, ref_model, precision)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v) * len(chunk)
     policy.train(was_training)
@@ -407,10 +420,11 @@ def train(cfg: Config) -> Path:
         # Only the main process computes and writes the cache; the others wait, then read it.
         if acc.is_main_process and not cache.is_file():
             t0 = time.perf_counter()
-            refs = {
-                "train": precompute_reference(policy, train_items, pad, cfg.eval_batch_size),
-                "eval": precompute_reference(policy, eval_items, pad, cfg.eval_batch_size),
-            }
+            with acc.autocast():  # the policy's precision: log pi - log ref is 0 at the start
+                refs = {
+                    "train": precompute_reference(policy, train_items, pad, cfg.eval_batch_size),
+                    "eval": precompute_reference(policy, eval_items, pad, cfg.eval_batch_size),
+                }
             tmp = cache.with_suffix(".tmp")
             tmp.write_text(json.dumps(refs))
             tmp.replace(cache)
@@ -461,7 +475,7 @@ def train(cfg: Config) -> Path:
                 sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(policy)
                 with sync:
                     loss, m = micro_batch_loss(
-                        cfg, policy, [train_items[i] for i in mine], pad, ref_model
+                        cfg, policy, [train_items[i] for i in mine], pad, ref_model, acc.autocast
                     )
                     acc.backward(loss / accum)  # equal micro-batches: mean of means = batch mean
                 for k, v in m.items():
@@ -473,7 +487,7 @@ def train(cfg: Config) -> Path:
             row = {**sums, "lr": lr, "grad_norm": grad_norm, "epoch": step / spe}
             row["seconds"] = time.perf_counter() - t0
             if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                row.update(heldout_metrics(cfg, policy, eval_items, pad, ref_model))
+                row.update(heldout_metrics(cfg, policy, eval_items, pad, ref_model, acc.autocast))
             if step % cfg.run.log_every == 0 or step == total:
                 run.log(step, row)
             if cfg.run.save_every and step % cfg.run.save_every == 0:
@@ -484,7 +498,7 @@ def train(cfg: Config) -> Path:
         return run.path
     final: dict[str, float] = {}
     if eval_items:
-        final.update(heldout_metrics(cfg, policy, eval_items, pad, ref_model))
+        final.update(heldout_metrics(cfg, policy, eval_items, pad, ref_model, acc.autocast))
     if cfg.eval.enabled:
         summary, samples = task_eval(cfg, policy, tok)
         final.update(summary)
