@@ -1,7 +1,8 @@
 """`posttrain <command> [--config FILE.toml] [--section.key=value ...]`.
 
 Each command is a module with a `Config` dataclass and a `main(cfg)`; the module is imported only
-when its command runs, so `posttrain --help` stays fast.
+when its command runs, so `posttrain --help` stays fast. A config or model error is one line on
+stderr and exit code 2, with no traceback.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
 
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -75,32 +75,8 @@ def run_command(command: str, argv: list[str]) -> int:
             rest.append(argv[i])
             i += 1
     cfg = load_config(cls, config_path, rest)
-    run_cfg = getattr(cfg, "run", None)
-    if run_cfg is not None:
-        import torch
-
-        from posttrain import cpu
-
-        if run_cfg.threads:
-            torch.set_num_threads(run_cfg.threads)
-        cpu.set_enabled(run_cfg.onednn)
-        if run_cfg.reuse_memory:
-            cpu.reuse_freed_memory()
-    with autocast(getattr(run_cfg, "autocast", "no")):
-        result = module.main(cfg)
+    result = module.main(cfg)  # main applies cfg.run's CPU settings (train.uses_run_settings)
     return int(result) if isinstance(result, int) else 0
-
-
-def autocast(precision: str) -> Any:
-    """torch.autocast for `run.autocast` ("no": a null context) on CUDA when present, else CPU."""
-    import contextlib
-
-    if precision == "no":
-        return contextlib.nullcontext()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype={"bfloat16": torch.bfloat16}[precision])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,14 +8,17 @@ training step's few hundred rows on the plain weight (`python bench/linear_kerne
 the table). Both compute in fp32; results differ from MKL's in summation order only. Two ways in,
 both for every plain `nn.Linear` with an fp32 weight on the CPU (LoRA's base and adapter layers
 included: peft builds them from `nn.Linear`):
-- `packed_linears(model)`: a context for no-grad inference (the sampler's decode loop). Every
-  weight is reordered once on entry (about 0.25 s for the 135M default model) and the copies are
-  dropped on exit, so the weights may change between two uses.
 - `use_onednn(model)`: from then on the model's layers run their forward product and their
   input's gradient through oneDNN on their plain weights (no copy); the weight's gradient keeps
-  torch's kernel, which measured faster for it.
+  torch's kernel, which measured faster for it. Only models whose caller asks are switched: the
+  policy when `run.onednn` is on (`train.load_policy(..., onednn=)`, `models.load_model(...,
+  onednn=)`); teachers, evaluators and reward models keep torch's kernels.
+- `packed_linears(model)`: a context for no-grad inference (the sampler's decode loop) on the
+  layers `use_onednn` switched. Every such weight is reordered once on entry (about 0.25 s for the
+  135M default model) and the copies are dropped on exit, so the weights may change between two
+  uses.
 Anything else (autocast on, another dtype or device, a subclass with its own forward) takes
-torch's own path, as does everything after `set_enabled(False)` (`run.onednn = false`).
+torch's own path. There is no process-wide switch: a layer runs oneDNN because it was switched.
 
 **Reuse of freed memory.** glibc hands blocks over 128 KiB-32 MiB to the kernel when torch frees
 them, and a training step frees and re-allocates about a gigabyte (gradients, activations,
@@ -36,20 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_enabled = True
-
-
-def set_enabled(flag: bool) -> None:
-    """Turn the oneDNN paths on or off for this process (the `run.onednn` setting)."""
-    global _enabled
-    _enabled = bool(flag)
-
 
 def available() -> bool:
-    """True when this torch has oneDNN's linear kernels and they are switched on."""
+    """True when this torch has oneDNN's linear kernels."""
     return (
-        _enabled
-        and torch.backends.mkldnn.is_available()
+        torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
@@ -74,8 +68,7 @@ def _eligible(m: nn.Module) -> bool:
 def _plain(x: torch.Tensor, m: nn.Linear) -> bool:
     """oneDNN applies: fp32 CPU input, no autocast, the weight still an fp32 CPU tensor."""
     return (
-        _enabled
-        and x.dtype == torch.float32
+        x.dtype == torch.float32
         and x.device.type == "cpu"
         and x.dim() >= 2
         and m.weight.dtype == torch.float32
@@ -86,13 +79,14 @@ def _plain(x: torch.Tensor, m: nn.Linear) -> bool:
 
 @contextlib.contextmanager
 def packed_linears(model: nn.Module) -> Iterator[int]:
-    """Within the block, the model's fp32 CPU linear layers multiply by a oneDNN-reordered copy
-    of their weight when no gradient is recorded. Yields how many layers it reordered."""
+    """Within the block, the model's layers that `use_onednn` switched multiply by a
+    oneDNN-reordered copy of their weight when no gradient is recorded. Yields how many layers it
+    reordered (0 for a model nobody switched)."""
     patched: list[tuple[nn.Module, Any]] = []
     if available():
         with torch.no_grad():
             for m in model.modules():
-                if _eligible(m):
+                if _eligible(m) and switched(m):
                     packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
                     previous = m.__dict__.get("forward")
                     patched.append((m, previous))
@@ -149,6 +143,12 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
         return _Linear.apply(x, self.weight, self.bias)
     return _mm(x, self.weight, self.bias)
+
+
+def switched(m: nn.Module) -> bool:
+    """Whether `use_onednn` switched this layer."""
+    forward = m.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _onednn_forward
 
 
 def use_onednn(model: nn.Module) -> int:

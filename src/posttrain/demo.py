@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.config import ModelConfig, RunConfig, check
+from posttrain.train import uses_run_settings
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.algos import sft
     from posttrain.evaluate import evaluate
@@ -69,7 +71,7 @@ def main(cfg: Config) -> int:
     # 1. baseline: the strongest prompts, greedy, with and without the calculator
     task_cfg = TaskConfig(name="unit_conversion", difficulty="standard", strategy="few_shot")
     print(f"[1/4] baseline on {cfg.eval_limit} standard-level test questions", flush=True)
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, onednn=cfg.run.onednn)
     task = load_task(task_cfg)
     before: dict[str, float] = {}
     before_rows: list[dict] = []
@@ -133,7 +135,8 @@ def main(cfg: Config) -> int:
 
     # 3. before / after on the same questions, with transcripts of the adapter's tool calls
     print("\n[3/4] before / after on the same test questions", flush=True)
-    model, tok = load_model(ModelConfig(name=cfg.model, adapter=str(run_dir / "final")))
+    trained = ModelConfig(name=cfg.model, adapter=str(run_dir / "final"))
+    model, tok = load_model(trained, onednn=cfg.run.onednn)
     _, after_rows = evaluate(
         model, tok, load_task(scfg.task), strategy="direct", split="test", limit=6,
         max_new_tokens=64, tools=tools,

@@ -40,6 +40,7 @@ from posttrain.config import ConfigError, ModelConfig, RunConfig, check
 from posttrain.prompting import STRATEGIES, PromptingConfig, model_generator, run_strategy
 from posttrain.tasks.base import Task, TaskConfig, columns
 from posttrain.tools import Toolbox, ToolConfig, calls_in
+from posttrain.train import uses_run_settings
 
 
 @dataclass
@@ -237,6 +238,7 @@ def for_trained(cfg: Config, folder: str | None) -> Setup:
     return setup
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.models import load_model
     from posttrain.runs import Run, seed_everything
@@ -247,7 +249,8 @@ def main(cfg: Config) -> int:
     entries: list[dict[str, Any]] = []
     with open(run.path / "results.jsonl", "w") as out:
         for name in names:
-            model, tok = load_model(dataclasses.replace(cfg.model, name=name))
+            model_cfg = dataclasses.replace(cfg.model, name=name)
+            model, tok = load_model(model_cfg, onednn=cfg.run.onednn)
             label = name + (f"+{Path(cfg.model.adapter).name}" if cfg.model.adapter else "")
             setup = for_trained(cfg, cfg.model.adapter or name)
             task = load_task(setup.task)

@@ -273,8 +273,13 @@ def load_model(
     *,
     dtype: str | None = None,
     device: str | None = None,
+    onednn: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) in eval mode on the chosen device and dtype."""
+    """Load (model, tokenizer) in eval mode on the chosen device and dtype.
+
+    onednn: switch its fp32 CPU linear layers to oneDNN (`cpu.use_onednn`), as a run does for the
+    policy it samples from and trains (`run.onednn`); off for teachers, evaluators and reward
+    models, which keep torch's kernels."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -289,7 +294,7 @@ def load_model(
     if kind == "adapter":
         assert path is not None
         base = ModelConfig(**{**cfg.__dict__, "name": adapter_base(path), "adapter": str(path)})
-        return load_model(base, dtype=dtype, device=device)
+        return load_model(base, dtype=dtype, device=device, onednn=onednn)
     _check_remote_code(path, cfg.name, cfg.trust_remote_code)
     try:
         if kind == "embedded":
@@ -335,7 +340,8 @@ def load_model(
         model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=False)
     model.to(dev)
     model.eval()
-    cpu.use_onednn(model)
+    if onednn:
+        cpu.use_onednn(model)
     return model, tok
 
 

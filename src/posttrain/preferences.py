@@ -572,7 +572,8 @@ def pair_records(
             if model is None or cfg.build.model:
                 from posttrain.models import load_model
 
-                model, tok = load_model(cfg.build.model or cfg.model.name, device=cfg.model.device)
+                name = cfg.build.model or cfg.model.name
+                model, tok = load_model(name, device=cfg.model.device, onednn=cfg.run.onednn)
             records, stats, gen = build_from_task(
                 model, tok, cfg.task, cfg.build, progress=cfg.run.progress, tools=tools
             )

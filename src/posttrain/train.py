@@ -1,30 +1,85 @@
-"""Setup shared by every training command: policy, optimizer, schedule, accelerate, stop signal.
+"""Setup shared by every training command: CPU settings, policy, optimizer, schedule, accelerate,
+stop signal.
 
 An algorithm's `main(cfg)` reads like:
 
-    acc, run = start(cfg, "sft")
-    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, total_steps)
-    model, opt = acc.prepare(model, opt)
-    state = resume(run, acc, model, opt, sched)        # {} for a fresh run
-    with StopOnInterrupt() as stop:
-        for step in range(state.get("step", 0) + 1, total_steps + 1):
-            ...
-            if stop.requested: save and break
+    @uses_run_settings            # cfg.run's threads, memory reuse and autocast, CLI or Python
+    def main(cfg):
+        acc, run = start(cfg, "sft")
+        model, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
+        opt = build_optimizer(model, cfg.optim)
+        sched = build_scheduler(opt, cfg.optim, total_steps)
+        model, opt = acc.prepare(model, opt)
+        state = resume(run, acc, model, opt, sched)        # {} for a fresh run
+        with StopOnInterrupt() as stop:
+            for step in range(state.get("step", 0) + 1, total_steps + 1):
+                ...
+                if stop.requested: save and break
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import signal
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import torch
 
 from posttrain import cpu
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, check_config
+from posttrain.config import (
+    ConfigError,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    check_config,
+)
 from posttrain.runs import Run, seed_everything
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def run_settings(run: RunConfig) -> Iterator[None]:
+    """`run`'s CPU settings for the length of a command: torch's thread count (restored after),
+    glibc's reuse of freed memory (process-wide once on: glibc has no way back) and autocast.
+    `run.onednn` is not here: it is the policy's, given to `load_policy`."""
+    threads = torch.get_num_threads()
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.reuse_memory:
+        cpu.reuse_freed_memory()
+    try:
+        with autocast(run.autocast):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def uses_run_settings(main: F) -> F:
+    """Decorate a command's `main(cfg)`: it runs inside `run_settings(cfg.run)`, whether the CLI
+    or Python calls it."""
+
+    @functools.wraps(main)
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        run = getattr(cfg, "run", None)
+        if run is None:
+            return main(cfg, *args, **kwargs)
+        with run_settings(run):
+            return main(cfg, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def autocast(precision: str) -> Any:
+    """torch.autocast for `run.autocast` ("no": a null context) on CUDA when present, else CPU."""
+    if precision == "no":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype={"bfloat16": torch.bfloat16}[precision])
 
 
 def start(cfg: Any, command: str) -> tuple[Any, Run]:
@@ -39,8 +94,6 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
 
     check_config(cfg)  # a config built in Python gets the command line's checks
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     if not acc.is_main_process:  # one copy of every printed line under `accelerate launch`
         import os
@@ -59,8 +112,16 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
     return acc, run
 
 
-def load_policy(model_cfg: ModelConfig, lora: LoraConfig, device: torch.device | None = None):
-    """The trainable policy: full weights, or a fresh/loaded LoRA adapter (only it trains)."""
+def load_policy(
+    model_cfg: ModelConfig,
+    lora: LoraConfig,
+    device: torch.device | None = None,
+    *,
+    onednn: bool = False,
+):
+    """The trainable policy: full weights, or a fresh/loaded LoRA adapter (only it trains).
+
+    onednn: its fp32 CPU linear layers, the adapter's included, run on oneDNN (`run.onednn`)."""
     from posttrain.models import apply_lora, check_adapter, load_model
 
     if lora.enabled and model_cfg.adapter:
@@ -74,7 +135,8 @@ def load_policy(model_cfg: ModelConfig, lora: LoraConfig, device: torch.device |
         model, tok = load_model(model_cfg, device=str(device) if device else None)
         if lora.enabled:
             model = apply_lora(model, lora)
-    cpu.use_onednn(model)  # the adapter's new layers too
+    if onednn:
+        cpu.use_onednn(model)  # after the adapter: its new layers too
     model.train()
     return model, tok
 

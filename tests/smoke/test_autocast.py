@@ -10,8 +10,9 @@ from rl_fakes import REWARD_PY, use_fake_task
 from safetensors.torch import load_file
 
 import posttrain.algos.grpo as grpo
-from posttrain.cli import autocast, main
+from posttrain.cli import main
 from posttrain.runs import read_jsonl
+from posttrain.train import autocast
 
 
 def test_autocast_context():

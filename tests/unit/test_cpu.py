@@ -1,5 +1,6 @@
 """posttrain.cpu: oneDNN linear layers give torch's numbers (forward, gradients, generation), fall
-back where they do not apply, survive a deep copy; the malloc setting applies on glibc."""
+back where they do not apply, survive a deep copy, and touch only models a caller switched; the
+malloc setting applies on glibc; a run's CPU settings apply from the CLI and from Python."""
 
 from __future__ import annotations
 
@@ -16,20 +17,13 @@ from posttrain.rollout import GenerationConfig, generate
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN linear")
 
 
-@pytest.fixture()
-def enabled():
-    cpu.set_enabled(True)
-    yield
-    cpu.set_enabled(True)
-
-
 def _layers(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
     plain = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 7, bias=False))
     return plain, copy.deepcopy(plain)
 
 
-def test_forward_and_gradients_match_torch(enabled):
+def test_forward_and_gradients_match_torch():
     plain, fast = _layers()
     assert cpu.use_onednn(fast) == 2
     assert cpu.use_onednn(fast) == 0  # already switched
@@ -51,21 +45,18 @@ def test_forward_and_gradients_match_torch(enabled):
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
-def test_falls_back_to_torch_under_autocast_and_when_switched_off(enabled):
+def test_falls_back_to_torch_under_autocast_and_leaves_unswitched_layers():
     plain, fast = _layers()
     cpu.use_onednn(fast)
     x = torch.randn(4, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(x).dtype == torch.bfloat16
         torch.testing.assert_close(fast(x), plain(x))
-    cpu.set_enabled(False)
-    assert torch.equal(fast(x), plain(x))  # the very same kernel
-    assert cpu.use_onednn(copy.deepcopy(plain)) == 0
-    with cpu.packed_linears(plain) as n:
-        assert n == 0
+    with torch.no_grad(), cpu.packed_linears(plain) as n:  # nobody switched it: left alone
+        assert n == 0 and "forward" not in plain[0].__dict__
 
 
-def test_deep_copy_computes_with_its_own_weights(enabled):
+def test_deep_copy_computes_with_its_own_weights():
     _, fast = _layers()
     cpu.use_onednn(fast)
     twin = copy.deepcopy(fast)
@@ -77,7 +68,7 @@ def test_deep_copy_computes_with_its_own_weights(enabled):
     assert torch.count_nonzero(fast(x)) > 0
 
 
-def test_packed_weights_match_and_are_dropped_on_exit(enabled):
+def test_packed_weights_match_and_are_dropped_on_exit():
     plain, fast = _layers()
     cpu.use_onednn(fast)
     x = torch.randn(6, 12)
@@ -95,16 +86,14 @@ def test_packed_weights_match_and_are_dropped_on_exit(enabled):
     assert "forward" not in plain[0].__dict__
 
 
-def test_generation_is_the_same_with_and_without_onednn(tiny_dir, enabled):
+def test_generation_is_the_same_with_and_without_onednn(tiny_dir):
     """Greedy and seeded sampling on the tiny Llama: the same tokens, log-probs within fp32 noise."""
     from posttrain.models import load_model
 
     prompts = ["How many grams", "Convert 3 feet to inches. It is a long prompt"]
-    fast, tok = load_model(str(tiny_dir))
-    cpu.set_enabled(False)
-    plain, _ = load_model(str(tiny_dir))
-    cpu.set_enabled(True)
-    assert "forward" in fast.lm_head.__dict__ and "forward" not in plain.lm_head.__dict__
+    fast, tok = load_model(str(tiny_dir), onednn=True)
+    plain, _ = load_model(str(tiny_dir))  # the default: torch's kernels
+    assert cpu.switched(fast.lm_head) and "forward" not in plain.lm_head.__dict__
     for cfg, seeds in [
         (GenerationConfig(temperature=0, max_new_tokens=12), None),
         (GenerationConfig(temperature=1.0, max_new_tokens=12, n=3), [4, 9]),

@@ -38,6 +38,7 @@ from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, 
 from posttrain.data import IGNORE_INDEX
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
+from posttrain.train import uses_run_settings
 
 
 def _optim() -> OptimConfig:
@@ -131,13 +132,14 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, student: str, teacher: 
     return len(sv)
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.models import load_model
     from posttrain.train import load_policy, start
 
     acc, run = start(cfg, "distill")
-    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
-    teacher, teacher_tok = load_model(cfg.teacher, device=str(acc.device))
+    model, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
+    teacher, teacher_tok = load_model(cfg.teacher, device=str(acc.device))  # torch's kernels
     teacher.requires_grad_(False)
     vocab = check_tokenizers(tok, teacher_tok, cfg.model.name, cfg.teacher.name)
     train_rows, val_rows, fmt = load_rows(cfg)

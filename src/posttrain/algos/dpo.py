@@ -55,6 +55,7 @@ from posttrain.preferences import (
 )
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
+from posttrain.train import uses_run_settings
 
 Metrics = dict[str, torch.Tensor]
 
@@ -396,7 +397,7 @@ def train(cfg: Config) -> Path:
     )
 
     acc, run = start(cfg, "dpo")
-    policy, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    policy, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
     tools = Toolbox.from_config(cfg.tools)
     train_recs, eval_recs = pair_records(cfg, run.path, policy, tok, tools)
     if cfg.build.only:
@@ -593,6 +594,7 @@ def plot_sweep(curves: dict[float, list[dict[str, Any]]], path: Path) -> None:
     plt.close(fig)
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     if cfg.sweep.betas:
         sweep(cfg)

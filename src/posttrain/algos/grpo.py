@@ -85,7 +85,14 @@ from posttrain.rollout import generate
 from posttrain.runs import write_online_format
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
-from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
+from posttrain.train import (
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    load_policy,
+    start,
+    uses_run_settings,
+)
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
@@ -270,12 +277,13 @@ def micro_batch_loss(
     return loss, m, mb["loss_mask"]
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     acc, run = start(cfg, "rloo" if isinstance(cfg, RLOOConfig) else "grpo")
     task = tasks.load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.group_size)
     normaliser = cfg.fixed_normaliser or gen.max_new_tokens
-    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    model, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
     model.eval()  # dropout off: pi_old (scoring pass) and pi (training forward) agree (issue #16)
     toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     # before any resume, so that a "copy" reference holds the initial weights

@@ -55,6 +55,7 @@ from posttrain.rewards import RewardConfig
 from posttrain.rollout import Rollout
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import ToolConfig
+from posttrain.train import uses_run_settings
 
 
 def _ppo_task() -> TaskConfig:
@@ -401,6 +402,7 @@ def save_final(run: Any, policy: Any, head: Any, tok: Any, critic: Any = None) -
 # Training loop
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.advantages import gae, whiten
     from posttrain.online import (
@@ -442,10 +444,11 @@ def main(cfg: Config) -> int:
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
     normaliser = cfg.fixed_normaliser or gen.max_new_tokens  # `fixed`: a constant (issue #16)
     toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
-    policy, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    policy, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
     critic = None
     if cfg.critic == "separate":
-        critic = prepare_critic(load_policy(cfg.model, cfg.lora, acc.device)[0])
+        critic = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)[0]
+        critic = prepare_critic(critic)
     head = load_value_head(cfg.value_head) if cfg.value_head else ValueHead(hidden_size(policy))
     ac = ActorCritic(policy, head.to(acc.device), critic)
     ac.eval()  # dropout off: the ratio on a freshly sampled batch is exactly 1

@@ -70,7 +70,14 @@ from posttrain.rollout import generate
 from posttrain.runs import write_online_format
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
-from posttrain.train import build_optimizer, build_scheduler, clip_and_step, load_policy, start
+from posttrain.train import (
+    build_optimizer,
+    build_scheduler,
+    clip_and_step,
+    load_policy,
+    start,
+    uses_run_settings,
+)
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
@@ -146,11 +153,12 @@ def reinforce_loss(
     return loss, metrics
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     acc, run = start(cfg, "reinforce")
     task = tasks.load_task(cfg.task)
     gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
-    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    model, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
     model.eval()  # dropout off: scoring and training forwards equal the sampler's (issue #16)
     toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
     # before any resume, so that a "copy" reference holds the initial weights

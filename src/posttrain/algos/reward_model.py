@@ -38,6 +38,7 @@ from posttrain.preferences import (
     write_jsonl,
 )
 from posttrain.tasks.base import TaskConfig
+from posttrain.train import uses_run_settings
 
 Metrics = dict[str, torch.Tensor]
 
@@ -194,6 +195,7 @@ def pair_predictions(
     return rows
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.train import (
         StopOnInterrupt,

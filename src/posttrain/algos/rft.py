@@ -44,6 +44,7 @@ from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, 
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import TaskConfig, columns
 from posttrain.tools import Toolbox, ToolConfig, calls_in
+from posttrain.train import uses_run_settings
 
 # gen(prompts, cfg) -> cfg.n completions per prompt, contiguous (posttrain.prompting.Generator)
 Generator = Callable[[list[Any], GenerationConfig], list[str]]
@@ -236,13 +237,14 @@ def sample_records(
 # ---------------------------------------------------------------------------------------------
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.prompting import model_generator
     from posttrain.tasks import load_task
     from posttrain.train import load_policy, start
 
     acc, run = start(cfg, "rft")
-    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    model, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
     task = load_task(cfg.task)
     tools = Toolbox.from_config(cfg.tools)
     rows = [with_question(r) for r in task.rows("train")]  # sentiment: the opening is the question

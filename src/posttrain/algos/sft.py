@@ -40,6 +40,7 @@ from posttrain.config import (
 from posttrain.data import IGNORE_INDEX, collate_sft
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
+from posttrain.train import uses_run_settings
 
 
 @dataclass
@@ -531,11 +532,12 @@ def finish(
     return folder
 
 
+@uses_run_settings
 def main(cfg: Config) -> int:
     from posttrain.train import load_policy, start
 
     acc, run = start(cfg, "sft")
-    model, tok = load_policy(cfg.model, cfg.lora, acc.device)
+    model, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
     train_rows, val_rows, fmt = load_rows(cfg)
     tools = Toolbox.from_config(cfg.tools)
     train_set = encode_rows(train_rows, tok, cfg.data, fmt, tools)
