@@ -258,33 +258,42 @@ def solution(value: str, src: str, dst: str) -> str:
     return f"1 {a.singular} = {factor} {b.plural}. {value} * {factor} = <answer>{ans}</answer>"
 
 
+# The unit each dimension's facts are stated in, in worked solutions that call the calculator: one
+# fact per unit ("1 mile = 1609.344 meters"), whichever pair is asked, and factors of at least 1
+# for the common units.
+FACT_UNITS = {"length": "m", "mass": "g", "volume": "ml", "time": "s", "speed": "km/h", "area": "m2", "data": "B"}  # fmt: skip
+
+
 def tool_solution(value: str, src: str, dst: str) -> str:
-    """A worked solution that states the factor as a fact and does the arithmetic with a
-    calculator call (`posttrain.tools`, tag format); the result after the call is what the
-    calculator returns, and the answer repeats it:
+    """A worked solution that states each unit's size in its dimension's fact unit (FACT_UNITS)
+    as a fact and does the arithmetic with one calculator call (`posttrain.tools`, tag format):
+    multiply by the source unit's size, divide by the target's. The result after the call is what
+    the calculator returns, and the answer repeats it:
 
-        1 mile = 1609.344 meters.
-        <calc>4.2 * 1609.344</calc> = 6759.2448
-        <answer>6759.2448</answer>
+        1 mile = 1609.344 meters. 1 kilometer = 1000 meters.
+        <calc>4.2 * 1609.344 / 1000</calc> = 6.7592448
+        <answer>6.7592448</answer>
 
-    The fact names the larger unit ("1 kilometer = 1000 meters"), multiplying from the larger and
-    dividing from the smaller, so each pair of units is one fact whichever way it is asked; factors
-    keep 7 significant digits (an error under 1e-6, far inside the task's tolerance)."""
+    So a model learns one fact per unit, not one per pair of units, and one rule for the
+    arithmetic; temperatures state their formula instead. Factors keep 7 significant digits (an
+    error under 1e-6, far inside the task's tolerance)."""
     a, b = BY_KEY[src], BY_KEY[dst]
     v = value.replace(",", "")
     if a.dimension == "temperature":
         rule, arithmetic = TEMPERATURE_RULES[(src, dst)]
-        fact, expr = f"{rule}.", arithmetic.format(v=v)
+        facts, expr = f"{rule}.", arithmetic.format(v=v)
     else:
-        r = a.factor / b.factor
-        if r >= 1:
-            f = format_number(r, 7)
-            fact, expr = f"1 {a.singular} = {f} {b.plural}.", f"{v} * {f}"
-        else:
-            f = format_number(1 / r, 7)
-            fact, expr = f"1 {b.singular} = {f} {a.plural}.", f"{v} / {f}"
+        base = BY_KEY[FACT_UNITS[a.dimension]]
+        facts_list, expr = [], v
+        for unit, op in ((a, "*"), (b, "/")):
+            if unit is base:
+                continue
+            f = format_number(unit.factor / base.factor, 7)
+            facts_list.append(f"1 {unit.singular} = {f} {base.plural}.")
+            expr += f" {op} {f}"
+        facts = " ".join(facts_list)
     result = calc(expr)
-    return f"{fact}\n<calc>{expr}</calc> = {result}\n<answer>{result}</answer>"
+    return f"{facts}\n<calc>{expr}</calc> = {result}\n<answer>{result}</answer>"
 
 
 def varied_question(key: str, seed: int, value: str, src: Unit, dst: Unit) -> str:
