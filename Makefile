@@ -59,6 +59,13 @@ test-latest:
 	  sort $(LATEST_VENV)/versions.txt | comm -13 $(LATEST_VENV)/versions-main.txt - || true
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
+# make gpu-check: the gpu test tier (tests/gpu: CUDA generation equals CPU, bf16 autocast, every
+# training command 2 steps on CUDA, accelerate's bf16 mixed precision) and a 1-minute GPU bench;
+# under 5 minutes on one GPU. Without CUDA the tier is skipped with its reason, the bench says so.
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 timeout 200 $(PY) -m pytest -q -p no:cacheprovider -rs tests/gpu
+	HF_HUB_OFFLINE=1 timeout 90 $(PY) bench/gpu_bench.py --seconds 60
+
 # make bench: generation throughput (sequential vs batched), then posttrain next to TRL.
 # TRL is installed with --no-deps: its dependencies (transformers, accelerate, datasets, ...) are
 # already posttrain's, and pip must not move the pinned torch/transformers. Pass BENCH_ARGS to
