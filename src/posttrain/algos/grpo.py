@@ -306,7 +306,10 @@ def main(cfg: Config) -> int:
     policy = acc.unwrap_model(model)
 
     def evaluate(step: int) -> None:
-        metrics, samples = evaluate_policy(policy, tok, task, reward_fn, eval_rows, gen, toolbox)
+        with acc.autocast():  # accelerate's mixed precision, as in training
+            metrics, samples = evaluate_policy(
+                policy, tok, task, reward_fn, eval_rows, gen, toolbox
+            )
         rec = run.log(step, reduce_mean(acc, metrics))
         run.eval_record(step, rec, samples)  # eval_before.json / eval_after.json for the report
         run.samples(step, samples)
@@ -318,7 +321,9 @@ def main(cfg: Config) -> int:
     if eval_rows and first == 1:
         evaluate(0)
     step = first - 1
-    with train.StopOnInterrupt() as stop:
+    # every forward (sampler, reference, policy) under accelerate's mixed precision, as the
+    # prepared policy's own: a frozen reference would otherwise run in fp32 (issue #16)
+    with train.StopOnInterrupt() as stop, acc.autocast():
         for step in range(first, cfg.steps + 1):
             # 1. rollout: group_size completions per prompt, rows of a prompt contiguous
             t0 = time.perf_counter()
