@@ -64,6 +64,9 @@ def test_ppo_full_finetune_changes_policy_and_value_head(tiny_dir, tmp_path):
     assert changed, "no policy weight changed"
     head = load_file(str(run / "final" / "value_head.safetensors"))
     assert head["summary.weight"].abs().sum() > 0  # starts at zero
+    # the folder remembers how it was trained, as reinforce/rloo/grpo's do (posttrain eval reads it)
+    trained = json.loads((run / "final" / "posttrain.json").read_text())
+    assert trained["command"] == "ppo" and trained["task"]["name"] == "unit_conversion"
     samples = (run / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 4 and "completion" in json.loads(samples[0])
     # a new run can start from the trained value head instead of a zero one

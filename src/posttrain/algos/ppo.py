@@ -383,9 +383,12 @@ def minibatch_loss(
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-def save_final(run: Any, policy: Any, head: Any, tok: Any, critic: Any = None) -> None:
-    """run/final/: the policy (adapter or full weights), tokenizer, value_head.safetensors and,
-    with a separate critic, critic/."""
+def save_final(
+    run: Any, cfg: Config, gen: Any, policy: Any, head: Any, tok: Any, critic: Any = None
+) -> None:
+    """run/final/: the policy (adapter or full weights), tokenizer, value_head.safetensors,
+    posttrain.json (task, prompt format, tools) and, with a separate critic, critic/."""
+    from posttrain.runs import write_online_format
     from posttrain.value_head import save_value_head
 
     if not run.is_main:
@@ -396,6 +399,7 @@ def save_final(run: Any, policy: Any, head: Any, tok: Any, critic: Any = None) -
     save_value_head(head, out)
     if critic is not None:
         critic.save_pretrained(str(out / "critic"))
+    write_online_format(run, cfg, gen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +602,6 @@ def main(cfg: Config) -> int:
                 return 130
     if eval_rows:
         evaluate(step)
-    save_final(run, policy, head, tok, critic)
+    save_final(run, cfg, gen, policy, head, tok, critic)
     run.close()
     return 0
