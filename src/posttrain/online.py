@@ -37,6 +37,7 @@ from posttrain.ops import (
     completion_logits_shared,
     entropy_from_logits,
     exact_kl,
+    masked_whiten,
     selective_log_softmax,
 )
 from posttrain.rollout import GenerationConfig, Rollout, generate, mix_seed
@@ -274,6 +275,24 @@ def step_tokens(acc: Any, mask: Tensor) -> float:
     if acc.num_processes > 1:
         n = acc.reduce(n, reduction="sum") / acc.num_processes
     return float(n)
+
+
+def gather_rows(acc: Any, x: Tensor) -> Tensor:
+    """(B, ...) on each process -> (N x B, ...): every process's rows, for a batch statistic
+    (a baseline) that must be the same as on one process with the whole batch. A collective."""
+    return acc.gather(x) if acc.num_processes > 1 else x
+
+
+def whiten_over_processes(acc: Any, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """`ops.masked_whiten` with the mean and the (unbiased) variance over every process's masked
+    entries, as one process with the whole batch computes them. x, mask (B, T). A collective."""
+    if acc.num_processes == 1:
+        return masked_whiten(x, mask, eps=eps)
+    n = acc.reduce(mask.sum().float(), reduction="sum")
+    mean = acc.reduce((x * mask).sum(), reduction="sum") / n.clamp(min=1)
+    var = acc.reduce(((x - mean) ** 2 * mask).sum(), reduction="sum") / n.clamp(min=1)
+    var = var * n / (n - 1) if n > 1 else var
+    return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
 def no_sync_unless(acc: Any, model: Any, last: bool) -> Any:

@@ -408,7 +408,7 @@ def save_final(
 
 @uses_run_settings
 def main(cfg: Config) -> int:
-    from posttrain.advantages import gae, whiten
+    from posttrain.advantages import gae
     from posttrain.online import (
         PromptStream,
         accumulation_weight,
@@ -421,6 +421,7 @@ def main(cfg: Config) -> int:
         rollout_metrics,
         sample_records,
         step_tokens,
+        whiten_over_processes,
     )
     from posttrain.ops import kl_k1, kl_k3
     from posttrain.rewards import build_reward
@@ -533,7 +534,7 @@ def main(cfg: Config) -> int:
             mask = roll.policy_mask.float() * valid[:, None]
             scores = out.total.to(mask)  # (B,)
             if cfg.whiten_rewards:
-                scores = whiten(scores, valid.float())
+                scores = whiten_over_processes(acc, scores, valid.float())
             kl = (
                 torch.zeros_like(mask)
                 if ref is None
@@ -543,8 +544,8 @@ def main(cfg: Config) -> int:
 
             # 3. advantages and returns
             adv, returns = gae(rewards, s["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:
-                adv = whiten(adv, mask)
+            if cfg.whiten_advantages:  # over every process's tokens, as on one process
+                adv = whiten_over_processes(acc, adv, mask)
             t3 = time.perf_counter()
 
             # 4. PPO epochs over shuffled mini-batches, each one optimizer step

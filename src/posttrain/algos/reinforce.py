@@ -45,6 +45,7 @@ from posttrain.online import (
     build_reference,
     end_of_step,
     evaluate_policy,
+    gather_rows,
     micro_batches,
     no_sync_unless,
     reduce_mean,
@@ -234,10 +235,12 @@ def main(cfg: Config) -> int:
             if ref is not None and cfg.kl_in == "reward":
                 kl_tok = KL_ESTIMATORS[cfg.kl_estimator](scores["old_logp"], scores["ref_logp"])
                 rewards = rewards - cfg.kl_coef * masked_sum(kl_tok, mask, dim=1)
+            # the batch's mean over every process's samples, as on one process
+            all_rewards, all_valid = gather_rows(acc, rewards), gather_rows(acc, valid)
             if cfg.baseline == "mean":
-                b = batch_mean_baseline(rewards, valid)
+                b = batch_mean_baseline(all_rewards, all_valid)
             elif cfg.baseline == "moving_average":
-                b = moving(rewards, valid)
+                b = moving(all_rewards, all_valid)
             else:
                 b = torch.zeros(())
             adv = (rewards - b) * valid  # (B,)
