@@ -551,6 +551,11 @@ class UnitConversionTask:
     def evaluate(
         self, completions: list[str], batch: Batch
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        if len(completions) != len(batch["answer"]):
+            raise ValueError(
+                f"unit_conversion.evaluate got {len(completions)} completions for "
+                f"{len(batch['answer'])} rows; pass one completion per row"
+            )
         per = []
         for c, a in zip(completions, batch["answer"]):
             p = parse_answer(c)
@@ -564,5 +569,5 @@ class UnitConversionTask:
         dims = batch.get("dimension") or [None] * len(per)
         for d in sorted({d for d in dims if d}):
             hits = [r["correct"] for r, rd in zip(per, dims) if rd == d]
-            summary[f"accuracy/{d}"] = sum(hits) / len(hits)
+            summary[f"accuracy/{d}"] = sum(hits) / max(len(hits), 1)
         return summary, per
