@@ -11,7 +11,7 @@ import pytest
 from posttrain.prompting import parse_answer
 from posttrain.tasks import TaskConfig, load_task
 from posttrain.tasks import unit_conversion as uc
-from posttrain.tools import ToolConfig, Toolbox, calc, calls_in
+from posttrain.tools import Toolbox, ToolConfig, calc, calls_in
 
 
 def test_tool_solution_is_right_for_every_pair_and_value():
