@@ -129,7 +129,7 @@ def test_grpo_first_ratio_is_one_with_lora_dropout(tiny_dir, tmp_path, monkeypat
     model.save_pretrained(tmp_path / "adapter")
     use_fake_task(monkeypatch)
     args = _args("grpo", tiny_dir, tmp_path, "dropout", "--lora.enabled=true",
-                 f"--model.adapter={tmp_path / 'adapter'}", "--optim.lr=0", "--eval_limit=0")  # fmt: skip
+                 f"--model.adapter={tmp_path / 'adapter'}", "--optim.lr=1e-30", "--eval_limit=0")  # fmt: skip
     assert main(args) == 0
     for r in _train_records(tmp_path / "runs" / "dropout"):
         assert r["ratio"] == pytest.approx(1.0, abs=1e-6) and r["clip_fraction"] == 0
