@@ -1,22 +1,20 @@
-"""Pieces shared by the online RL commands (reinforce, rloo, grpo): prompts, generation settings,
-the reference policy, the no-grad scoring pass, loss weights under accumulation, evaluation.
-
-Each is used by every online algorithm; the algorithm files keep their loss and their loop.
+"""Pieces shared by the online RL commands (reinforce, rloo/grpo, ppo): generation settings,
+prompts, the reference policy, micro-batches and their loss weights, the no-grad scoring pass.
+The skeleton that uses them (setup, update, step end) is `posttrain.online_run`.
 
   GenOverrides / resolve_generation   the task's generation defaults, with [gen] keys that are set winning
   PromptStream                        train rows cycled in a seeded shuffle, resumable by a counter;
                                       `draw` also gives each prompt its sampling seed
   build_reference                     frozen copy, base weights with the LoRA adapter off, or none
-  score_rollout                       no-grad pass: old_logp, ref_logp, entropy, exact KL (B, T)
-  sampler_scores                      the same from the sampler alone, when no forward is needed
+  take                                some rollout rows as model inputs, padding trimmed
   micro_batches / accumulation_weight split a step into micro-batches whose summed loss is exact
   step_tokens                         a step's token count over all processes (token_mean normaliser)
-  evaluate_policy                     the task's metrics and the reward on validation rows
+  gather_rows / whiten_over_processes batch statistics over every process, as on one
+  score_rollout -> Scores             no-grad pass: old_logp, ref_logp, entropy, exact KL, values (B, T)
 
 Tools (`posttrain.tools`): a rollout's tool-inserted tokens are attended to (`completion_mask`,
 the attention mask) but were not sampled by the policy, so every log-prob, loss, KL, entropy and
-length here runs over `Rollout.policy_mask` (`take` returns it as `mask`).
-"""
+length here runs over `Rollout.policy_mask` (`take` returns it as `mask`)."""
 
 from __future__ import annotations
 
@@ -30,19 +28,17 @@ import torch
 from torch import Tensor
 
 from posttrain.config import ConfigError, check
+from posttrain.forwards import completion_logits, completion_logits_shared
 from posttrain.models import adapter_disabled, frozen_copy, is_peft
 from posttrain.ops import (
     Reduction,
-    completion_logits,
-    completion_logits_shared,
     entropy_from_logits,
     exact_kl,
     masked_whiten,
     selective_log_softmax,
 )
-from posttrain.rollout import GenerationConfig, Rollout, generate, mix_seed
+from posttrain.rollout import GenerationConfig, Rollout, mix_seed
 from posttrain.tasks.base import columns
-from posttrain.tools import Toolbox
 
 # ---------------------------------------------------------------------------------------------
 # Generation settings: task defaults, config wins
@@ -172,7 +168,7 @@ class Reference:
         groups: Tensor | None = None,
     ) -> Tensor:
         """(B, T, V) reference logits for the last n_completion tokens; with groups (B,), rows of
-        one group share their prompt and it runs once (`ops.completion_logits_shared`)."""
+        one group share their prompt and it runs once (`forwards.completion_logits_shared`)."""
         ctx = adapter_disabled(self.model) if self.kind == "adapter" else contextlib.nullcontext()
         with ctx:
             return _logits(self.model, input_ids, attention_mask, n_completion, temperature, groups)
@@ -240,9 +236,12 @@ def take(roll: Rollout, rows: Tensor, **per_row: Tensor | None) -> dict[str, Any
     rows = rows.to(roll.completion_mask.device)
     attn = roll.completion_mask[rows]  # (b, T) every completion token, tool results included
     T = max(1, int(attn.sum(1).max()))
+    # prompt columns that are padding in every row (prompts are left-padded to the rollout's
+    # longest) are dropped: positions come from the attention mask, so nothing else changes
+    first = int(roll.prompt_mask[rows].any(0).long().argmax())
     out: dict[str, Any] = {
-        "input_ids": torch.cat([roll.prompt_ids[rows], roll.completion_ids[rows, :T]], 1),
-        "attention_mask": torch.cat([roll.prompt_mask[rows], attn[:, :T].long()], 1),
+        "input_ids": torch.cat([roll.prompt_ids[rows, first:], roll.completion_ids[rows, :T]], 1),
+        "attention_mask": torch.cat([roll.prompt_mask[rows, first:], attn[:, :T].long()], 1),
         "mask": roll.policy_mask[rows][:, :T],
         "T": T,
     }
@@ -304,6 +303,32 @@ def no_sync_unless(acc: Any, model: Any, last: bool) -> Any:
 # The no-grad scoring pass
 
 
+@dataclass
+class Scores:
+    """What the scoring pass gives before any update, all (B, T) on the rollout's full width,
+    zero on padding and on tool-inserted tokens. None: not computed (see `score_rollout`)."""
+
+    old_logp: Tensor
+    """log-probs of the sampled tokens under the policy that sampled them"""
+    ref_logp: Tensor | None = None
+    """the same under the reference policy (None without one)"""
+    entropy: Tensor | None = None
+    """the policy's token entropy"""
+    kl_exact: Tensor | None = None
+    """KL(policy || reference) over the whole vocabulary"""
+    values: Tensor | None = None
+    """PPO: the value of the state before each token"""
+
+
+Forward = Callable[..., tuple[Tensor, Tensor | None]]
+"""(input_ids, attention_mask, T, temperature, groups) -> (logits (B, T, V), values (B, T) | None)"""
+
+
+def policy_forward(model: Any) -> Forward:
+    """A causal LM as a `Forward` without values; `value_head.ActorCritic` is one with values."""
+    return lambda *args: (_logits(model, *args), None)
+
+
 @torch.no_grad()
 def score_rollout(
     model: Any,
@@ -314,32 +339,52 @@ def score_rollout(
     n_micro: int,
     policy: bool = True,
     exact: bool = True,
-    share_prompts: bool = False,
-) -> dict[str, Tensor | None]:
-    """Before any update: old_logp, entropy, and (with a reference) ref_logp and the exact KL over
-    the vocabulary, all (B, T) on the rollout's full width, zero on padding and on tool-inserted
-    tokens (`Rollout.policy_mask`).
+    share_prompts: bool = True,
+    forward: Forward | None = None,
+) -> Scores:
+    """Before any update: old_logp, entropy, (with a reference) ref_logp and the exact KL over the
+    vocabulary, and (with a forward that gives them, PPO's actor-critic) the values.
 
     policy=False skips the policy's forward, for one update per rollout, where the policy being
     updated is the one that sampled: old_logp is then the sampler's (`rollout.logp`, the same
-    quantity), entropy and the exact KL are None (the caller measures entropy in its training
-    forward). exact=False skips the KL over the vocabulary (None): two (B, T, V) softmaxes.
+    quantity); entropy, values and the exact KL are None (the caller's training forward gives
+    them). exact=False skips the KL over the vocabulary: two (B, T, V) softmaxes.
     share_prompts: rows of one prompt run it through each model once (`completion_logits_shared`).
+    forward: the policy's forward (default: `policy_forward(model)`).
     """
     B, T = roll.completion_mask.shape
     dev = roll.completion_mask.device
-    keys = (["ref_logp"] if ref is not None else []) + (["old_logp", "entropy"] if policy else [])
-    keys += ["kl_exact"] if policy and exact and ref is not None else []
-    out: dict[str, Tensor | None] = {k: torch.zeros(B, T, device=dev) for k in keys}
+    zeros = lambda: torch.zeros(B, T, device=dev)  # noqa: E731
+    forward = forward or policy_forward(model)
+    s = Scores(old_logp=roll.logp * roll.policy_mask)
+    if policy:
+        s.old_logp, s.entropy, s.values = zeros(), zeros(), zeros()
+        s.kl_exact = zeros() if exact and ref is not None else None
+    if ref is not None:
+        s.ref_logp = zeros()
+    got_values = False
     with eval_mode(model):  # dropout off: the log-probs of the policy that sampled (issue #16)
-        _score(model, ref, roll, out, temperature, n_micro, policy, share_prompts)
-    if not policy:
-        out["old_logp"] = roll.logp * roll.policy_mask
-    for k in ("old_logp", "entropy", "ref_logp", "kl_exact"):
-        out.setdefault(k, None)
-    if ref is None:
-        out["ref_logp"] = out["kl_exact"] = None
-    return out
+        for rows in micro_batches(B, n_micro):
+            mb = take(roll, rows)
+            t, m = mb["T"], mb["mask"]
+            ids = mb["input_ids"][:, -t:]
+            groups = roll.prompt_index[rows.to(dev)] if share_prompts else None
+            args = (mb["input_ids"], mb["attention_mask"], t, temperature, groups)
+            if policy:
+                logits, values = forward(*args)
+                s.old_logp[rows, :t] = selective_log_softmax(logits, ids) * m
+                s.entropy[rows, :t] = entropy_from_logits(logits) * m
+                if values is not None:
+                    s.values[rows, :t] = values.float() * m
+                    got_values = True
+            if ref is not None:
+                ref_logits = ref.logits(*args)
+                s.ref_logp[rows, :t] = selective_log_softmax(ref_logits, ids) * m
+                if s.kl_exact is not None:
+                    s.kl_exact[rows, :t] = exact_kl(logits, ref_logits) * m
+    if not got_values:
+        s.values = None
+    return s
 
 
 @contextlib.contextmanager
@@ -351,186 +396,3 @@ def eval_mode(model: Any) -> Any:
         yield model
     finally:
         model.train(was_training)
-
-
-def _score(
-    model: Any,
-    ref: Reference | None,
-    roll: Rollout,
-    out: dict[str, Tensor | None],
-    temperature: float,
-    n_micro: int,
-    policy: bool,
-    share_prompts: bool,
-) -> None:
-    """score_rollout's forwards, writing into out's (B, T) tensors."""
-    dev = roll.completion_mask.device
-    for rows in micro_batches(len(roll), n_micro):
-        mb = take(roll, rows)
-        t, m = mb["T"], mb["mask"]
-        ids = mb["input_ids"][:, -t:]
-        groups = roll.prompt_index[rows.to(dev)] if share_prompts else None
-        args = (mb["input_ids"], mb["attention_mask"], t, temperature, groups)
-        logits = None
-        if policy:
-            logits = _logits(model, *args)
-            out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
-            out["entropy"][rows, :t] = entropy_from_logits(logits) * m
-        if ref is not None:
-            ref_logits = ref.logits(*args)
-            out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
-            if "kl_exact" in out:
-                out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
-
-
-def sampler_scores(roll: Rollout) -> dict[str, Tensor | None]:
-    """What `score_rollout` gives, without a forward pass, when there is no reference and no
-    importance ratio: old_logp from the sampler (`rollout.logp`, the same quantity); no entropy,
-    which the caller then measures in its training forward."""
-    return {
-        "old_logp": roll.logp * roll.policy_mask,
-        "entropy": None,
-        "ref_logp": None,
-        "kl_exact": None,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation, samples, metrics
-
-
-def evaluate_policy(
-    model: Any,
-    tok: Any,
-    task: Any,
-    reward_fn: Any,
-    rows: list[dict[str, Any]],
-    gen: GenerationConfig,
-    tools: Toolbox | None = None,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One completion per validation row: the task's metrics and the mean training reward.
-    tools: the toolbox the policy trains with, so that it is evaluated as it is trained.
-
-    -> ({"eval/<metric>": value, "eval/reward": mean}, sample records).
-    """
-    prompts = [r["prompt"] for r in rows]
-    roll = generate(model, tok, prompts, dataclasses.replace(gen, n=1), tools=tools)
-    batch = columns(rows)
-    summary, _ = task.evaluate(roll.completions, batch)
-    out = reward_fn(roll.prompts, roll.completions, batch, update_stats=False)
-    raw = out.raw_total if out.raw_total is not None else out.total
-    metrics = {
-        f"eval/{k}": float(v)
-        for k, v in summary.items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    metrics["eval/reward"] = float(raw[out.valid].mean()) if out.valid.any() else float("nan")
-    samples = [
-        {"split": "validation", "prompt": p, "completion": c, "reward": float(r)}
-        for p, c, r in zip(roll.prompts[:4], roll.completions[:4], raw[:4])
-    ]
-    if roll.tool_calls is not None:
-        metrics.update({f"eval/{k}": v for k, v in tool_metrics(roll).items()})
-        for i, rec in enumerate(samples):
-            rec["tool_calls"] = roll.tool_records(i)
-    return metrics, samples
-
-
-def sample_records(roll: Rollout, out: Any, adv: Tensor, limit: int) -> list[dict[str, Any]]:
-    """The first `limit` rollout rows as JSON records: prompt, completion, reward, components, adv,
-    and with tools the calls each completion made (`tool_calls`: tool, call, result, error)."""
-    recs = []
-    for i in range(min(limit, len(roll))):
-        rec: dict[str, Any] = {
-            "prompt": roll.prompts[i],
-            "completion": roll.completions[i],
-            "reward": float(out.total[i]),
-            "adv": float(adv[i]),
-            "finish": roll.finish_reasons[i],
-        }
-        rec.update({f"reward/{k}": float(v[i]) for k, v in out.components.items()})
-        if roll.tool_calls is not None:
-            rec["tool_calls"] = roll.tool_records(i)
-        recs.append(rec)
-    return recs
-
-
-def reduce_mean(acc: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """Average scalar metrics over processes (a no-op on one process)."""
-    if acc.num_processes == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], device=acc.device)
-    t = acc.reduce(t, reduction="mean")
-    return dict(zip(keys, t.tolist()))
-
-
-def end_of_step(
-    step: int,
-    cfg: Any,
-    *,
-    acc: Any,
-    run: Any,
-    rec: dict[str, float],
-    samples: Callable[[], list[dict[str, Any]]],
-    evaluate: Callable[[int], None] | None,
-    save: Callable[[int], None],
-    stop: Any,
-) -> bool:
-    """What every online-RL step ends with: log the (process-averaged) record, write samples,
-    evaluate every cfg.eval_every steps, checkpoint (periodically, on Ctrl-C and at the last
-    step). Returns True when Ctrl-C asked the loop to stop."""
-    if step % cfg.run.log_every == 0 or step == cfg.steps:
-        run.log(step, reduce_mean(acc, rec))
-    if cfg.run.sample_every and step % cfg.run.sample_every == 0:
-        run.samples(step, samples())
-    if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-        evaluate(step)
-    periodic = cfg.run.save_every and step % cfg.run.save_every == 0
-    if periodic or stop.requested or step == cfg.steps:
-        save(step)
-    if stop.requested:
-        print(f"stopped at step {step}; resume with --run.resume {run.path}", flush=True)
-    return bool(stop.requested)
-
-
-def rollout_metrics(
-    roll: Rollout, out: Any, scores: dict[str, Tensor | None], reward_fn: Any
-) -> dict[str, float]:
-    """What every online step logs about its samples: reward (mean/std/components/skipped),
-    sequence KL to the reference (k1, k3, exact), token entropy, completion length, all over the
-    tokens the policy sampled (`Rollout.policy_mask`); with tools, `tool_metrics` too."""
-    from posttrain.ops import kl_k1, kl_k3, masked_mean
-
-    mask = roll.policy_mask  # (B, T) tool-inserted tokens left out
-    valid = out.valid
-    raw = (out.raw_total if out.raw_total is not None else out.total)[valid]
-    m: dict[str, float] = {
-        "reward/mean": float(raw.mean()) if len(raw) else float("nan"),
-        "reward/std": float(raw.std()) if len(raw) > 1 else 0.0,
-        **reward_fn.metrics(out),
-        "completion_length": float(mask.sum(1).mean()),
-        "completion_eos": sum(r != "length" for r in roll.finish_reasons) / len(roll),
-    }
-    if scores["entropy"] is not None:
-        m["entropy"] = float(masked_mean(scores["entropy"], mask))
-    if scores["ref_logp"] is not None:
-        old, ref = scores["old_logp"], scores["ref_logp"]
-        m["kl/k1"] = float(((kl_k1(old, ref) * mask).sum(1)).mean())
-        m["kl/k3"] = float(((kl_k3(old, ref) * mask).sum(1)).mean())
-        if scores["kl_exact"] is not None:
-            m["kl/exact"] = float(scores["kl_exact"].sum(1).mean())
-    if roll.tool_calls is not None:
-        m.update(tool_metrics(roll))
-    return m
-
-
-def tool_metrics(roll: Rollout) -> dict[str, float]:
-    """tools/calls: calls per completion; tools/errors: the share of calls that got an error text;
-    tools/tokens: tool-inserted tokens per completion (not in completion_length)."""
-    calls = [c for row in roll.tool_calls or [] for c in row]
-    return {
-        "tools/calls": len(calls) / max(len(roll), 1),
-        "tools/errors": sum(c.error for c in calls) / len(calls) if calls else 0.0,
-        "tools/tokens": float((roll.completion_mask - roll.policy_mask).sum(1).mean()),
-    }

@@ -1,4 +1,5 @@
-"""Pure tensor helpers shared by the algorithms.
+"""Pure tensor maths shared by the algorithms: no model inside (the forwards that run a model
+and edit its KV cache are in `posttrain.forwards`).
 
 Glossary (used in every file): B batch rows, T completion tokens, P prompt tokens, V vocabulary.
   logp      (B, T) log-prob of each completion token under the current policy
@@ -10,7 +11,7 @@ Glossary (used in every file): B batch rows, T completion tokens, P prompt token
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,193 +40,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: (B, L) mask -> (B, L) positions starting at 0."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def completion_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    n_completion: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Logits that predict the last `n_completion` tokens of `input_ids`: (B, n_completion, V).
-
-    Only those positions go through the output head (`logits_to_keep`), which saves a
-    (B, P, V) matmul and its memory when prompts are long.
-    """
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=n_completion + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1]  # (B, T, V): position t predicts token t + 1
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits
-
-
-def completion_logits_shared(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    n_completion: int,
-    temperature: float = 1.0,
-    *,
-    groups: torch.Tensor,
-) -> torch.Tensor:
-    """`completion_logits` with every distinct prompt run through the model once.
-
-    Rows with the same `groups` id (B,) share their prompt: the first P = L - n_completion columns
-    of input_ids and attention_mask are equal. The prompts go through the model once per group
-    (with the KV cache on), the cache is indexed back to one entry per row (a differentiable
-    gather, so gradients reach the prompt positions as in the plain pass), and only the completion
-    tokens run per row: a GRPO batch of k samples per prompt costs G x P + B x T tokens instead of
-    B x (P + T). Same maths as `completion_logits` (up to float reassociation); the prompt's last
-    position predicts completion token 0. Returns (B, n_completion, V).
-    """
-    logits, _ = shared_prompt_forward(model, input_ids, attention_mask, n_completion, groups=groups)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits
-
-
-MIN_SHARED_PREFIX = 8
-"""a common start of the prompts shorter than this is not worth a pass of its own"""
-
-
-def common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
-    """How many tokens every row's prompt starts with, at most its shortest length - 1 (each row
-    keeps a token of its own). ids, mask (G, P) left-padded."""
-    P = ids.shape[1]
-    lengths = mask.sum(1)  # (G,)
-    n = int(lengths.min()) - 1
-    if n <= 0:
-        return 0
-    cols = (P - lengths)[:, None] + torch.arange(n, device=ids.device)[None]  # (G, n)
-    toks = ids.gather(1, cols)  # each row's first n real tokens
-    same = (toks == toks[:1]).all(0)  # (n,)
-    return n if bool(same.all()) else int(same.long().argmin())
-
-
-def prompt_pass(
-    model: torch.nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    hidden_states: bool = False,
-) -> tuple[Any, torch.Tensor]:
-    """The prompts (G, P), left-padded, through the model with the cache on -> (output at the
-    last position, the attention mask (G, K) of the K cached positions).
-
-    When the prompts start with the same c >= MIN_SHARED_PREFIX tokens (a shared system prompt),
-    that start runs once and its cache is repeated to the G rows; each row's remaining S tokens
-    follow, left-padded, at positions c, c + 1, ... (the cache then holds c + S positions)."""
-    G, P = ids.shape
-    c = common_prefix(ids, mask) if G > 1 else 0
-    if c < MIN_SHARED_PREFIX:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    logits_to_keep=1, output_hidden_states=hidden_states, use_cache=True)  # fmt: skip
-        return out, mask
-    lengths = mask.sum(1)
-    start = P - int(lengths[0])
-    pre = model(
-        input_ids=ids[:1, start : start + c],
-        position_ids=torch.arange(c, device=ids.device)[None],
-        logits_to_keep=1,
-        use_cache=True,
-    )
-    cache = pre.cache
-    cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=ids.device))
-    S = int((lengths - c).max())
-    own = (
-        torch.arange(S, device=ids.device)[None] >= (S - (lengths - c))[:, None]
-    ).long()  # (G, S)
-    full = torch.cat([torch.ones(G, c, dtype=mask.dtype, device=mask.device), own], dim=1)
-    out = model(
-        input_ids=ids[:, P - S :],  # columns outside a row's own tokens are masked out
-        attention_mask=full,
-        position_ids=position_ids_from_mask(full)[:, c:],
-        cache=cache,
-        logits_to_keep=1,
-        output_hidden_states=hidden_states,
-        use_cache=True,
-    )
-    return out, full
-
-
-def shared_prompt_forward(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    n_completion: int,
-    *,
-    groups: torch.Tensor,
-    hidden_states: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The forward of `completion_logits_shared` (temperature 1) -> logits (B, T, V) predicting
-    the last T = n_completion tokens and, with hidden_states, the last layer's hidden states
-    (B, T, H) at the same positions (the state before each completion token; None otherwise).
-
-    Two levels of sharing: each group's prompt runs once, and a start common to all prompts (the
-    chat template's system prompt) runs once for all of them (`prompt_pass`)."""
-    B, L = input_ids.shape
-    P, T = L - n_completion, n_completion
-    uniq, inv = torch.unique(groups, return_inverse=True)  # inv (B,): row -> its group
-    inv = inv.to(input_ids.device)
-    first = torch.zeros(len(uniq), dtype=torch.long, device=input_ids.device)
-    first.scatter_(0, inv, torch.arange(B, device=input_ids.device))  # a row of each group
-    inner = getattr(model, "module", model)  # under DDP
-    shared = len(uniq) < B or (
-        P > 0
-        and common_prefix(input_ids[first, :P], attention_mask[first, :P]) >= MIN_SHARED_PREFIX
-    )
-    # the plain pass when nothing is shared, or when the model keeps no cache (activation
-    # checkpointing turns it off)
-    if not shared or P == 0 or getattr(inner, "is_activation_checkpointing", False):
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            logits_to_keep=T + 1,
-            output_hidden_states=hidden_states,
-            use_cache=False,
-        )
-        hidden = out.hidden_states[-1][:, -(T + 1) : -1] if hidden_states else None
-        return out.logits[:, :-1], hidden
-    out, p_mask = prompt_pass(model, input_ids[first, :P], attention_mask[first, :P], hidden_states)
-    logits = out.logits[:, -1:][inv]  # (B, 1, V): predicts completion token 0
-    hidden = out.hidden_states[-1][:, -1:][inv] if hidden_states else None  # (B, 1, H)
-    if T > 1:
-        cache = out.cache
-        cache.batch_select_indices(inv)  # (G, ...) -> (B, ...)
-        # the cached prompt positions, then the completion but its last token (it predicts
-        # nothing we need)
-        mask = torch.cat([p_mask[inv], attention_mask[:, P : L - 1]], dim=1)
-        rest = model(
-            input_ids=input_ids[:, P : L - 1],
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask)[:, -(T - 1) :],
-            cache=cache,
-            output_hidden_states=hidden_states,
-            use_cache=True,
-        )  # (B, T - 1, V)
-        logits = torch.cat([logits, rest.logits], dim=1)
-        if hidden_states:
-            hidden = torch.cat([hidden, rest.hidden_states[-1]], dim=1)
-    return logits, hidden
-
-
-def completion_logps(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    n_completion: int,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Per-token log-probs (B, T) of the last T = n_completion tokens of `input_ids`."""
-    logits = completion_logits(model, input_ids, attention_mask, n_completion, temperature)
-    return selective_log_softmax(logits, input_ids[:, -n_completion:])
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -295,8 +109,67 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+"""per-token estimators of KL(pi || ref) by name, for every `kl_estimator` setting"""
+
+
 def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits) || softmax(ref_logits)) over the vocabulary: (B, T, V) -> (B, T)."""
     lp = F.log_softmax(logits.float(), dim=-1)
     lq = F.log_softmax(ref_logits.float(), dim=-1)
     return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def clipped_surrogate(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    reduction: Reduction = "token_mean",
+    normaliser: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate as a loss to minimise (PPO, GRPO, RLOO).
+
+    logp, old_logp, mask (B, T); adv (B, T), or (B,) per sequence. old_logp and adv are constants.
+      ratio  = exp(logp - old_logp)
+      loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)      eps_high: DAPO's
+      loss   = aggregate_loss(loss_t, mask, reduction, normaliser)            clip-higher
+    Metrics: clip_fraction, the share of tokens where the clipped term is the smaller one, so
+    their gradient is 0 (ratio > 1 + eps_high with A > 0, or ratio < 1 - eps with A < 0);
+    ratio, its mean; approx_kl, the k3 estimate of KL(old || new), mean((ratio - 1) - log ratio).
+    """
+    adv = adv.detach()
+    if adv.dim() == 1:
+        adv = adv[:, None]  # (B, 1)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    log_ratio = logp - old_logp.detach()
+    ratio = torch.exp(log_ratio)  # (B, T)
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv
+    loss = aggregate_loss(-torch.minimum(unclipped, clipped), mask, reduction, normaliser)
+    metrics = {
+        "clip_fraction": masked_mean((clipped < unclipped).float(), mask),
+        "ratio": masked_mean(ratio, mask),
+        "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """1 - Var(returns - values) / Var(returns) over masked tokens: 1 is a perfect critic, 0 is
+    no better than predicting the mean, below 0 is worse."""
+    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    """`prompt_pass` moved to `posttrain.forwards`; rollout.py (another owner's file) still
+    imports it from here."""
+    if name == "prompt_pass":
+        from posttrain.forwards import prompt_pass
+
+        return prompt_pass
+    raise AttributeError(f"module 'posttrain.ops' has no attribute {name!r}")

@@ -94,9 +94,9 @@ class ActorCritic(nn.Module):
         """-> logits (B, T, V) predicting the last T = n_completion tokens, values (B, T).
 
         groups (B,): rows with the same id share their prompt, which then runs through the policy
-        once (`ops.shared_prompt_forward`; the head on the policy's trunk only)."""
+        once (`forwards.shared_prompt_forward`; the head on the policy's trunk only)."""
         if groups is not None and self.critic is None:
-            from posttrain.ops import shared_prompt_forward
+            from posttrain.forwards import shared_prompt_forward
 
             logits, hidden = shared_prompt_forward(
                 self.policy, input_ids, attention_mask, n_completion, groups=groups,

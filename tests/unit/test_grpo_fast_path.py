@@ -28,8 +28,9 @@ def test_on_policy_shared_prompt_path_equals_explicit_path(tiny):
         )
         model.zero_grad()
         loss, m, _ = micro_batch_loss(
-            model, roll, rows, adv, scores, roll.completion_mask, cfg, 1.0, 8.0, on_policy=fast
-        )
+            model, roll, rows, adv=adv, scores=scores, loss_mask=roll.completion_mask, cfg=cfg,
+            temperature=1.0, normaliser=8.0, on_policy=fast,
+        )  # fmt: skip
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         out[name] = (loss.detach(), m, grads, scores)
@@ -40,8 +41,8 @@ def test_on_policy_shared_prompt_path_equals_explicit_path(tiny):
     torch.testing.assert_close(m1["loss/kl"], m0["loss/kl"], atol=1e-7, rtol=1e-4)
     # the fast path measures the entropy in the training forward: the scoring pass's value
     mask = roll.completion_mask
-    torch.testing.assert_close(m1["entropy"], (s0["entropy"] * mask).sum() / mask.sum())
+    torch.testing.assert_close(m1["entropy"], (s0.entropy * mask).sum() / mask.sum())
     # and takes old_logp from the sampler (the same quantity, for the KL-in-reward estimate)
-    torch.testing.assert_close(s1["old_logp"], s0["old_logp"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(s1["ref_logp"], s0["ref_logp"], atol=1e-5, rtol=1e-5)
-    assert s1["kl_exact"] is None and s0["kl_exact"] is not None
+    torch.testing.assert_close(s1.old_logp, s0.old_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1.ref_logp, s0.ref_logp, atol=1e-5, rtol=1e-5)
+    assert s1.kl_exact is None and s0.kl_exact is not None

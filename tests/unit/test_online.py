@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, LoraConfig, load_config
+from posttrain.forwards import completion_logps
 from posttrain.models import apply_lora
 from posttrain.online import (
     GenOverrides,
@@ -15,7 +16,7 @@ from posttrain.online import (
     resolve_generation,
     score_rollout,
 )
-from posttrain.ops import completion_logps, selective_log_softmax
+from posttrain.ops import selective_log_softmax
 from posttrain.rollout import GenerationConfig, generate
 
 
@@ -115,10 +116,10 @@ def test_score_rollout_matches_sampler(tiny):
     ref = build_reference("copy", model, kl_coef=1.0)
     s = score_rollout(model, ref, roll, temperature=0.8, n_micro=2)
     m = roll.completion_mask
-    torch.testing.assert_close(s["old_logp"], roll.logp * m, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(s["ref_logp"], s["old_logp"])
-    assert s["kl_exact"].abs().max() < 1e-6
-    assert (s["entropy"][m == 0] == 0).all() and (s["entropy"][m == 1] > 0).all()
+    torch.testing.assert_close(s.old_logp, roll.logp * m, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.ref_logp, s.old_logp)
+    assert s.kl_exact.abs().max() < 1e-6
+    assert (s.entropy[m == 0] == 0).all() and (s.entropy[m == 1] > 0).all()
 
 
 def test_auto_reference_of_a_run_from_an_sft_adapter_is_that_policy(tiny_dir, tmp_path):

@@ -13,14 +13,12 @@ from posttrain.algos.ppo import (
     Config,
     FixedKLController,
     entropy_loss,
-    explained_variance,
     per_token_rewards,
-    policy_loss,
-    score_rollout,
     value_loss,
 )
 from posttrain.config import load_config
-from posttrain.online import build_reference
+from posttrain.online import build_reference, score_rollout
+from posttrain.ops import clipped_surrogate, explained_variance
 from posttrain.rollout import GenerationConfig
 from posttrain.value_head import (
     ActorCritic,
@@ -45,15 +43,15 @@ def test_policy_loss_hand_computed():
     ratio = torch.tensor([[1.5, 0.5, 9.0], [1.1, 0.5, 9.0]])
     old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.0]])
     adv = torch.tensor([[1.0, -1.0, 5.0], [-2.0, 2.0, 5.0]])
-    loss, m = policy_loss(old + ratio.log(), old, adv, MASK, cliprange=0.2)
+    loss, m = clipped_surrogate(old + ratio.log(), old, adv, MASK, clip_eps=0.2)
     assert loss.item() == pytest.approx(0.2, abs=1e-6)
-    assert m["clipfrac"].item() == pytest.approx(0.5)
+    assert m["clip_fraction"].item() == pytest.approx(0.5)
     # approx_kl = mean((r - 1) - log r)
     r = torch.tensor([1.5, 0.5, 1.1, 0.5])
     assert m["approx_kl"].item() == pytest.approx(((r - 1) - r.log()).mean().item(), abs=1e-6)
     # seq_mean: row means (-1.2 + 0.8) / 2 = -0.2 and (2.2 - 1.0) / 2 = 0.6 -> 0.2 as well
-    loss_seq, _ = policy_loss(
-        old + ratio.log(), old, adv, MASK, cliprange=0.2, reduction="seq_mean"
+    loss_seq, _ = clipped_surrogate(
+        old + ratio.log(), old, adv, MASK, clip_eps=0.2, reduction="seq_mean"
     )
     assert loss_seq.item() == pytest.approx(0.2, abs=1e-6)
 
@@ -91,20 +89,20 @@ def test_on_policy_clipped_loss_is_reinforce_with_advantage():
     torch.manual_seed(0)
     logp = (-torch.rand(2, 3) * 3).requires_grad_()
     adv = torch.randn(2, 3)
-    loss, m = policy_loss(logp, logp.detach(), adv, MASK, cliprange=0.2)
+    loss, m = clipped_surrogate(logp, logp.detach(), adv, MASK, clip_eps=0.2)
     (grad,) = torch.autograd.grad(loss, logp)
     logp2 = logp.detach().clone().requires_grad_()
     reinforce = -(adv * logp2 * MASK).sum() / MASK.sum()
     (grad2,) = torch.autograd.grad(reinforce, logp2)
     assert torch.allclose(grad, grad2)
     assert loss.item() == pytest.approx(-((adv * MASK).sum() / MASK.sum()).item(), abs=1e-6)
-    assert m["ratio"].item() == 1.0 and m["clipfrac"].item() == 0.0
+    assert m["ratio"].item() == 1.0 and m["clip_fraction"].item() == 0.0
 
 
 def test_zero_advantage_gives_zero_policy_gradient():
     logp = (-torch.rand(2, 3)).requires_grad_()
     old = logp.detach() + torch.randn(2, 3) * 0.3  # off-policy: ratios far from 1
-    loss, _ = policy_loss(logp, old, torch.zeros(2, 3), MASK, cliprange=0.2)
+    loss, _ = clipped_surrogate(logp, old, torch.zeros(2, 3), MASK, clip_eps=0.2)
     (grad,) = torch.autograd.grad(loss, logp)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
@@ -214,22 +212,22 @@ def test_score_rollout_matches_sampling_logps(tiny, lora):
     ac = ActorCritic(model, head)
     ref = build_reference("auto", model, 0.1)
     assert ref is not None and ref.kind == ("adapter" if lora else "copy")
-    s = score_rollout(ac, ref, roll, temperature=1.0, n_micro=2)
+    s = score_rollout(ac, ref, roll, temperature=1.0, n_micro=2, forward=ac)
     mask = roll.completion_mask.float()
-    assert torch.allclose(s["old_logp"], roll.logp * mask, atol=1e-4)
-    assert torch.allclose(s["ref_logp"], s["old_logp"], atol=1e-5)
-    assert s["kl_exact"].abs().max().item() < 1e-5
-    whole = score_rollout(ac, None, roll, temperature=1.0, n_micro=1)
-    assert whole["ref_logp"] is None
-    assert torch.allclose(whole["values"], s["values"], atol=1e-5)  # micro-batching changes nothing
-    assert (s["values"] * (1 - mask)).abs().sum() == 0 and s["values"].abs().sum() > 0
+    assert torch.allclose(s.old_logp, roll.logp * mask, atol=1e-4)
+    assert torch.allclose(s.ref_logp, s.old_logp, atol=1e-5)
+    assert s.kl_exact.abs().max().item() < 1e-5
+    whole = score_rollout(ac, None, roll, temperature=1.0, n_micro=1, forward=ac)
+    assert whole.ref_logp is None
+    assert torch.allclose(whole.values, s.values, atol=1e-5)  # micro-batching changes nothing
+    assert (s.values * (1 - mask)).abs().sum() == 0 and s.values.abs().sum() > 0
 
 
-def test_drop_left_padding_keeps_logps(tiny):
-    """Cutting prompt columns that are padding in every row of a micro-batch changes nothing."""
-    from posttrain.algos.ppo import drop_left_padding
+def test_take_drops_left_padding_and_keeps_logps(tiny):
+    """`online.take` cuts prompt columns that are padding in every row of a micro-batch: the
+    log-probs do not change."""
+    from posttrain.forwards import completion_logps
     from posttrain.online import take
-    from posttrain.ops import completion_logps
     from posttrain.rollout import generate
 
     model, tok = tiny
@@ -237,18 +235,20 @@ def test_drop_left_padding_keeps_logps(tiny):
     prompts = ["hi", "The quick brown fox jumps over the lazy dog and more words"]
     roll = generate(model, tok, prompts, GenerationConfig(max_new_tokens=4))
     mb = take(roll, torch.tensor([0]))
-    short = drop_left_padding(mb)
-    assert short["input_ids"].shape[1] < mb["input_ids"].shape[1]
-    assert short["attention_mask"][0, 0] == 1
-    full = completion_logps(model, mb["input_ids"], mb["attention_mask"], mb["T"])
-    cut = completion_logps(model, short["input_ids"], short["attention_mask"], mb["T"])
+    assert mb["input_ids"].shape[1] < roll.prompt_ids.shape[1] + roll.completion_ids.shape[1]
+    assert mb["attention_mask"][0, 0] == 1
+    T = mb["T"]
+    ids = torch.cat([roll.prompt_ids[:1], roll.completion_ids[:1, :T]], 1)
+    attn = torch.cat([roll.prompt_mask[:1], roll.completion_mask[:1, :T].long()], 1)
+    full = completion_logps(model, ids, attn, T)
+    cut = completion_logps(model, mb["input_ids"], mb["attention_mask"], T)
     assert torch.allclose(full, cut, atol=1e-5)
 
 
 def test_minibatch_loss_zero_advantage_zero_policy_gradient(tiny):
     """Through the real forward: with zero advantages and vf_coef = ent_coef = 0 the policy gets
     no gradient; an entropy bonus (ent_coef > 0) gives it one; the value loss reaches the head."""
-    from posttrain.algos.ppo import drop_left_padding, minibatch_loss
+    from posttrain.algos.ppo import minibatch_loss
     from posttrain.online import take
     from posttrain.rollout import generate
 
@@ -258,12 +258,10 @@ def test_minibatch_loss_zero_advantage_zero_policy_gradient(tiny):
         model, tok, ["hello", "The quick brown fox"], GenerationConfig(max_new_tokens=5)
     )
     ac = ActorCritic(model, ValueHead(hidden_size(model)))
-    s = score_rollout(ac, None, roll, temperature=1.0, n_micro=1)
+    s = score_rollout(ac, None, roll, temperature=1.0, n_micro=1, forward=ac)
     zeros = torch.zeros_like(roll.logp)
-    mb = drop_left_padding(
-        take(roll, torch.arange(2), old_logp=s["old_logp"], old_values=s["values"], adv=zeros,
-             returns=zeros + 1.0, loss_mask=roll.completion_mask)
-    )  # fmt: skip
+    mb = take(roll, torch.arange(2), old_logp=s.old_logp, old_values=s.values, adv=zeros,
+              returns=zeros + 1.0, loss_mask=roll.completion_mask)  # fmt: skip
 
     def grads(**kw):
         ac.zero_grad(set_to_none=True)
@@ -320,7 +318,7 @@ def test_fixed_reduction_micro_batch_1x4_equals_4x1(tiny):
     normalised by the micro-batch's width changed with the grouping of ragged rows. With the run's
     constant (max_new_tokens) four micro-batches of one row, each weighted by
     `accumulation_weight`, give the gradient of one batch of four."""
-    from posttrain.algos.ppo import drop_left_padding, minibatch_loss
+    from posttrain.algos.ppo import minibatch_loss
     from posttrain.online import accumulation_weight, take
     from posttrain.rollout import generate
 
@@ -332,11 +330,11 @@ def test_fixed_reduction_micro_batch_1x4_equals_4x1(tiny):
     roll.completion_mask = (torch.arange(6)[None] < lengths[:, None]).float()
     ac = ActorCritic(model, ValueHead(hidden_size(model)))
     torch.nn.init.normal_(ac.value_head.summary.weight, std=0.1)
-    s = score_rollout(ac, None, roll, temperature=1.0, n_micro=1)
+    s = score_rollout(ac, None, roll, temperature=1.0, n_micro=1, forward=ac)
     g = torch.Generator().manual_seed(1)
     per_row = {
-        "old_logp": s["old_logp"] - 0.1 * torch.rand(4, 6, generator=g),  # ratios != 1
-        "old_values": s["values"],
+        "old_logp": s.old_logp - 0.1 * torch.rand(4, 6, generator=g),  # ratios != 1
+        "old_values": s.values,
         "adv": torch.randn(4, 6, generator=g),
         "returns": torch.randn(4, 6, generator=g),
         "loss_mask": roll.completion_mask,
@@ -345,7 +343,7 @@ def test_fixed_reduction_micro_batch_1x4_equals_4x1(tiny):
     params = [p for p in ac.parameters() if p.requires_grad]
 
     def grad(rows, normaliser):
-        mb = drop_left_padding(take(roll, rows, **per_row))
+        mb = take(roll, rows, **per_row)
         loss, _ = minibatch_loss(ac, mb, cfg, 1.0, normaliser=normaliser)
         w = accumulation_weight(mb["loss_mask"], "fixed", step_rows=4, step_tokens=0)
         return torch.autograd.grad(loss * w, params, allow_unused=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.ops import completion_logps
+from posttrain.forwards import completion_logps
 from posttrain.rollout import GenerationConfig, _micro_batches, generate, generate_sequential
 
 PROMPTS = [

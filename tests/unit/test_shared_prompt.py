@@ -1,12 +1,13 @@
-"""`ops.completion_logits_shared` (each distinct prompt through the model once, its KV cache
-indexed back to the rows) against the plain per-row pass `ops.completion_logits`."""
+"""`forwards.completion_logits_shared` (each distinct prompt through the model once, its KV cache
+indexed back to the rows) against the plain per-row pass `forwards.completion_logits`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from posttrain.ops import completion_logits, completion_logits_shared, selective_log_softmax
+from posttrain.forwards import completion_logits, completion_logits_shared
+from posttrain.ops import selective_log_softmax
 
 
 def _batch(tok):
@@ -101,7 +102,8 @@ def test_dpo_pair_logps_run_each_prompt_once_with_the_same_result(tiny):
     """dpo.pair_logps (chosen and rejected share the prompt's forward) equals the per-row sum of
     completion log-probs, values and gradients."""
     from posttrain.algos.dpo import pair_logps
-    from posttrain.ops import completion_logps, masked_sum
+    from posttrain.forwards import completion_logps
+    from posttrain.ops import masked_sum
     from posttrain.preferences import collate_pairs
 
     model, tok = tiny
@@ -194,7 +196,7 @@ def test_common_system_prompt_runs_once_with_the_plain_numbers(tiny, n):
     """Distinct prompts (n = 1) or groups of samples (n = 2) that share a long start: the start
     runs once for all rows; log-probs, gradients and the value head's hidden states match the
     plain per-row pass."""
-    from posttrain.ops import MIN_SHARED_PREFIX, common_prefix, shared_prompt_forward
+    from posttrain.forwards import MIN_SHARED_PREFIX, common_prefix, shared_prompt_forward
 
     model, tok = tiny
     ids, mask, groups, T = _prefixed_batch(tok, n)

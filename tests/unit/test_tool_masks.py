@@ -14,9 +14,11 @@ import torch
 
 from posttrain.advantages import gae
 from posttrain.algos.grpo import clipped_policy_loss
-from posttrain.algos.ppo import per_token_rewards, policy_loss, value_loss
+from posttrain.algos.ppo import per_token_rewards, value_loss
 from posttrain.algos.reinforce import reinforce_loss
-from posttrain.online import rollout_metrics, sample_records, score_rollout, take
+from posttrain.online import Scores, score_rollout, take
+from posttrain.online_run import rollout_metrics, sample_records
+from posttrain.ops import clipped_surrogate
 from posttrain.rollout import GenerationConfig, Rollout, generate
 from posttrain.tools import ToolCall
 
@@ -119,7 +121,7 @@ def test_ppo_rewards_gae_and_losses_skip_tool_tokens_hand_computed():
     torch.testing.assert_close(r4[:, [0, 3]], r2)
 
     old = torch.tensor([[-1.0, -9.0, -9.0, -4.0]])
-    pg, m = policy_loss(LOGP, old, torch.tensor([[1.0, 5.0, 5.0, -2.0]]), mask, cliprange=0.2)
+    pg, m = clipped_surrogate(LOGP, old, torch.tensor([[1.0, 5.0, 5.0, -2.0]]), mask, clip_eps=0.2)
     assert float(pg) == pytest.approx(0.5) and float(m["ratio"]) == pytest.approx(1.0)
     returns = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
     vf, _ = value_loss(values, values, returns, mask, cliprange_value=0.2)
@@ -141,7 +143,7 @@ def test_rollout_metrics_and_samples_count_policy_tokens_and_record_calls():
     roll = _rollout([[1, 1, 1, 1], [1, 1, 0, 0]], [[0, 1, 1, 0], [0, 0, 0, 0]])
     old = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0, 0.0, 0.0]])
     ref = torch.tensor([[-1.5, 0.0, 0.0, -3.0], [-2.0, -1.0, 0.0, 0.0]])
-    scores = {"old_logp": old, "ref_logp": ref, "entropy": torch.ones(2, 4), "kl_exact": None}
+    scores = Scores(old_logp=old, ref_logp=ref, entropy=torch.ones(2, 4))
     out = SimpleNamespace(
         valid=torch.tensor([True, True]), total=torch.tensor([1.0, 0.0]), raw_total=None,
         components={},
@@ -173,9 +175,8 @@ def test_scoring_pass_gives_tool_tokens_nothing(tiny):
     """online.score_rollout and ppo.score_rollout: old_logp, ref_logp, entropy, the exact KL and
     the values are 0 on tool tokens; the other tokens match a forward that attends to the tool
     tokens (the completion mask)."""
-    from posttrain.algos.ppo import score_rollout as ppo_score
+    from posttrain.forwards import completion_logps
     from posttrain.online import build_reference
-    from posttrain.ops import completion_logps
     from posttrain.value_head import ActorCritic, ValueHead, hidden_size
 
     model, tok = tiny
@@ -191,14 +192,15 @@ def test_scoring_pass_gives_tool_tokens_nothing(tiny):
     )
     pm = roll.policy_mask
     for k in ("old_logp", "ref_logp", "entropy", "kl_exact"):
-        assert s[k][0, 2:4].abs().sum() == 0, k
-    torch.testing.assert_close(s["old_logp"], full * pm, atol=1e-5, rtol=0)
-    assert s["old_logp"][0, 4] != 0  # after the tool's tokens: scored, with them in context
+        assert getattr(s, k)[0, 2:4].abs().sum() == 0, k
+    torch.testing.assert_close(s.old_logp, full * pm, atol=1e-5, rtol=0)
+    assert s.old_logp[0, 4] != 0  # after the tool's tokens: scored, with them in context
     head = ValueHead(hidden_size(model))
     torch.nn.init.normal_(head.summary.weight)
-    p = ppo_score(ActorCritic(model, head), None, roll, temperature=1.0, n_micro=1)
-    assert p["values"][0, 2:4].abs().sum() == 0 and p["old_logp"][0, 2:4].abs().sum() == 0
-    torch.testing.assert_close(p["old_logp"], full * pm, atol=1e-5, rtol=0)
+    ac = ActorCritic(model, head)
+    p = score_rollout(ac, None, roll, temperature=1.0, n_micro=1, forward=ac)
+    assert p.values[0, 2:4].abs().sum() == 0 and p.old_logp[0, 2:4].abs().sum() == 0
+    torch.testing.assert_close(p.old_logp, full * pm, atol=1e-5, rtol=0)
 
 
 def test_scoring_pass_runs_with_dropout_off(tiny):
@@ -206,8 +208,8 @@ def test_scoring_pass_runs_with_dropout_off(tiny):
     LoRA dropout: old_logp then differs from the policy's log-probs and the first ratio from 1.
     The scoring pass runs in eval mode and leaves the model's mode as it found it."""
     from posttrain.config import LoraConfig
+    from posttrain.forwards import completion_logps
     from posttrain.models import apply_lora
-    from posttrain.ops import completion_logps
 
     model, tok = tiny
     model = apply_lora(model, LoraConfig(enabled=True, r=4, dropout=0.5))
@@ -225,5 +227,5 @@ def test_scoring_pass_runs_with_dropout_off(tiny):
     model.eval()
     with torch.no_grad():
         want = completion_logps(model, roll.input_ids, roll.attention_mask, 5)
-    torch.testing.assert_close(s["old_logp"], want * roll.completion_mask, atol=1e-5, rtol=0)
-    torch.testing.assert_close(s["old_logp"], roll.logp, atol=1e-4, rtol=0)
+    torch.testing.assert_close(s.old_logp, want * roll.completion_mask, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.old_logp, roll.logp, atol=1e-4, rtol=0)

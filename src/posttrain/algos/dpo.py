@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
-from posttrain.ops import completion_logits_shared, masked_sum, selective_log_softmax
+from posttrain.forwards import completion_logits_shared
+from posttrain.ops import masked_sum, selective_log_softmax
 from posttrain.preferences import (
     BuildConfig,
     PairBatch,

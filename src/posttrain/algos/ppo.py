@@ -36,26 +36,34 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
-from posttrain.online import GenOverrides, Reference, micro_batches, take
+from posttrain.advantages import gae
+from posttrain.config import ConfigError, OptimConfig, check
+from posttrain.online import score_rollout, take, whiten_over_processes
+from posttrain.online_run import OnlineConfig, OnlineRun, rollout_metrics, sample_records
 from posttrain.ops import (
+    KL_ESTIMATORS,
     Reduction,
     aggregate_loss,
+    clipped_surrogate,
     entropy_from_logits,
-    exact_kl,
+    explained_variance,
     masked_mean,
-    masked_var,
     selective_log_softmax,
 )
-from posttrain.rewards import RewardConfig
-from posttrain.rollout import Rollout
 from posttrain.tasks.base import TaskConfig
-from posttrain.tools import ToolConfig
-from posttrain.train import uses_run_settings
+from posttrain.train import load_policy, uses_run_settings
+from posttrain.value_head import (
+    ActorCritic,
+    ValueHead,
+    hidden_size,
+    load_value_head,
+    prepare_critic,
+    save_value_head,
+)
 
 
 def _ppo_task() -> TaskConfig:
@@ -79,13 +87,7 @@ class KLConfig:
 
 
 @dataclass
-class Config:
-    ALIASES: ClassVar[dict[str, str]] = {
-        "model": "model.name",
-        "adapter": "model.adapter",
-        "resume": "run.resume",
-        "tool": "tools.names",
-    }
+class Config(OnlineConfig):
     steps: int = check(50, ">= 1")
     """PPO steps: one rollout batch, then ppo_epochs of updates on it"""
     batch_size: int = check(8, ">= 1")
@@ -124,19 +126,9 @@ class Config:
     """rows per no-grad forward pass when scoring the rollout (bounds memory)"""
     eval_limit: int = check(16, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
-    eval_every: int = check(0, ">= 0")
-    """also evaluate every this many steps (0: start and end only)"""
-    n_samples: int = check(8, ">= 0")
-    """rollout rows written to samples.jsonl every run.sample_every steps"""
     kl: KLConfig = field(default_factory=KLConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.41e-5))
-    run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=_ppo_task)
-    gen: GenOverrides = field(default_factory=GenOverrides)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    tools: ToolConfig = field(default_factory=ToolConfig)
 
     def validate(self) -> None:
         rows = self.batch_size * self.samples_per_prompt
@@ -154,37 +146,6 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Losses (pure)
-
-
-def policy_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    cliprange: float,
-    reduction: Reduction = "token_mean",
-    normaliser: float | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, as a loss to minimise. All inputs (B, T); normaliser: the
-    constant of the `fixed` reduction (`ops.aggregate_loss`).
-
-    ratio = exp(logp - old_logp)
-    loss_t = max(-adv * ratio, -adv * clip(ratio, 1 - eps, 1 + eps))
-    Metrics: clipfrac (share of tokens where the clipped term is the larger one, so its gradient
-    is zero), approx_kl (k3 estimate of KL(old || new): mean of (ratio - 1) - log ratio).
-    """
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, reduction, normaliser)
-    metrics = {
-        "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-        "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
-        "ratio": masked_mean(ratio, mask),
-    }
-    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def value_loss(
@@ -233,14 +194,6 @@ def per_token_rewards(
     last = (T - 1 - (mask.flip(1) > 0).long().argmax(1)).clamp(min=0)  # (B,) last masked index
     has_tokens = (mask.sum(1) > 0).to(rewards.dtype)
     return rewards.scatter_add(1, last[:, None], (scores * has_tokens)[:, None])
-
-
-def explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """1 - Var(returns - values) / Var(returns) over masked tokens: 1 is a perfect critic, 0 is
-    no better than predicting the mean, below 0 is worse."""
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,61 +247,6 @@ def kl_controller(cfg: KLConfig) -> AdaptiveKLController | FixedKLController:
 # Helpers for main
 
 
-def drop_left_padding(mb: dict[str, Any]) -> dict[str, Any]:
-    """A micro-batch from `online.take` without the prompt columns that are padding in all of its
-    rows (prompts are left-padded to the longest of the whole rollout). Positions come from the
-    attention mask, so log-probs and values do not change; the forward pass gets shorter."""
-    first = int(mb["attention_mask"].any(0).long().argmax())
-    return mb | {k: mb[k][:, first:] for k in ("input_ids", "attention_mask")}
-
-
-@torch.no_grad()
-def score_rollout(
-    ac: Any,
-    ref: Reference | None,
-    roll: Rollout,
-    *,
-    temperature: float,
-    n_micro: int,
-    policy: bool = True,
-) -> dict[str, torch.Tensor | None]:
-    """Before any update: old_logp, values, entropy and (with a reference) ref_logp and the exact
-    KL over the vocabulary, all (B, T), zero on padding. `online.score_rollout` plus the values.
-
-    policy=False: the reference pass only; old_logp is the sampler's (`rollout.logp`, the same
-    quantity) and values, entropy and the exact KL are None (the caller's training forward gives
-    values and entropy, when one forward serves the whole update)."""
-    B, T = roll.completion_mask.shape
-    keys = ("old_logp", "values", "entropy", "kl_exact") if policy else ()
-    keys += ("ref_logp",) if ref is not None else ()
-    out: dict[str, torch.Tensor | None] = {
-        k: torch.zeros(B, T, device=roll.completion_mask.device) for k in keys
-    }
-    for rows in micro_batches(B, n_micro):
-        mb = drop_left_padding(take(roll, rows))
-        t, m = mb["T"], mb["mask"]
-        ids = mb["input_ids"][:, -t:]
-        # a prompt (and the start all prompts share) runs once through each model
-        groups = roll.prompt_index[rows.to(roll.prompt_index.device)]
-        if policy:
-            logits, values = ac(mb["input_ids"], mb["attention_mask"], t, temperature, groups)
-            out["old_logp"][rows, :t] = selective_log_softmax(logits, ids) * m
-            out["values"][rows, :t] = values.float() * m
-            out["entropy"][rows, :t] = entropy_from_logits(logits) * m
-        if ref is not None:
-            ref_logits = ref.logits(mb["input_ids"], mb["attention_mask"], t, temperature, groups)
-            out["ref_logp"][rows, :t] = selective_log_softmax(ref_logits, ids) * m
-            if policy:
-                out["kl_exact"][rows, :t] = exact_kl(logits, ref_logits) * m
-    if not policy:
-        out["old_logp"] = roll.logp * roll.policy_mask
-    for k in ("values", "entropy", "ref_logp", "kl_exact"):
-        out.setdefault(k, None)
-    if ref is None:
-        out["kl_exact"] = None
-    return out
-
-
 def minibatch_loss(
     ac: Any,
     mb: dict[str, Any],
@@ -372,7 +270,7 @@ def minibatch_loss(
     old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]
     old_values = values.detach() if mb["old_values"] is None else mb["old_values"]
     m, red = mb["loss_mask"], {"reduction": cfg.loss_reduction, "normaliser": normaliser}
-    pg, pg_m = policy_loss(logp, old_logp, mb["adv"], m, cliprange=cfg.cliprange, **red)
+    pg, pg_m = clipped_surrogate(logp, old_logp, mb["adv"], m, clip_eps=cfg.cliprange, **red)
     vf, vf_m = value_loss(values, old_values, mb["returns"], m, cliprange_value=cfg.cliprange_value, **red)  # fmt: skip
     # without an entropy bonus the entropy is only logged: keep it out of the backward graph
     ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())
@@ -383,73 +281,15 @@ def minibatch_loss(
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
-def save_final(
-    run: Any, cfg: Config, gen: Any, policy: Any, head: Any, tok: Any, critic: Any = None
-) -> None:
-    """run/final/: the policy (adapter or full weights), tokenizer, value_head.safetensors,
-    posttrain.json (task, prompt format, tools) and, with a separate critic, critic/."""
-    from posttrain.runs import write_online_format
-    from posttrain.value_head import save_value_head
-
-    if not run.is_main:
-        return
-    out = run.path / "final"
-    policy.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    save_value_head(head, out)
-    if critic is not None:
-        critic.save_pretrained(str(out / "critic"))
-    write_online_format(run, cfg, gen)
-
-
 # ---------------------------------------------------------------------------------------------
 # Training loop
 
 
 @uses_run_settings
 def main(cfg: Config) -> int:
-    from posttrain.advantages import gae
-    from posttrain.online import (
-        PromptStream,
-        accumulation_weight,
-        build_reference,
-        end_of_step,
-        evaluate_policy,
-        reduce_mean,
-        resolve_generation,
-        rollout_batch,
-        rollout_metrics,
-        sample_records,
-        step_tokens,
-        whiten_over_processes,
-    )
-    from posttrain.ops import kl_k1, kl_k3
-    from posttrain.rewards import build_reward
-    from posttrain.rollout import generate
-    from posttrain.tasks import load_task
-    from posttrain.tools import Toolbox
-    from posttrain.train import (
-        StopOnInterrupt,
-        build_optimizer,
-        build_scheduler,
-        clip_and_step,
-        load_policy,
-        start,
-    )
-    from posttrain.value_head import (
-        ActorCritic,
-        ValueHead,
-        hidden_size,
-        load_value_head,
-        prepare_critic,
-    )
-
-    acc, run = start(cfg, "ppo")
-    task = load_task(cfg.task)
-    gen = resolve_generation(task.generation(), cfg.gen, n=cfg.samples_per_prompt)
-    normaliser = cfg.fixed_normaliser or gen.max_new_tokens  # `fixed`: a constant (issue #16)
-    toolbox = Toolbox.from_config(cfg.tools)  # None without tools.names
-    policy, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
+    o = OnlineRun(cfg, "ppo", n=cfg.samples_per_prompt, ref=cfg.kl.ref, kl_coef=cfg.kl.coef)
+    acc, policy = o.acc, o.policy
+    normaliser = cfg.fixed_normaliser or o.gen.max_new_tokens  # `fixed`: a constant (issue #16)
     critic = None
     if cfg.critic == "separate":
         critic = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)[0]
@@ -457,152 +297,93 @@ def main(cfg: Config) -> int:
     head = load_value_head(cfg.value_head) if cfg.value_head else ValueHead(hidden_size(policy))
     ac = ActorCritic(policy, head.to(acc.device), critic)
     ac.eval()  # dropout off: the ratio on a freshly sampled batch is exactly 1
-    # before resume: the initial weights
-    ref = build_reference(cfg.kl.ref, policy, cfg.kl.coef, adapter=cfg.model.adapter)
-    reward_fn = build_reward(cfg.reward, task, acc.device)
-    prompts = PromptStream(task.rows("train"), cfg.run.seed, acc.process_index, acc.num_processes)
-    eval_rows = task.rows("validation")[: cfg.eval_limit] if cfg.eval_limit else []
     B = cfg.batch_size * cfg.samples_per_prompt  # rollout rows per step (per process)
-    opt = build_optimizer(ac, cfg.optim)
     updates_per_step = cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size)  # optimizer steps
     # one update from one forward per rollout: that forward's values give the advantages and its
     # logits the loss (no scoring forward of the policy; ratio 1 and value clip inactive exactly)
     single = updates_per_step == 1 and cfg.optim.grad_accum == 1
-    sched = build_scheduler(opt, cfg.optim, cfg.steps * updates_per_step)
     kl_ctl = kl_controller(cfg.kl)
-    kl_fn = kl_k1 if cfg.kl.estimator == "k1" else kl_k3
     modules = {"policy": policy, "value_head": head} | ({"critic": critic} if critic else {})
-    first = 1
-    if cfg.run.resume:
-        state = run.load_checkpoint(modules, opt, sched)
-        prompts.load_state_dict(state["prompts"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        reward_fn.load_state_dict(state["reward"])
-        first = state["step"] + 1
-    ac, opt = acc.prepare(ac, opt)
-
-    def evaluate(step: int) -> None:
-        with acc.autocast():  # accelerate's mixed precision, as in training
-            metrics, samples = evaluate_policy(
-                policy, tok, task, reward_fn, eval_rows, gen, toolbox
-            )
-        rec = run.log(step, reduce_mean(acc, metrics))
-        run.eval_record(step, rec, samples)  # eval_before.json / eval_after.json for the report
-        run.samples(step, samples)
-
-    def save(step: int) -> None:
-        state = {
-            "prompts": prompts.state_dict(),
-            "kl_ctl": kl_ctl.state_dict(),
-            "reward": reward_fn.state_dict(),
+    ac = o.prepare(ac, modules, updates_per_step, kl_ctl=kl_ctl)
+    for step in o.steps():
+        # 1. rollout and the task reward
+        roll, out, t_gen = o.sample(cfg.batch_size)
+        t2 = time.perf_counter()
+        # 2. per-token rewards: the score at the last token, -beta * KL at every token
+        n_fwd = math.ceil(B / cfg.forward_batch_size)
+        s = score_rollout(
+            ac, o.ref, roll, temperature=o.gen.temperature, n_micro=n_fwd, policy=not single,
+            forward=ac,
+        )  # fmt: skip
+        outputs = None
+        if single:  # the training forward, before the advantages that its values give
+            whole = take(roll, torch.arange(B))
+            groups = roll.prompt_index  # each prompt (and their common start) run once
+            outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], o.gen.temperature, groups)  # fmt: skip
+            t, m_ = whole["T"], whole["mask"]
+            s.values = torch.zeros_like(roll.completion_mask)
+            s.values[:, :t] = outputs[1].detach().float() * m_
+            s.entropy = torch.zeros_like(roll.completion_mask)
+            s.entropy[:, :t] = entropy_from_logits(outputs[0].detach()) * m_
+        valid = out.valid.to(acc.device)
+        # (B, T) the sampled tokens (tool results left out), skipped rows left out
+        mask = roll.policy_mask.float() * valid[:, None]
+        scores = out.total.to(mask)  # (B,)
+        if cfg.whiten_rewards:
+            scores = whiten_over_processes(acc, scores, valid.float())
+        kl = torch.zeros_like(mask)
+        if o.ref is not None:
+            kl = KL_ESTIMATORS[cfg.kl.estimator](s.old_logp, s.ref_logp) * mask
+        rewards = per_token_rewards(scores, kl, mask, beta=kl_ctl.value)  # (B, T)
+        # 3. advantages and returns
+        adv, returns = gae(rewards, s.values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        if cfg.whiten_advantages:  # over every process's tokens, as on one process
+            adv = whiten_over_processes(acc, adv, mask)
+        t3 = time.perf_counter()
+        # 4. PPO epochs over shuffled mini-batches, each one optimizer step
+        old = {"old_logp": None, "old_values": None} if single else {
+            "old_logp": s.old_logp, "old_values": s.values}  # fmt: skip
+        loss_fn = functools.partial(
+            _micro_loss, ac, roll, old=old, adv=adv, returns=returns, mask=mask, cfg=cfg,
+            temperature=o.gen.temperature, outputs=outputs, normaliser=normaliser,
+        )  # fmt: skip
+        totals = o.update(
+            ac, loss_fn, mask, epochs=cfg.ppo_epochs,
+            minibatches=lambda order: list(order.split(cfg.mini_batch_size)),
+            reduction=cfg.loss_reduction, shuffle=not single,
+        )  # fmt: skip
+        t4 = time.perf_counter()
+        # 5. KL controller, one flat record
+        beta = kl_ctl.value
+        seq_kl = float(acc.reduce(kl.sum(1).mean(), "mean"))  # nats per completion
+        kl_ctl.update(seq_kl, B * acc.num_processes)
+        rec = {
+            **rollout_metrics(roll, out, s, o.reward_fn),
+            **totals,
+            "value/explained_variance": float(explained_variance(s.values, returns, mask)),
+            "value/mean": float(masked_mean(s.values, mask)),
+            "returns/mean": float(masked_mean(returns, mask)),
+            "kl_coef": beta,
+            "time/generate": t_gen,
+            "time/forward": t3 - t2,
+            "time/train": t4 - t3,
         }
-        run.save_checkpoint(step, modules, opt, sched, state)
+        o.end_step(step, rec, sample_records(roll, out, adv[:, 0], cfg.n_samples))
 
-    if eval_rows and first == 1:
-        evaluate(0)
-    step = first - 1
-    # every forward (sampler, reference, policy) under accelerate's mixed precision, as the
-    # prepared policy's own: a frozen reference would otherwise run in fp32 (issue #16)
-    with StopOnInterrupt() as stop, acc.autocast():
-        for step in range(first, cfg.steps + 1):
-            # 1. rollout and the task reward
-            t0 = time.perf_counter()
-            rows, seeds = prompts.draw(cfg.batch_size)  # seeds: one per prompt (PromptStream)
-            roll = generate(
-                policy, tok, [r["prompt"] for r in rows], gen, seeds=seeds, tools=toolbox
-            )
-            t1 = time.perf_counter()
-            out = reward_fn(roll.prompts, roll.completions, rollout_batch(rows, roll))
-            t2 = time.perf_counter()
+    def save_extra(folder: Any) -> None:  # the value head (and the separate critic)
+        save_value_head(head, folder)
+        if critic is not None:
+            critic.save_pretrained(str(folder / "critic"))
 
-            # 2. per-token rewards: the score at the last token, -beta * KL at every token
-            n_fwd = math.ceil(B / cfg.forward_batch_size)
-            s = score_rollout(
-                ac, ref, roll, temperature=gen.temperature, n_micro=n_fwd, policy=not single
-            )
-            if single:  # the training forward, before the advantages that its values give
-                whole = drop_left_padding(take(roll, torch.arange(B)))
-                groups = roll.prompt_index  # each prompt (and their common start) run once
-                outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], gen.temperature, groups)  # fmt: skip
-                t, m_ = whole["T"], whole["mask"]
-                s["values"] = torch.zeros_like(roll.completion_mask)
-                s["values"][:, :t] = outputs[1].detach().float() * m_
-                s["entropy"] = torch.zeros_like(roll.completion_mask)
-                s["entropy"][:, :t] = entropy_from_logits(outputs[0].detach()) * m_
-            valid = out.valid.to(acc.device)
-            # (B, T) the sampled tokens (tool results left out), skipped rows left out
-            mask = roll.policy_mask.float() * valid[:, None]
-            scores = out.total.to(mask)  # (B,)
-            if cfg.whiten_rewards:
-                scores = whiten_over_processes(acc, scores, valid.float())
-            kl = (
-                torch.zeros_like(mask)
-                if ref is None
-                else kl_fn(s["old_logp"], s["ref_logp"]) * mask
-            )
-            rewards = per_token_rewards(scores, kl, mask, beta=kl_ctl.value)  # (B, T)
+    return o.finish(save_extra)
 
-            # 3. advantages and returns
-            adv, returns = gae(rewards, s["values"], mask, gamma=cfg.gamma, lam=cfg.lam)
-            if cfg.whiten_advantages:  # over every process's tokens, as on one process
-                adv = whiten_over_processes(acc, adv, mask)
-            t3 = time.perf_counter()
 
-            # 4. PPO epochs over shuffled mini-batches, each one optimizer step
-            stats: dict[str, torch.Tensor] = {}
-            grad_norms = []
-            for _ in range(cfg.ppo_epochs):
-                order = torch.arange(B) if single else torch.randperm(B)
-                for mb_rows in order.split(cfg.mini_batch_size):
-                    mb_tokens = step_tokens(acc, mask[mb_rows.to(mask.device)])
-                    for idx in micro_batches(len(mb_rows), cfg.optim.grad_accum, mb_rows):
-                        old = {"old_logp": None, "old_values": None} if single else {
-                            "old_logp": s["old_logp"], "old_values": s["values"]}  # fmt: skip
-                        mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask,
-                                  groups=roll.prompt_index)  # fmt: skip
-                        mb = drop_left_padding(mb)
-                        loss, m = minibatch_loss(
-                            ac, mb, cfg, gen.temperature, outputs if single else None,
-                            normaliser=normaliser,
-                        )  # fmt: skip
-                        w = accumulation_weight(
-                            mb["loss_mask"], cfg.loss_reduction,
-                            step_rows=len(mb_rows), step_tokens=mb_tokens,
-                        )  # fmt: skip
-                        acc.backward(loss * w)
-                        for k, v in m.items():  # weighted: each optimizer step's sum is its mean
-                            stats[k] = stats.get(k, 0.0) + v * w
-                    grad_norms.append(clip_and_step(acc, ac, opt, sched, cfg.optim.max_grad_norm))
-            t4 = time.perf_counter()
-
-            # 5. KL controller, one flat record, samples, evaluation, checkpoint
-            beta = kl_ctl.value
-            seq_kl = float(acc.reduce(kl.sum(1).mean(), "mean"))  # nats per completion
-            kl_ctl.update(seq_kl, B * acc.num_processes)
-            rec = {
-                **rollout_metrics(roll, out, s, reward_fn),
-                **{k: float(v) / updates_per_step for k, v in stats.items()},
-                "value/explained_variance": float(explained_variance(s["values"], returns, mask)),
-                "value/mean": float(masked_mean(s["values"], mask)),
-                "returns/mean": float(masked_mean(returns, mask)),
-                "kl_coef": beta,
-                "grad_norm": sum(grad_norms) / len(grad_norms),
-                "lr": sched.get_last_lr()[0],
-                "epoch": prompts.epoch,
-                "time/generate": t1 - t0,
-                "time/score": t2 - t1,
-                "time/forward": t3 - t2,
-                "time/train": t4 - t3,
-            }
-            samples = functools.partial(sample_records, roll, out, adv[:, 0], cfg.n_samples)
-            evaluate_now = evaluate if eval_rows else None
-            if end_of_step(
-                step, cfg, acc=acc, run=run, rec=rec, samples=samples,
-                evaluate=evaluate_now, save=save, stop=stop,
-            ):  # fmt: skip
-                return 130
-    if eval_rows:
-        evaluate(step)
-    save_final(run, cfg, gen, policy, head, tok, critic)
-    run.close()
-    return 0
+def _micro_loss(
+    ac: Any, roll: Any, idx: torch.Tensor, *, old: dict[str, Any], adv: torch.Tensor,
+    returns: torch.Tensor, mask: torch.Tensor, cfg: Config, temperature: float,
+    outputs: Any, normaliser: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
+    """`minibatch_loss` on some rollout rows (each prompt once) -> (loss, metrics, loss mask)."""
+    mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask, groups=roll.prompt_index)
+    loss, m = minibatch_loss(ac, mb, cfg, temperature, outputs, normaliser=normaliser)
+    return loss, m, mb["loss_mask"]
