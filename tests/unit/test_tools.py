@@ -218,3 +218,35 @@ def test_long_results_are_cut(tmp_path, chain):
     inserted = roll.tool_mask[0].bool()  # one call: <calc>7*3</calc> (5 tokens), then its result
     assert 0 < int(inserted.sum()) <= 5
     assert tok.decode(roll.completion_ids[0][inserted][:5].tolist()).startswith(" = ")
+
+
+def test_json_call_format_finds_runs_and_marks_results():
+    """The chat templates' style: <tool_call>{"name", "arguments"}</tool_call>, the result in
+    <tool_response> tags; schemas come from the type hints and docstring."""
+    box = toolbox(format="json")
+    text = 'Let me compute. <tool_call>{"name": "calc", "arguments": {"expression": "2.5 * 4"}}</tool_call>'
+    name, args, end = box.find_call(text)
+    assert end == len(text)
+    call = box.run(name, args)
+    assert (call.tool, call.result, call.error) == ("calc", "10", False)
+    full = text + box.format_result(call.result) + "So <answer>10</answer>"
+    ((start, stop),) = box.result_spans(full)
+    assert full[start:stop] == "\n<tool_response>\n10\n</tool_response>\n"
+    (found,) = calls_in(full, box)
+    assert found.result == "10" and not found.error
+    bad = box.run("", '{"name": "calc"')  # not JSON: an error text
+    assert bad.error and "a call is" in bad.result
+    (schema,) = box.schemas()
+    assert schema["function"]["name"] == "calc"
+    assert "expression" in schema["function"]["parameters"]["properties"]
+
+
+def test_unknown_tool_specs_are_one_line_errors():
+    from posttrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="use calculator, module:function"):
+        toolbox(names=["abacus"])
+    with pytest.raises(ConfigError, match="tool 'no_such_module:f': cannot import"):
+        toolbox(names=["no_such_module:f"])
+    with pytest.raises(ConfigError, match="tools.max_calls must be >= 1"):
+        toolbox(max_calls=0)
