@@ -1,4 +1,5 @@
-"""Data: reading tables through `datasets`, chat formatting, prompt masking, collators.
+"""Data: reading tables through `datasets`, chat formatting, prompt masking, collators, and the
+supervised tables of sft, distill and rft (`DataConfig`, `load_rows`, `encode_rows`).
 
 `load_table` reads a hub dataset name, or a local CSV, JSON, JSONL, Parquet or pandas-pickle file
 (or a directory saved with `save_to_disk`), through `datasets.load_dataset`.
@@ -6,10 +7,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from posttrain.config import ConfigError
+from posttrain.config import ConfigError, check
 
 if TYPE_CHECKING:
     from posttrain.tools import Toolbox
@@ -257,3 +259,158 @@ def format_number(x: Any) -> str:
     return np.format_float_positional(
         float(x), precision=6, unique=False, fractional=False, trim="-"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised tables: rows -> encoded examples (sft, distill, rft)
+
+
+@dataclass
+class DataConfig:
+    source: str | None = None
+    """a .csv/.json/.jsonl/.parquet/.pkl file or hub dataset; unset: the rows of the [task]"""
+    subset: str | None = None
+    """hub dataset config name"""
+    split: str = "train"
+    """split to train on"""
+    validation_split: str | None = None
+    """split for the eval loss; unset: hold out validation_size rows of the train split"""
+    validation_size: float = check(0.05, ">= 0")
+    """rows held out for the eval loss when there is no validation split (< 1: a fraction)"""
+    format: Literal["auto", "prompt_completion", "messages", "text", "template"] = "auto"
+    """how rows become text; auto: messages, else prompt+completion, else text, else template"""
+    prompt_column: str = "prompt"
+    """column holding the prompt (prompt_completion format)"""
+    completion_column: str = "completion"
+    """column holding the completion (prompt_completion format)"""
+    messages_column: str = "messages"
+    """column holding a list of {role, content} messages (messages format, chat template)"""
+    text_column: str = "text"
+    """column holding plain text (text format: every token is trained)"""
+    prompt_template: str = "{question} "
+    """template format: the prompt, with {field} filled from the row (numbers shortened); the
+    default is prompting's `direct` prompt, so `posttrain eval --strategy direct` matches it"""
+    completion_template: str = "<answer>{answer}</answer>"
+    """template format: the completion; EOS is appended"""
+    max_length: int = check(256, ">= 1")
+    """examples longer than this many tokens are cut at the end"""
+    limit: int = check(0, ">= 0")
+    """use only the first N training rows (0: all)"""
+
+
+def _values(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: format_number(v) if isinstance(v, int | float) else v for k, v in row.items()}
+
+
+def with_question(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with a `question`: its text `prompt` when it has none (sentiment's review openings),
+    so that question templates work on every task."""
+    if "question" in row or not isinstance(row.get("prompt"), str):
+        return row
+    return {**row, "question": row["prompt"]}
+
+
+def fill(template: str, row: dict[str, Any]) -> str:
+    try:
+        return template.format(**_values(row))
+    except KeyError as e:
+        raise ConfigError(
+            f"template {template!r} names the field {e}, which the rows do not have; "
+            f"their fields are {', '.join(row)}"
+        ) from None
+
+
+def pick_format(cfg: DataConfig, columns: list[str]) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.messages_column in columns:
+        return "messages"
+    if cfg.prompt_column in columns and cfg.completion_column in columns:
+        return "prompt_completion"
+    if cfg.text_column in columns:
+        return "text"
+    return "template"
+
+
+def encode_rows(
+    rows: list[dict[str, Any]], tok: Any, cfg: DataConfig, fmt: str, tools: Toolbox | None = None
+) -> list[dict[str, Any]]:
+    """Rows -> encoded examples ({input_ids, labels}); rows left with no label token are dropped.
+    With `tools`, the tool results in completions get label -100."""
+    out = []
+    for i, row in enumerate(rows):
+        if fmt == "messages":
+            ex = encode_messages(
+                tok, row[cfg.messages_column], max_length=cfg.max_length, tools=tools
+            )
+        elif fmt == "prompt_completion":
+            p, c = row[cfg.prompt_column], row[cfg.completion_column]
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise ConfigError(f"row {i}: prompt and completion must be text, got {p!r}, {c!r}")
+            ex = encode_prompt_completion(tok, p, c, max_length=cfg.max_length, tools=tools)
+        elif fmt == "text":
+            ex = encode_text(tok, str(row[cfg.text_column]), max_length=cfg.max_length, tools=tools)
+        else:
+            ex = encode_prompt_completion(
+                tok,
+                fill(cfg.prompt_template, row),
+                fill(cfg.completion_template, row),
+                max_length=cfg.max_length,
+                tools=tools,
+            )
+        if any(x != IGNORE_INDEX for x in ex["labels"][1:]):
+            out.append(ex)
+    if rows and not out:
+        raise ConfigError(
+            f"every example lost its completion to truncation at data.max_length={cfg.max_length}; "
+            "raise data.max_length"
+        )
+    return out
+
+
+def _required(cfg: DataConfig, fmt: str) -> list[str]:
+    return {
+        "messages": [cfg.messages_column],
+        "prompt_completion": [cfg.prompt_column, cfg.completion_column],
+        "text": [cfg.text_column],
+    }.get(fmt, [])
+
+
+def load_rows(cfg: Any) -> tuple[list[dict], list[dict], str]:
+    """(train rows, validation rows, format) from cfg.data's source or the rows of cfg.task;
+    without a validation split, a seeded (cfg.run.seed) share of the train rows is held out."""
+    import torch
+
+    d = cfg.data
+    if d.source is None:
+        from posttrain.tasks import load_task
+
+        task = load_task(cfg.task)
+        train, val = task.rows("train"), task.rows("validation")
+        fmt = "template" if d.format == "auto" else d.format
+    else:
+        table = load_table(d.source, d.split, d.subset)
+        fmt = pick_format(d, table.column_names)
+        require_columns(table, _required(d, fmt), d.source)
+        train = table.to_list()
+        if d.validation_split:
+            val = load_table(d.source, d.validation_split, d.subset).to_list()
+        else:
+            n_val = (
+                int(d.validation_size * len(train))
+                if d.validation_size < 1
+                else int(d.validation_size)
+            )
+            if d.validation_size > 0 and len(train) > 1:
+                n_val = max(n_val, 1)
+            n_val = min(n_val, len(train) - 1)
+            order = torch.randperm(
+                len(train), generator=torch.Generator().manual_seed(cfg.run.seed)
+            )
+            val = [train[i] for i in order[:n_val].tolist()]
+            train = [train[i] for i in order[n_val:].tolist()]
+    if d.limit:
+        train = train[: d.limit]
+    if not train:
+        raise ConfigError("no training rows (check data.source, data.split and data.limit)")
+    return train, val, fmt

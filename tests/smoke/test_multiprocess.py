@@ -1,8 +1,8 @@
 """Two processes on a CPU (gloo) train like one process with the whole batch.
 
-One optimizer step launched with `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml`
-with 2 processes x batch 2 must give the parameters (and the logged loss and gradient norm) of
-1 process x batch 4: each process takes its own share of the step's data, the loss normaliser is
+One optimizer step (sft, dpo, reward-model, grpo, rloo) launched with `accelerate launch
+--config_file configs/accelerate/cpu_2proc.yaml` with 2 processes x batch 2 must give the
+parameters (and the logged loss and gradient norm) of 1 process x batch 4: each process takes its own share of the step's data, the loss normaliser is
 global, DDP averages the gradients. AdamW's first step is nearly scale-free (m / sqrt(v)), so
 the logged gradient norm is compared too: it catches a normaliser that is off by the process count.
 
@@ -93,6 +93,11 @@ def _args(command: str, tiny_dir: Path, tmp_path: Path, name: str, batch: int) -
         # per forward) into 4e-5 weight differences
         return ["dpo", *common, "--data.source", str(data), "--data.eval_fraction=0",
                 f"--batch_size={batch}", "--max_steps=1", "--optim.eps=1e-6"]  # fmt: skip
+    if command == "reward-model":  # the same pairs as dpo; the new scoring head is seeded
+        data = tmp_path / "rm.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in DPO_ROWS))
+        return ["reward-model", *common, "--data.source", str(data), "--data.eval_fraction=0",
+                f"--batch_size={batch}", "--max_steps=1", "--optim.eps=1e-6"]  # fmt: skip
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD_PY)
     # grpo: the token mean over the step's tokens on all processes, with the samples of some
@@ -175,7 +180,7 @@ def two_procs(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two-procs")
     commands = {
         c: _args(c, tiny_dir, tmp, f"{c}-two", batch=2)
-        for c in ("sft", "dpo", "grpo", "rloo")
+        for c in ("sft", "dpo", "reward-model", "grpo", "rloo")
         if _exists(COMMANDS[c][0])
     }
     status: dict[int, dict] = {0: {}, 1: {}}
@@ -250,7 +255,7 @@ def check_in_sync(run: Path) -> dict[str, torch.Tensor]:
     return main_w
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "grpo", "rloo"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "reward-model", "grpo", "rloo"])
 def test_two_processes_equal_one_with_the_whole_batch(command, two_procs, tiny_dir, tmp_path):
     two = ran(two_procs, command)
     assert len(list(two.parent.glob(f"{command}-two*"))) == 1, "one run directory, not one each"
@@ -266,7 +271,7 @@ def test_two_processes_equal_one_with_the_whole_batch(command, two_procs, tiny_d
         assert _skipped_per_process() == [2, 0] and r1["reward/skipped"] == 2
     # online RL's first-step loss is ~0 (on-policy ratio 1, advantages centred): float noise
     # around 1e-8 there, hence the absolute tolerance; the gradient norm carries the check
-    loss = "loss" if command in ("sft", "dpo") else "loss/total"
+    loss = "loss/total" if command in ("grpo", "rloo") else "loss"
     problems = [
         f"{key}: 1 x 4 logged {r1[key]:.6g}, 2 x 2 logged {r2[key]:.6g}"
         for key in (loss, "grad_norm")

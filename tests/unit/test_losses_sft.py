@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from posttrain.algos.distill import distill_loss
-from posttrain.algos.sft import accumulate, sft_loss, sft_step_loss
+from posttrain.algos.sft import sft_loss, sft_step_loss
 from posttrain.data import collate_sft
+from posttrain.offline import accumulate, supervised
 
 LN2, LN3 = math.log(2), math.log(3)
 
@@ -129,10 +130,11 @@ def test_accumulation_1x4_equals_4x1(tiny):
     pad = tok.pad_token_id
 
     model.zero_grad()
-    m_big = accumulate(acc, model, [collate_sft(exs, pad)], sft_step_loss)
+    objective = supervised(acc.device, pad, sft_step_loss)
+    m_big = accumulate(acc, model, [collate_sft(exs, pad)], objective)
     g_big = _grads(model)
     model.zero_grad()
-    m_small = accumulate(acc, model, [collate_sft([e], pad) for e in exs], sft_step_loss)
+    m_small = accumulate(acc, model, [collate_sft([e], pad) for e in exs], objective)
     g_small = _grads(model)
     assert m_big["loss"].item() == pytest.approx(m_small["loss"].item(), rel=1e-5)
     assert m_big["tokens"].item() == m_small["tokens"].item()

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError
+from posttrain.pair_building import build_pairs
 from posttrain.preferences import (
     PairsConfig,
-    build_pairs,
     collate_pairs,
     collate_sequences,
     load_records,
     normalize_record,
     record_problem,
     split_records,
-    step_micro_batches,
-    steps_per_epoch,
     tokenize_pairs,
 )
 from posttrain.rollout import GenerationConfig
@@ -101,7 +99,7 @@ def test_errors_name_the_record_of_the_file(tiny, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = Config()
     cfg.data.source, cfg.data.eval_fraction = str(path), 0.5
-    from posttrain.preferences import pair_records
+    from posttrain.pair_building import pair_records
 
     train, held = pair_records(cfg, tmp_path)
     bad = train if any(r["rejected"] == r["chosen"] for r in train) else held
@@ -230,18 +228,6 @@ def test_split_holds_out_whole_prompts():
     assert len(split_records(chat, 0.2, seed=0)[1]) == 1  # message lists work as prompts too
     with pytest.raises(ConfigError, match="too few to hold out"):
         split_records(recs[:3], 0.5, seed=0)  # one prompt cannot be split
-
-
-def test_data_cursor_covers_each_epoch_once():
-    """10 items, micro 2 x accum 2: 2 full steps per epoch (the last 2 items wait for the next
-    shuffle); batches are a function of the step, so a resumed run reads the same ones."""
-    assert steps_per_epoch(10, 2, 2) == 2
-    seen = [i for s in range(2) for mb in step_micro_batches(s, 10, 2, 2, seed=0) for i in mb]
-    assert len(seen) == 8 and len(set(seen)) == 8
-    assert step_micro_batches(3, 10, 2, 2, seed=0) == step_micro_batches(3, 10, 2, 2, seed=0)
-    assert step_micro_batches(0, 10, 2, 2, seed=0) != step_micro_batches(2, 10, 2, 2, seed=0)
-    with pytest.raises(ConfigError, match="fewer than one optimizer step"):
-        steps_per_epoch(3, 2, 2)
 
 
 def test_build_pairs_keeps_best_and_worst(tiny):

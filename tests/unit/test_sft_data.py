@@ -6,15 +6,20 @@ import json
 
 import pytest
 
-from posttrain.algos.sft import Config, DataConfig, encode_rows, fill, load_rows, pick_format
+from posttrain.algos.sft import Config
 from posttrain.config import ConfigError
 from posttrain.data import (
     IGNORE_INDEX,
+    DataConfig,
     collate_sft,
     encode_messages,
     encode_prompt_completion,
+    encode_rows,
     encode_text,
+    fill,
     format_number,
+    load_rows,
+    pick_format,
 )
 
 

@@ -11,7 +11,8 @@ Teacher and student must share a tokenizer: the loss compares distributions over
     posttrain distill --config configs/distill.toml
     posttrain distill --model default --teacher.name runs/rft-.../final --lora.enabled=true
 
-The training loop is `sft.fit`; only the per-batch loss differs. With `[tools]` (`--tool
+The training loop is `offline.fit` on sft's data (`data.load_rows`, `data.encode_rows`); only the
+per-batch loss differs (the held-out `eval_loss` is the student's cross-entropy, as in sft). With `[tools]` (`--tool
 calculator`), tool results in the data's completions get label -100, so neither the cross-entropy
 nor the KL term is taken there; the teacher's forward pass still reads them (they are context).
 """
@@ -24,18 +25,18 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from posttrain.algos.sft import (
-    DataConfig,
+from posttrain.algos.sft import sft_step_loss
+from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
+from posttrain.data import IGNORE_INDEX, DataConfig, encode_rows, load_rows
+from posttrain.offline import (
     TrainConfig,
-    encode_rows,
     finish,
     fit,
-    load_rows,
+    supervised,
     test_eval,
     trained_format,
+    validation,
 )
-from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
-from posttrain.data import IGNORE_INDEX
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig
 from posttrain.train import uses_run_settings
@@ -162,22 +163,20 @@ def main(cfg: Config) -> int:
             normaliser=normaliser,
         )
 
-    model, summary = fit(
-        acc,
-        run,
-        model,
-        tok,
-        train_set,
-        val_set,
-        cfg.train,
-        cfg.optim,
-        loss_fn=loss_fn,
-        resume=bool(cfg.run.resume),
-    )
-    model = acc.unwrap_model(model)
-    if summary.get("interrupted"):
+    t, pad = cfg.train, tok.pad_token_id
+    validate = validation(val_set, pad, t.eval_batch_size, acc.device, sft_step_loss)  # plain CE
+    out = fit(acc, run, model, train_set, supervised(acc.device, pad, loss_fn), cfg.optim,
+              batch_size=t.batch_size, epochs=t.epochs, max_steps=t.max_steps,
+              eval_every=t.eval_every, evaluate=validate, resume=bool(cfg.run.resume))  # fmt: skip
+    model = acc.unwrap_model(out.model)
+    if out.interrupted:
         print(f"stopped; resume with --run.resume {run.path}", flush=True)
         return 130
+    summary = {"steps": out.total, "train_examples": len(train_set)}
+    summary["train_loss"] = out.last.get("loss")
+    if validate:
+        summary.update(final := validate(model))
+        run.log(out.step, final)
     if cfg.eval_limit and cfg.data.source is None and fmt == "template":
         test_eval(run, model, tok, cfg, cfg.data.prompt_template, summary)
     trained = trained_format("distill", cfg.data, fmt, cfg.task, cfg.tools)

@@ -26,7 +26,6 @@ sampled with the tools, and the task evaluation samples with them too.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import shutil
 import time
@@ -42,16 +41,14 @@ import torch.nn.functional as F
 
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.forwards import completion_logits_shared
+from posttrain.offline import Objective, fit, share
 from posttrain.ops import masked_sum, selective_log_softmax
+from posttrain.pair_building import pair_records
 from posttrain.preferences import (
     BuildConfig,
     PairBatch,
     PairsConfig,
     collate_pairs,
-    pair_records,
-    step_micro_batches,
-    steps_per_epoch,
-    task_chat,
     tokenize_pairs,
 )
 from posttrain.tasks.base import TaskConfig
@@ -388,14 +385,7 @@ def train(cfg: Config) -> Path:
     """One DPO run; returns its run directory."""
     from posttrain.models import frozen_copy
     from posttrain.runs import write_trained_format
-    from posttrain.train import (
-        StopOnInterrupt,
-        build_optimizer,
-        build_scheduler,
-        clip_and_step,
-        load_policy,
-        start,
-    )
+    from posttrain.train import load_policy, start
 
     acc, run = start(cfg, "dpo")
     policy, tok = load_policy(cfg.model, cfg.lora, acc.device, onednn=cfg.run.onednn)
@@ -444,63 +434,31 @@ def train(cfg: Config) -> Path:
     elif cfg.loss_type.needs_reference and cfg.reference == "frozen_copy":
         ref_model = frozen_copy(policy)
 
-    # batch_size is per process: a micro-batch holds batch_size x processes pairs, and each
-    # process takes its own slice of it (DDP averages the gradients of equal-sized slices).
-    micro, accum, world = cfg.batch_size, cfg.optim.grad_accum, acc.num_processes
-    spe = steps_per_epoch(len(train_items), micro * world, accum)
-    total = cfg.max_steps or cfg.epochs * spe
-    opt = build_optimizer(policy, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, total)
-    policy, opt = acc.prepare(policy, opt)
-    state: dict[str, Any] = {}
-    if cfg.run.resume:
-        state = run.load_checkpoint({"policy": acc.unwrap_model(policy)}, opt, sched)
-    elif cfg.eval.enabled and cfg.eval.before:
-        summary, samples = task_eval(cfg, policy, tok)
+    if cfg.eval.enabled and cfg.eval.before and not cfg.run.resume:
+        with acc.autocast():  # the precision training runs in
+            summary, samples = task_eval(cfg, policy, tok)
         run.log(0, summary)
         run.eval_record(0, summary, samples)
         run.samples(0, samples[:16])
 
-    def save(step: int) -> None:
-        cursor = {"epoch": step // spe, "batch_in_epoch": step % spe}
-        run.save_checkpoint(step, {"policy": acc.unwrap_model(policy)}, opt, sched, cursor)
+    def loss(policy: Any, items: list[dict[str, Any]], normaliser: torch.Tensor):
+        mean, metrics = micro_batch_loss(cfg, policy, items, pad, ref_model, acc.autocast)
+        return share(mean, metrics, len(items), normaliser)
 
-    step = state.get("step", 0)
-    with StopOnInterrupt() as stop:
-        while step < total and not stop.requested:
-            t0 = time.perf_counter()
-            lr = sched.get_last_lr()[0]
-            sums: dict[str, float] = {}
-            batches = step_micro_batches(step, len(train_items), micro * world, accum, cfg.run.seed)
-            for j, idx in enumerate(batches):
-                mine = idx[acc.process_index :: world]
-                sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(policy)
-                with sync:
-                    loss, m = micro_batch_loss(
-                        cfg, policy, [train_items[i] for i in mine], pad, ref_model, acc.autocast
-                    )
-                    acc.backward(loss / accum)  # equal micro-batches: mean of means = batch mean
-                for k, v in m.items():
-                    v = torch.as_tensor(v, dtype=torch.float32, device=acc.device)
-                    v = acc.reduce(v, reduction="mean") if world > 1 else v
-                    sums[k] = sums.get(k, 0.0) + float(v) / accum
-            grad_norm = clip_and_step(acc, policy, opt, sched, cfg.optim.max_grad_norm)
-            step += 1
-            row = {**sums, "lr": lr, "grad_norm": grad_norm, "epoch": step / spe}
-            row["seconds"] = time.perf_counter() - t0
-            if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                row.update(heldout_metrics(cfg, policy, eval_items, pad, ref_model, acc.autocast))
-            if step % cfg.run.log_every == 0 or step == total:
-                run.log(step, row)
-            if cfg.run.save_every and step % cfg.run.save_every == 0:
-                save(step)
-    save(step)
-    if stop.requested:
+    def evaluate(policy: Any) -> dict[str, float]:
+        return heldout_metrics(cfg, policy, eval_items, pad, ref_model, acc.autocast)
+
+    out = fit(acc, run, policy, train_items, Objective(collate=list, units=len, loss=loss),
+              cfg.optim, batch_size=cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+              eval_every=cfg.eval_every, evaluate=evaluate if eval_items else None,
+              resume=bool(cfg.run.resume))  # fmt: skip
+    policy, step = out.model, out.step
+    if out.interrupted:
         print(f"stopped at step {step}; resume with --run.resume={run.path}")
         return run.path
     final: dict[str, float] = {}
     if eval_items:
-        final.update(heldout_metrics(cfg, policy, eval_items, pad, ref_model, acc.autocast))
+        final.update(evaluate(policy))
     if cfg.eval.enabled:
         summary, samples = task_eval(cfg, policy, tok)
         final.update(summary)
@@ -508,6 +466,9 @@ def train(cfg: Config) -> Path:
         run.samples(step, samples[:16])
     if final:
         run.log(step, final)
+    if not run.is_main:  # one process writes the folder
+        run.close()
+        return run.path
     model = acc.unwrap_model(policy)
     model.save_pretrained(run.path / "final")
     tok.save_pretrained(run.path / "final")
@@ -524,80 +485,11 @@ def train(cfg: Config) -> Path:
     return run.path
 
 
-def sweep(cfg: Config) -> Path:
-    """One run per beta into OUT/<name>/beta_<b>, then beta_sweep.png and sweep.json."""
-    from posttrain.runs import read_jsonl
-
-    root = Path(cfg.run.out_dir) / (cfg.run.name or f"dpo-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    root.mkdir(parents=True, exist_ok=True)
-    base = copy.deepcopy(cfg)
-    base.sweep.betas = []
-    base.run.out_dir = str(root)
-    if base.build.enabled:  # sample the pairs once, train every beta on the same file
-        b = copy.deepcopy(base)
-        b.build.only, b.run.name, b.eval.enabled = True, "pairs", False
-        base.data.source = str(train(b) / "pairs.jsonl")
-        base.data.chat = base.data.chat or task_chat(base.task)
-        base.build.enabled = False
-    curves: dict[float, list[dict[str, Any]]] = {}
-    for beta in cfg.sweep.betas:
-        sub = copy.deepcopy(base)
-        sub.beta, sub.run.name = beta, f"beta_{beta:g}"
-        path = train(sub)
-        curves[beta] = read_jsonl(path / "metrics.jsonl")
-        # Later betas start from the same policy on the same pairs: reuse the first run's reference
-        # log-probs and its before-training evaluation.
-        if (path / "reference_logps.json").is_file():
-            base.reference_cache = str(path / "reference_logps.json")
-        base.eval.before = False
-    summary: dict[str, Any] = {str(b): _final(rows) for b, rows in curves.items()}
-    before = [
-        r["task/reward"]
-        for r in next(iter(curves.values()))
-        if r["step"] == 0 and "task/reward" in r
-    ]
-    if before:
-        summary["task/reward_before"] = before[0]
-    (root / "sweep.json").write_text(json.dumps(summary, indent=1))
-    plot_sweep(curves, root / "beta_sweep.png")
-    print(f"beta sweep: {json.dumps(summary)}\nplot: {root / 'beta_sweep.png'}")
-    return root
-
-
-def _final(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("loss", "rewards/accuracy", "rewards/margin", "eval/loss", "eval/rewards/accuracy")
-    out: dict[str, Any] = {}
-    for r in rows:
-        out.update({k: r[k] for k in (*keys, "task/reward") if k in r and r["step"] > 0})
-    return out
-
-
-def plot_sweep(curves: dict[float, list[dict[str, Any]]], path: Path) -> None:
-    """Training loss (and held-out loss when logged) per beta on shared axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for beta, rows in curves.items():
-        pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        line = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"beta={beta:g} train")[0]
-        ev = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
-        if ev:
-            ax.plot(*zip(*ev), "o--", color=line.get_color(), label=f"beta={beta:g} held-out")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("DPO loss")
-    ax.set_title("DPO loss by beta")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 @uses_run_settings
 def main(cfg: Config) -> int:
     if cfg.sweep.betas:
+        from posttrain.algos.dpo_sweep import sweep
+
         sweep(cfg)
     else:
         train(cfg)

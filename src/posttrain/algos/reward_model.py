@@ -17,7 +17,6 @@ held-out pairs' scores go to eval_pairs.jsonl (with the building reward's gap, f
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,14 +25,13 @@ import torch.nn.functional as F
 
 from posttrain.config import LoraConfig, ModelConfig, OptimConfig, RunConfig, check
 from posttrain.models import ModelLoadError
+from posttrain.offline import Objective, fit, share
 from posttrain.ops import position_ids_from_mask
+from posttrain.pair_building import pair_records
 from posttrain.preferences import (
     BuildConfig,
     PairsConfig,
     collate_sequences,
-    pair_records,
-    step_micro_batches,
-    steps_per_epoch,
     tokenize_pairs,
     write_jsonl,
 )
@@ -197,13 +195,7 @@ def pair_predictions(
 
 @uses_run_settings
 def main(cfg: Config) -> int:
-    from posttrain.train import (
-        StopOnInterrupt,
-        build_optimizer,
-        build_scheduler,
-        clip_and_step,
-        start,
-    )
+    from posttrain.train import start
 
     acc, run = start(cfg, "reward-model")
     train_recs, eval_recs = pair_records(cfg, run.path)
@@ -220,51 +212,25 @@ def main(cfg: Config) -> int:
         "data_stats.json", {"train": len(train_items), "eval": len(eval_items), **counts}
     )
     pad = tok.pad_token_id
-    micro, accum = cfg.batch_size, cfg.optim.grad_accum
-    spe = steps_per_epoch(len(train_items), micro, accum)
-    total = cfg.max_steps or cfg.epochs * spe
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, total)
-    model, opt = acc.prepare(model, opt)
-    state: dict[str, Any] = {}
-    if cfg.run.resume:
-        state = run.load_checkpoint({"model": acc.unwrap_model(model)}, opt, sched)
-    elif eval_items:
-        before = heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0]
-        run.eval_record(0, run.log(0, before))
 
-    def save(step: int) -> None:
-        cursor = {"epoch": step // spe, "batch_in_epoch": step % spe}
-        run.save_checkpoint(step, {"model": acc.unwrap_model(model)}, opt, sched, cursor)
+    def evaluate(model: Any) -> dict[str, float]:
+        return heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0]
 
-    step = state.get("step", 0)
-    with StopOnInterrupt() as stop:
-        while step < total and not stop.requested:
-            t0 = time.perf_counter()
-            lr = sched.get_last_lr()[0]
-            sums: dict[str, float] = {}
-            for idx in step_micro_batches(step, len(train_items), micro, accum, cfg.run.seed):
-                r_chosen, r_rejected = pair_scores(model, [train_items[i] for i in idx], pad).chunk(
-                    2
-                )
-                loss, m = bradley_terry_loss(r_chosen, r_rejected, margin=cfg.margin)
-                acc.backward(loss / accum)  # equal micro-batch sizes: mean of means = batch mean
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / accum
-            grad_norm = clip_and_step(acc, model, opt, sched, cfg.optim.max_grad_norm)
-            step += 1
-            row = {**sums, "lr": lr, "grad_norm": grad_norm, "epoch": step / spe}
-            row["seconds"] = time.perf_counter() - t0
-            if eval_items and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                row.update(
-                    heldout_metrics(model, eval_items, pad, cfg.eval_batch_size, cfg.margin)[0]
-                )
-            if step % cfg.run.log_every == 0 or step == total:
-                run.log(step, row)
-            if cfg.run.save_every and step % cfg.run.save_every == 0:
-                save(step)
-    save(step)
-    if stop.requested:
+    if eval_items and not cfg.run.resume:
+        with acc.autocast():  # the precision training runs in
+            run.eval_record(0, run.log(0, evaluate(model)))
+
+    def loss(model: Any, items: list[dict[str, Any]], normaliser: torch.Tensor):
+        r_chosen, r_rejected = pair_scores(model, items, pad).chunk(2)  # (B,) each
+        mean, metrics = bradley_terry_loss(r_chosen, r_rejected, margin=cfg.margin)
+        return share(mean, metrics, len(items), normaliser)
+
+    out = fit(acc, run, model, train_items, Objective(collate=list, units=len, loss=loss),
+              cfg.optim, batch_size=cfg.batch_size, epochs=cfg.epochs, max_steps=cfg.max_steps,
+              eval_every=cfg.eval_every, evaluate=evaluate if eval_items else None,
+              module="model", resume=bool(cfg.run.resume))  # fmt: skip
+    model, step = out.model, out.step
+    if out.interrupted:
         print(f"stopped at step {step}; resume with --run.resume={run.path}")
         return 0
     if eval_items:
@@ -275,7 +241,8 @@ def main(cfg: Config) -> int:
             write_jsonl(
                 run.path / "eval_pairs.jsonl", pair_predictions(eval_recs, eval_items, scores)
             )
-    save_reward_model(acc.unwrap_model(model), tok, run.path / "final", cfg.score_suffix)
+    if run.is_main:
+        save_reward_model(acc.unwrap_model(model), tok, run.path / "final", cfg.score_suffix)
     print(f"reward model saved to {run.path / 'final'} (use it as model:{run.path / 'final'})")
     run.close()
     return 0

@@ -4,7 +4,7 @@ For every training question, sample k reasoning paths with the task's chain-of-t
 temperature > 0; keep the paths the task verifier marks correct (reward >= threshold); drop
 duplicate paths (same text after lower-casing and collapsing whitespace); drop questions with no
 correct path. The kept records (question, answer, reasoning) and their statistics go to
-rft_data_<iteration>.json in the run directory. Then a LoRA adapter is trained with `sft.fit` on
+rft_data_<iteration>.json in the run directory. Then a LoRA adapter is trained with `offline.fit` on
 "question -> reasoning <answer>x</answer>" text (no chat template, the `direct` prompt).
 
     posttrain rft --config configs/rft_unit_conversion.toml
@@ -29,18 +29,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from posttrain.algos.sft import (
-    DataConfig,
-    TrainConfig,
-    encode_rows,
-    fill,
-    finish,
-    fit,
-    test_eval,
-    trained_format,
-    with_question,
-)
+from posttrain.algos.sft import sft_step_loss
 from posttrain.config import ConfigError, LoraConfig, ModelConfig, OptimConfig, RunConfig, check
+from posttrain.data import DataConfig, encode_rows, fill, with_question
+from posttrain.offline import TrainConfig, finish, fit, supervised, test_eval, trained_format
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import TaskConfig, columns
 from posttrain.tools import Toolbox, ToolConfig, calls_in
@@ -55,7 +47,7 @@ def _gen() -> GenerationConfig:
 
 
 def _lora() -> LoraConfig:
-    # r=16 on every linear layer of SmolLM2-135M is ~20 MB (the seed allows < 50 MB for RFT)
+    # r=16 on every linear layer of SmolLM2-135M is ~20 MB (an RFT adapter may take up to 50 MB)
     return LoraConfig(enabled=True, r=16, alpha=64)
 
 
@@ -71,7 +63,7 @@ class Config:
         "tool": "tools.names",
     }
     k: int = check(10, ">= 1")
-    """completions sampled per question (the paper and the seed use 10-20)"""
+    """completions sampled per question"""
     mode: Literal["verifier", "best_of_n"] = "verifier"
     """verifier: keep samples with reward >= threshold; best_of_n: keep the best_of highest"""
     threshold: float = 1.0
@@ -292,22 +284,14 @@ def main(cfg: Config) -> int:
                 "gen.temperature, check the prompt, or use mode=best_of_n"
             )
         train_set = encode_rows(records, tok, data_cfg, "template", tools)
-        model, fit_summary = fit(
-            acc,
-            run,
-            model,
-            tok,
-            train_set,
-            [],
-            cfg.train,
-            cfg.optim,
-            resume=last_step > offset,
-            step_offset=offset,
-        )
-        model = acc.unwrap_model(model)
-        offset += fit_summary["steps"]
-        summary.update(train_loss=fit_summary.get("train_loss"), steps=offset, records=len(records))
-        if fit_summary.get("interrupted"):
+        t = cfg.train  # each round trains the same adapter further, with a fresh optimizer
+        out = fit(acc, run, model, train_set, supervised(acc.device, tok.pad_token_id, sft_step_loss),
+                  cfg.optim, batch_size=t.batch_size, epochs=t.epochs, max_steps=t.max_steps,
+                  resume=last_step > offset, step_offset=offset)  # fmt: skip
+        model = acc.unwrap_model(out.model)
+        offset = out.total
+        summary.update(train_loss=out.last.get("loss"), steps=offset, records=len(records))
+        if out.interrupted:
             print(f"stopped; resume with --run.resume {run.path}", flush=True)
             return 130
     if cfg.eval_limit:
