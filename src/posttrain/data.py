@@ -227,10 +227,6 @@ def _truncate(ids: list[int], labels: list[int], max_length: int) -> dict[str, A
     }
 
 
-def num_labels(example: dict[str, Any]) -> int:
-    return sum(1 for x in example["labels"] if x != IGNORE_INDEX)
-
-
 def collate_sft(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded batch: input_ids (B, L), attention_mask (B, L), labels (B, L) with -100 on pads."""
     import torch
