@@ -35,7 +35,7 @@ from posttrain.train import uses_run_settings
 
 @dataclass
 class Config:
-    examples: int = check(1280, ">= 1")
+    examples: int = check(960, ">= 1")
     """generated worked solutions (with calculator calls) the adapter is trained on, one epoch"""
     eval_limit: int = check(100, ">= 1")
     """standard-level test questions evaluated before and after"""
@@ -83,7 +83,7 @@ def main(cfg: Config) -> int:
             strategy="few_shot",
             split="test",
             limit=cfg.eval_limit,
-            max_new_tokens=64,
+            max_new_tokens=128,
             progress=cfg.run.progress,
             desc=f"baseline {label}",
             tools=box,
@@ -116,13 +116,13 @@ def main(cfg: Config) -> int:
         scfg.data,
         prompt_template="{question} ",
         completion_template="{tool_solution}",
-        max_length=128,
+        max_length=144,
         validation_size=0.02,
     )
     scfg.train = dataclasses.replace(scfg.train, epochs=1, batch_size=cfg.batch_size, eval_every=0)
     scfg.tools = tool_cfg
     scfg.eval_limit = cfg.eval_limit
-    scfg.eval_max_new_tokens = 64
+    scfg.eval_max_new_tokens = 128
     scfg.run = dataclasses.replace(cfg.run, name=name, save_every=0, sample_every=0)
     sft.main(scfg)
     run_dir = Path(cfg.run.out_dir) / name
@@ -139,7 +139,7 @@ def main(cfg: Config) -> int:
     model, tok = load_model(trained, onednn=cfg.run.onednn)
     _, after_rows = evaluate(
         model, tok, load_task(scfg.task), strategy="direct", split="test", limit=6,
-        max_new_tokens=64, tools=tools,
+        max_new_tokens=128, tools=tools,
     )  # fmt: skip
     run = Run(run_dir, cfg.run)
     run.write_json("eval_before.json", {"summary": before, "examples": before_rows})
