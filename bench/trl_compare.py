@@ -202,15 +202,15 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
               "--gen.temperature=1.0", "--gen.top_k=0", "--gen.top_p=1.0", "--gen.stop=[]",
               "--gen.chat=true", f"--steps={total}", "--eval_limit=0", "--run.sample_every=0"]  # fmt: skip
     if w.kind in ("grpo", "rloo"):
-        return [w.kind, *online, f"--batch_size={w.batch // w.group}", f"--group_size={w.group}",
-                f"--kl_coef={w.kl}", "--inner_epochs=1", "--num_minibatches=1",
-                "--clip_eps=0.2"]  # fmt: skip
+        return [w.kind, *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
+                f"--kl_coef={w.kl}", "--update_epochs=1", "--num_minibatches=1",
+                "--clip_range=0.2"]  # fmt: skip
     if w.kind == "reinforce":
         return ["reinforce", *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
                 f"--kl_coef={w.kl}", "--baseline=moving_average"]  # fmt: skip
     if w.kind == "ppo":
         return ["ppo", *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
-                f"--mini_batch_size={w.batch}", "--ppo_epochs=1", f"--kl.coef={w.kl}",
+                "--num_minibatches=1", "--update_epochs=1", f"--kl_coef={w.kl}",
                 f"--forward_batch_size={w.batch}"]  # fmt: skip
     raise ValueError(f"no posttrain command for workload kind {w.kind!r}")
 

@@ -80,8 +80,8 @@ def build_model(tokenizer, seed: int = 0, layers: int = 2):
 # ---------------------------------------------------------------------------------------------
 # Deprecations (#16): a DeprecationWarning or FutureWarning that a dependency raises while
 # posttrain's code is on the stack fails the test, so posttrain moves off an API before the
-# release that removes it. Not counted: warnings posttrain raises itself (its own deprecated
-# config names; tests check those with pytest.warns), warnings with no posttrain frame on the
+# release that removes it. Not counted: warnings posttrain raises itself (its renamed config keys
+# print a note instead: tests/unit/test_config_renamed.py), warnings with no posttrain frame on the
 # stack (test code, fixtures of other libraries), and the third-party warnings listed here, which
 # a dependency raises about its own internals and posttrain cannot fix.
 

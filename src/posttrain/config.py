@@ -14,6 +14,16 @@ valid ones; nothing is silently ignored. A field's range is its metadata, writte
 `load_config` checks every rule of every section once, for every command (`check_config`; the
 training setup calls it again for configs built in Python), and each broken rule is one line that
 names the key: `optim.lr must be > 0, got -1.0`. `save_config` writes the resolved config as TOML.
+
+Renamed keys (docs/glossary.md): a config class lists its deprecated names in `RENAMED`, old
+dotted key -> new dotted key, or -> `Renamed(new, how)` where the value changes meaning too:
+
+    RENAMED: ClassVar[dict[str, str | Renamed]] = {"cliprange": "clip_range", "kl.coef": "kl_coef"}
+
+An old name works in a TOML file and on the command line, and `load_config` prints one line per
+old name to stderr: `posttrain: 'cliprange' is now 'clip_range'; the old name still works`. A
+printed note, not a `DeprecationWarning`: it is addressed to the user who wrote the config, who
+never sees Python warnings, and it names the key to change.
 """
 
 from __future__ import annotations
@@ -23,11 +33,13 @@ import dataclasses
 import difflib
 import enum
 import inspect
+import os
 import re
 import sys
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -85,6 +97,71 @@ def check(
     if default_factory is not None:
         return field(default_factory=default_factory, metadata={"check": rule})
     return field(default=default, metadata={"check": rule})
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """A deprecated key whose value also changes meaning: the new key is set to
+    how(cfg, old value) once every other value is set (so it may read other fields)."""
+
+    new: str
+    """the new dotted key"""
+    how: Callable[[Any, Any], Any]
+    """(config with every other value set, the old value as `type`) -> the new key's value"""
+    type: Any = int
+    """the old key's type"""
+    hint: str = ""
+    """how the value converts, for the note (`num_minibatches = rollout rows / mini_batch_size`)"""
+
+
+def _renames(cls: type) -> dict[str, str | Renamed]:
+    return getattr(cls, "RENAMED", {})
+
+
+def _note(notes: dict[str, str], old: str, new: str | Renamed) -> None:
+    """One line per old name, printed once by `load_config`."""
+    if isinstance(new, Renamed):
+        target = f"'{new.new}'" + (f" ({new.hint})" if new.hint else "")
+    else:
+        target = f"'{new}'"
+    notes.setdefault(old, f"posttrain: '{old}' is now {target}; the old name still works")
+
+
+def _rename_table(
+    data: dict[str, Any],
+    renamed: dict[str, str | Renamed],
+    notes: dict[str, str],
+    later: dict[str, Any],
+) -> dict[str, Any]:
+    """Move each old key of a TOML document to its new dotted place (`kl.coef` is `[kl] coef`);
+    a section left empty goes. Values of `Renamed` keys go to `later`. Both names -> error."""
+    for old, new in renamed.items():
+        *path, last = old.split(".")
+        tables = [data]
+        for part in path:
+            nxt = tables[-1].get(part)
+            if not isinstance(nxt, dict):
+                break
+            tables.append(nxt)
+        if len(tables) != len(path) + 1 or last not in tables[-1]:
+            continue
+        value = tables[-1].pop(last)
+        for parent, part, table in reversed(list(zip(tables, path, tables[1:]))):
+            if not table:
+                del parent[part]
+        _note(notes, old, new)
+        target = new.new if isinstance(new, Renamed) else new
+        *npath, nlast = target.split(".")
+        table = data
+        for part in npath:
+            table = table.setdefault(part, {})
+        if nlast in table:
+            raise ConfigError(f"config keys '{old}' and '{target}' are one key; keep '{target}'")
+        if isinstance(new, Renamed):
+            later[old] = value
+        else:
+            table[nlast] = value
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,13 +443,19 @@ def _set_dotted(obj: Any, dotted: str, raw: Any) -> None:
     setattr(target, last, _coerce(raw, tp, dotted))
 
 
-def parse_overrides(args: list[str], cls: type) -> list[tuple[str, Any]]:
+def parse_overrides(
+    args: list[str], cls: type, notes: dict[str, str] | None = None
+) -> list[tuple[str, Any]]:
     """Turn ['--a.b=1', '--flag', '--x', 'v', '--p', 'q', '--p', 'r'] into (key, value) pairs.
 
     A flag with no value is `true` (for a boolean field). A key repeated for a list field collects
-    its values. Keys named in the class's `ALIASES` dict (short names) are expanded first.
+    its values. Keys named in the class's `ALIASES` dict (short names) are expanded first, then
+    old names in its `RENAMED` dict become their new names (a `Renamed` key stays as it is, for
+    `load_config` to convert); each old name used is noted in `notes`.
     """
     aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    renamed = _renames(cls)
+    notes = {} if notes is None else notes
     pairs: list[tuple[str, Any]] = []
     i = 0
     while i < len(args):
@@ -391,6 +474,10 @@ def parse_overrides(args: list[str], cls: type) -> list[tuple[str, Any]]:
             else:
                 value, i = "true", i + 1
         key = aliases.get(key, key).replace("-", "_")
+        if key in renamed:
+            _note(notes, key, renamed[key])
+            new = renamed[key]
+            key = key if isinstance(new, Renamed) else new
         pairs.append((key, value))
     merged: dict[str, Any] = {}
     for key, value in pairs:
@@ -479,8 +566,12 @@ def check_config(cfg: Any) -> None:
 def load_config(
     cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> T:
-    """Build `cls()` with values from a TOML file, then from dotted command-line overrides."""
+    """Build `cls()` with values from a TOML file, then from dotted command-line overrides.
+    Old names (`cls.RENAMED`) work in both; one note per old name goes to stderr."""
     cfg = cls()
+    renamed = _renames(cls)
+    notes: dict[str, str] = {}
+    later: dict[str, Any] = {}  # old key of a `Renamed` -> its value, converted last
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -489,9 +580,24 @@ def load_config(
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
-        _apply(cfg, data)
-    for key, value in parse_overrides(overrides or [], cls):
+        _apply(cfg, _rename_table(data, renamed, notes, later))
+    pairs = parse_overrides(overrides or [], cls, notes)
+    converted = {old: new for old, new in renamed.items() if isinstance(new, Renamed)}
+    for key, value in pairs:
+        if key in converted:
+            later[key] = value
+            continue
+        for old, new in converted.items():  # the new name on the command line wins over the file
+            if new.new == key:
+                if any(k == old for k, _ in pairs):
+                    raise ConfigError(f"--{old} and --{key} are one key; keep --{key}")
+                later.pop(old, None)
         _set_dotted(cfg, key, value)
+    for old, value in later.items():
+        new = converted[old]
+        _set_dotted(cfg, new.new, new.how(cfg, _coerce(value, new.type, old)))
+    if notes and os.environ.get("RANK", "0") == "0":  # once, not once per process
+        print("\n".join(notes.values()), file=sys.stderr, flush=True)
     check_config(cfg)
     validate = getattr(cfg, "validate", None)
     if callable(validate):
@@ -561,6 +667,13 @@ def help_text(cls: type, command: str = "") -> str:
     aliases = getattr(cls, "ALIASES", {})
     if aliases:
         out.append("short options: " + ", ".join(f"--{a} = --{k}" for a, k in aliases.items()))
+        out.append("")
+    renamed = _renames(cls)
+    if renamed:
+        news = {o: n.new if isinstance(n, Renamed) else n for o, n in renamed.items()}
+        out.append(
+            "old names, still accepted: " + ", ".join(f"--{o} -> --{n}" for o, n in news.items())
+        )
         out.append("")
 
     def walk(klass: type, obj: Any, prefix: str) -> None:

@@ -6,7 +6,7 @@ The skeleton that uses them (setup, update, step end) is `posttrain.online_run`.
   PromptStream                        train rows cycled in a seeded shuffle, resumable by a counter;
                                       `draw` also gives each prompt its sampling seed
   build_reference                     frozen copy, base weights with the LoRA adapter off, or none
-  take                                some rollout rows as model inputs, padding trimmed
+  take -> MicroBatch                  some rollout rows as model inputs, padding trimmed
   micro_batches / accumulation_weight split a step into micro-batches whose summed loss is exact
   step_tokens                         a step's token count over all processes (token_mean normaliser)
   gather_rows / whiten_over_processes batch statistics over every process, as on one
@@ -14,7 +14,11 @@ The skeleton that uses them (setup, update, step end) is `posttrain.online_run`.
 
 Tools (`posttrain.tools`): a rollout's tool-inserted tokens are attended to (`completion_mask`,
 the attention mask) but were not sampled by the policy, so every log-prob, loss, KL, entropy and
-length here runs over `Rollout.policy_mask` (`take` returns it as `mask`)."""
+length here runs over `Rollout.policy_mask` (`take` returns it as `MicroBatch.mask`).
+
+Names (docs/glossary.md): B rollout rows, b the rows of a micro-batch, T completion tokens (T' after
+trimming), P prompt tokens, V the vocabulary; logp, old_logp, ref_logp, values, old_values,
+returns, adv as everywhere."""
 
 from __future__ import annotations
 
@@ -225,13 +229,58 @@ def micro_batches(n_rows: int, n_micro: int, order: Tensor | None = None) -> lis
     return [c for c in torch.tensor_split(idx, n_micro) if len(c)]
 
 
-def take(roll: Rollout, rows: Tensor, **per_row: Tensor | None) -> dict[str, Any]:
+@dataclass
+class MicroBatch:
+    """Some rollout rows as model inputs (`take`): b rows, the completion trimmed to T' tokens
+    (its longest row's), the prompt to P' (columns that are padding in every row dropped).
+    The per-row tensors are None when the caller did not pass them."""
+
+    input_ids: Tensor
+    """(b, P' + T') prompt then completion tokens"""
+    attention_mask: Tensor
+    """(b, P' + T') 1 on real tokens: prompt, sampled and tool-inserted completion tokens"""
+    mask: Tensor
+    """(b, T') the policy mask: the completion tokens the policy sampled (tool tokens 0)"""
+    T: int
+    """T', the completion width"""
+    groups: Tensor
+    """(b,) the prompt of each row (`Rollout.prompt_index`): rows of one prompt share its forward"""
+    adv: Tensor | None = None
+    """(b,) per sequence or (b, T') per token"""
+    old_logp: Tensor | None = None
+    """(b, T') log-probs of the sampled tokens under the policy that sampled them"""
+    ref_logp: Tensor | None = None
+    """(b, T') the same under the reference policy"""
+    old_values: Tensor | None = None
+    """(b, T') PPO: the values at sampling time (the value clip's centre)"""
+    returns: Tensor | None = None
+    """(b, T') PPO: the value targets"""
+    loss_mask: Tensor | None = None
+    """(b, T') the mask of the loss: `mask` with skipped rows (invalid rewards) zeroed"""
+
+    @property
+    def completion_ids(self) -> Tensor:
+        """(b, T') the completion tokens, the targets of logp"""
+        return self.input_ids[:, -self.T :]
+
+
+def take(
+    roll: Rollout,
+    rows: Tensor,
+    *,
+    adv: Tensor | None = None,
+    old_logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    old_values: Tensor | None = None,
+    returns: Tensor | None = None,
+    loss_mask: Tensor | None = None,
+) -> MicroBatch:
     """The tensors of some rollout rows, completion padding trimmed to the longest row.
 
-    Returns input_ids/attention_mask (b, P + T'), mask (b, T'), and each extra (B, T) or (B,)
-    tensor given as a keyword, sliced the same way (None stays None). The attention mask and the
-    width T' come from the completion mask (tool-inserted tokens are read by the model); `mask`
-    is the policy mask (`Rollout.policy_mask`: tool tokens are 0), the mask of every loss.
+    The per-row tensors are (B, T) (or adv (B,)) over the whole rollout, sliced to the rows and
+    to T' columns. The attention mask and the width T' come from the completion mask
+    (tool-inserted tokens are read by the model); `mask` is the policy mask
+    (`Rollout.policy_mask`: tool tokens are 0), the mask of every loss.
     """
     rows = rows.to(roll.completion_mask.device)
     attn = roll.completion_mask[rows]  # (b, T) every completion token, tool results included
@@ -239,19 +288,26 @@ def take(roll: Rollout, rows: Tensor, **per_row: Tensor | None) -> dict[str, Any
     # prompt columns that are padding in every row (prompts are left-padded to the rollout's
     # longest) are dropped: positions come from the attention mask, so nothing else changes
     first = int(roll.prompt_mask[rows].any(0).long().argmax())
-    out: dict[str, Any] = {
-        "input_ids": torch.cat([roll.prompt_ids[rows, first:], roll.completion_ids[rows, :T]], 1),
-        "attention_mask": torch.cat([roll.prompt_mask[rows, first:], attn[:, :T].long()], 1),
-        "mask": roll.policy_mask[rows][:, :T],
-        "T": T,
-    }
-    for k, v in per_row.items():
+
+    def cut(v: Tensor | None) -> Tensor | None:
         if v is None:
-            out[k] = None
-        else:
-            v = v[rows.to(v.device)]
-            out[k] = v[:, :T] if v.dim() == 2 else v
-    return out
+            return None
+        v = v[rows.to(v.device)]
+        return v[:, :T] if v.dim() == 2 else v
+
+    return MicroBatch(
+        input_ids=torch.cat([roll.prompt_ids[rows, first:], roll.completion_ids[rows, :T]], 1),
+        attention_mask=torch.cat([roll.prompt_mask[rows, first:], attn[:, :T].long()], 1),
+        mask=roll.policy_mask[rows][:, :T],
+        T=T,
+        groups=roll.prompt_index[rows.to(roll.prompt_index.device)],
+        adv=cut(adv),
+        old_logp=cut(old_logp),
+        ref_logp=cut(ref_logp),
+        old_values=cut(old_values),
+        returns=cut(returns),
+        loss_mask=cut(loss_mask),
+    )
 
 
 def accumulation_weight(
@@ -337,7 +393,7 @@ def score_rollout(
     *,
     temperature: float,
     n_micro: int,
-    policy: bool = True,
+    on_policy: bool = False,
     exact: bool = True,
     share_prompts: bool = True,
     forward: Forward | None = None,
@@ -345,7 +401,7 @@ def score_rollout(
     """Before any update: old_logp, entropy, (with a reference) ref_logp and the exact KL over the
     vocabulary, and (with a forward that gives them, PPO's actor-critic) the values.
 
-    policy=False skips the policy's forward, for one update per rollout, where the policy being
+    on_policy=True skips the policy's forward, for one update per rollout, where the policy being
     updated is the one that sampled: old_logp is then the sampler's (`rollout.logp`, the same
     quantity); entropy, values and the exact KL are None (the caller's training forward gives
     them). exact=False skips the KL over the vocabulary: two (B, T, V) softmaxes.
@@ -357,7 +413,7 @@ def score_rollout(
     zeros = lambda: torch.zeros(B, T, device=dev)  # noqa: E731
     forward = forward or policy_forward(model)
     s = Scores(old_logp=roll.logp * roll.policy_mask)
-    if policy:
+    if not on_policy:
         s.old_logp, s.entropy, s.values = zeros(), zeros(), zeros()
         s.kl_exact = zeros() if exact and ref is not None else None
     if ref is not None:
@@ -366,11 +422,10 @@ def score_rollout(
     with eval_mode(model):  # dropout off: the log-probs of the policy that sampled (issue #16)
         for rows in micro_batches(B, n_micro):
             mb = take(roll, rows)
-            t, m = mb["T"], mb["mask"]
-            ids = mb["input_ids"][:, -t:]
-            groups = roll.prompt_index[rows.to(dev)] if share_prompts else None
-            args = (mb["input_ids"], mb["attention_mask"], t, temperature, groups)
-            if policy:
+            t, m, ids = mb.T, mb.mask, mb.completion_ids
+            groups = mb.groups if share_prompts else None
+            args = (mb.input_ids, mb.attention_mask, t, temperature, groups)
+            if not on_policy:
                 logits, values = forward(*args)
                 s.old_logp[rows, :t] = selective_log_softmax(logits, ids) * m
                 s.entropy[rows, :t] = entropy_from_logits(logits) * m

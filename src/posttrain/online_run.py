@@ -2,7 +2,7 @@
 the update over minibatches, the end of a step and the end of the run. Each algorithm file keeps
 its config, its loss and its loop, which reads:
 
-    o = OnlineRun(cfg, "grpo", n=cfg.group_size, ref=cfg.ref, kl_coef=cfg.kl_coef)
+    o = OnlineRun(cfg, "grpo", n=cfg.samples_per_prompt, ref=cfg.ref, kl_coef=cfg.kl_coef)
     model = o.prepare(o.policy, {"policy": o.policy}, updates_per_step)   # resume, eval at step 0
     for step in o.steps():
         roll, out = o.sample(cfg.batch_size)             # rollout and reward

@@ -126,8 +126,8 @@ def clipped_surrogate(
     adv: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
     reduction: Reduction = "token_mean",
     normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -137,6 +137,7 @@ def clipped_surrogate(
       ratio  = exp(logp - old_logp)
       loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)      eps_high: DAPO's
       loss   = aggregate_loss(loss_t, mask, reduction, normaliser)            clip-higher
+    with eps = clip_range and eps_high = clip_range_high (None: clip_range).
     Metrics: clip_fraction, the share of tokens where the clipped term is the smaller one, so
     their gradient is 0 (ratio > 1 + eps_high with A > 0, or ratio < 1 - eps with A < 0);
     ratio, its mean; approx_kl, the k3 estimate of KL(old || new), mean((ratio - 1) - log ratio).
@@ -144,10 +145,10 @@ def clipped_surrogate(
     adv = adv.detach()
     if adv.dim() == 1:
         adv = adv[:, None]  # (B, 1)
-    high = clip_eps if clip_eps_high is None else clip_eps_high
+    high = clip_range if clip_range_high is None else clip_range_high
     log_ratio = logp - old_logp.detach()
     ratio = torch.exp(log_ratio)  # (B, T)
-    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv
+    unclipped, clipped = ratio * adv, torch.clamp(ratio, 1 - clip_range, 1 + high) * adv
     loss = aggregate_loss(-torch.minimum(unclipped, clipped), mask, reduction, normaliser)
     metrics = {
         "clip_fraction": masked_mean((clipped < unclipped).float(), mask),

@@ -84,9 +84,9 @@ def _argv(command, tiny_dir, tmp_path):
         "reward-model": [f"--data.source={pairs}", "--data.eval_fraction=0", "--batch_size=2",
                          "--max_steps=2"],
         "reinforce": [*online, "--kl_coef=0.1"],
-        "rloo": [*online, "--group_size=2"],
-        "grpo": [*online, "--group_size=2"],
-        "ppo": [*online, "--mini_batch_size=2", "--ppo_epochs=1"],
+        "rloo": [*online, "--samples_per_prompt=2"],
+        "grpo": [*online, "--samples_per_prompt=2"],
+        "ppo": [*online, "--num_minibatches=1", "--update_epochs=1"],
     }[command]  # fmt: skip
 
 

@@ -40,7 +40,7 @@ def test_grpo_under_bf16_autocast(tiny_dir, tmp_path, monkeypatch):
     reward.write_text(REWARD_PY)
     args = ["grpo", "--model.name", str(tiny_dir), "--run.out_dir", str(tmp_path / "runs"),
             "--run.name", "bf16", "--run.progress=false", "--run.autocast=bfloat16", "--steps=2",
-            "--batch_size=2", "--group_size=3", "--optim.lr=1e-2", "--eval_limit=0",
+            "--batch_size=2", "--samples_per_prompt=3", "--optim.lr=1e-2", "--eval_limit=0",
             "--kl_coef=0.1", f"--reward.components=python:{reward}:e_rate"]  # fmt: skip
     assert main(args) == 0
     assert seen == [True, True]

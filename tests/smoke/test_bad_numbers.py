@@ -25,11 +25,11 @@ def _one_line(capsys) -> str:
     [
         (["grpo", "--optim.lr=-1"], "optim.lr must be > 0, got -1.0"),
         (["sft", "--train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
-        (["grpo", "--group_size=1"], "group_size must be >= 2, got 1"),
-        (["rloo", "--group_size=1"], "group_size must be >= 2, got 1"),
+        (["grpo", "--samples_per_prompt=1"], "samples_per_prompt must be >= 2, got 1"),
+        (["rloo", "--samples_per_prompt=1"], "samples_per_prompt must be >= 2, got 1"),
         (["reinforce", "--batch_size=0"], "batch_size must be >= 1, got 0"),
         (["ppo", "--lam=1.5"], "lam must be in [0, 1], got 1.5"),
-        (["ppo", "--kl.horizon=0"], "kl.horizon must be >= 1, got 0"),
+        (["ppo", "--kl_horizon=0"], "kl_horizon must be >= 1, got 0"),
         (["dpo", "--beta=0"], "beta must be > 0, got 0.0"),
         (["distill", "--weight=2"], "weight must be in [0, 1], got 2.0"),
         (["rft", "--k=0"], "k must be >= 1, got 0"),
@@ -62,9 +62,9 @@ def test_python_main_checks_the_same_rules(tmp_path):
     from posttrain.algos import grpo
 
     cfg = grpo.GRPOConfig()
-    cfg.group_size = 1
+    cfg.samples_per_prompt = 1
     cfg.run.out_dir = str(tmp_path)
-    with pytest.raises(ConfigError, match="^group_size must be >= 2, got 1$"):
+    with pytest.raises(ConfigError, match="^samples_per_prompt must be >= 2, got 1$"):
         grpo.main(cfg)
 
 

@@ -64,7 +64,8 @@ EXCLUDED = {
 TINY = {
     "run.threads": "1", "run.progress": "false",
     # online RL (reinforce, rloo, grpo, ppo)
-    "steps": "1", "batch_size": "2", "group_size": "2", "mini_batch_size": "2", "ppo_epochs": "1",
+    "steps": "1", "batch_size": "2", "samples_per_prompt": "2", "num_minibatches": "1",
+    "update_epochs": "1",
     "eval_limit": "2", "n_samples": "2", "gen.max_new_tokens": "4",
     # sft, rft, distill
     "train.max_steps": "1", "train.batch_size": "2", "train.eval_batch_size": "2",
@@ -75,7 +76,7 @@ TINY = {
     # alike); n 6: the reward model's recipe takes 3 pairs per prompt
     "max_steps": "1", "eval_batch_size": "2", "build.prompts": "8", "build.n": "6",
     "build.max_new_tokens": "4", "build.min_gap": "-1",
-    "eval.size": "2", "eval.max_new_tokens": "4",
+    "eval.max_new_tokens": "4",
     # tasks
     "task.train_size": "8", "task.validation_size": "2", "task.test_size": "2",
     # eval, generate

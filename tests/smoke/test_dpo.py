@@ -157,7 +157,7 @@ def test_dpo_builds_pairs_from_a_task_and_evaluates(tiny_dir, tmp_path):
     run = _dpo(tiny_dir, "unused.jsonl", tmp_path, "built", "--build.enabled=true",
                "--task.name=unit_conversion", "--build.prompts=6", "--build.n=3",
                "--build.min_gap=-1", "--build.max_new_tokens=6", "--eval.enabled=true",
-               "--eval.size=3", "--eval.max_new_tokens=6", "--data.eval_fraction=0",
+               "--eval_limit=3", "--eval.max_new_tokens=6", "--data.eval_fraction=0",
                "--max_steps=1")  # fmt: skip
     pairs = read_jsonl(run / "pairs.jsonl")
     assert len(pairs) >= 2 and all(p["score_chosen"] >= p["score_rejected"] for p in pairs)

@@ -26,7 +26,7 @@ def _args(command, tiny_dir, tmp_path, name, *extra):
         "--run.sample_every=2",
         "--steps=2",
         "--batch_size=2",
-        "--group_size=3",
+        "--samples_per_prompt=3",
         "--optim.lr=1e-2",
         "--eval_limit=0",
         f"--reward.components=python:{reward}:e_rate",
@@ -44,7 +44,7 @@ def test_runs_with_finite_losses_and_changed_weights(command, tiny_dir, tmp_path
     # grpo: the explicit path (a scoring forward for old_logp, the exact KL logged); rloo: one
     # update per rollout, old_logp = logp.detach(), entropy from the training forward, no exact KL
     extra = (
-        ["--inner_epochs=2", "--num_minibatches=2", "--exact_kl=true"] if command == "grpo" else []
+        ["--update_epochs=2", "--num_minibatches=2", "--exact_kl=true"] if command == "grpo" else []
     )
     assert main(_args(command, tiny_dir, tmp_path, command, *extra)) == 0
     run = tmp_path / "runs" / command
@@ -89,7 +89,7 @@ def test_resume_continues_exactly(tiny_dir, tmp_path, monkeypatch):
     """4 steps in one go == 2 steps, then --run.resume to step 4 (weights, optimizer, RNG,
     prompt cursor and reward normaliser all restored)."""
     use_fake_task(monkeypatch)
-    extra = ["--inner_epochs=2", "--reward.normalize=true", "--kl_coef=0.1"]
+    extra = ["--update_epochs=2", "--reward.normalize=true", "--kl_coef=0.1"]
     whole = _args("grpo", tiny_dir, tmp_path, "whole", *extra)
     assert main(whole + ["--steps=4"]) == 0
     part = _args("grpo", tiny_dir, tmp_path, "part", *extra)

@@ -29,9 +29,9 @@ def bf16_accelerator(monkeypatch):
 @pytest.mark.parametrize(
     "command, extra",
     [
-        ("grpo", ["--kl_coef=0.1", "--group_size=2", "--exact_kl=true"]),
+        ("grpo", ["--kl_coef=0.1", "--samples_per_prompt=2", "--exact_kl=true"]),
         ("reinforce", ["--kl_coef=0.1", "--exact_kl=true"]),
-        ("ppo", ["--kl.coef=0.1", "--mini_batch_size=1"]),
+        ("ppo", ["--kl_coef=0.1", "--num_minibatches=2"]),
     ],
 )
 def test_reference_runs_under_the_policys_mixed_precision(

@@ -112,7 +112,7 @@ def _args(command: str, tiny_dir: Path, tmp_path: Path, name: str, batch: int) -
     else:
         extra += [f"--reward.components=python:{reward}:chars"]
     return [command, *common, "--task.name", "unit_conversion", "--task.train_size", "8",
-            "--gen.max_new_tokens", "6", f"--batch_size={batch}", "--group_size=2", "--steps=1",
+            "--gen.max_new_tokens", "6", f"--batch_size={batch}", "--samples_per_prompt=2", "--steps=1",
             "--eval_limit=0", *extra]  # fmt: skip
 
 

@@ -40,8 +40,8 @@ def _args(command: str, tiny_dir: Path, tmp_path: Path, name: str, batch: int) -
             "--steps=1", "--eval_limit=0", f"--reward.components=python:{reward}:chars"]  # fmt: skip
     if command == "reinforce":  # the baseline of step 1 is the batch mean in both settings
         return [*args, "--baseline=mean", "--kl_coef=0.1"]
-    # one optimizer step over the whole rollout: mini_batch_size = the process's rows
-    return [*args, f"--mini_batch_size={2 * batch}", "--ppo_epochs=1", "--kl.coef=0.1"]
+    # one optimizer step over the whole rollout
+    return [*args, "--num_minibatches=1", "--update_epochs=1", "--kl_coef=0.1"]
 
 
 @pytest.fixture(scope="module")

@@ -36,10 +36,10 @@ def _args(command: str, model: Path, tmp_path: Path, name: str, *extra: str) -> 
     reward = tmp_path / "reward.py"
     reward.write_text(REWARD_PY)
     per_command = {
-        "grpo": ["--group_size=3", "--inner_epochs=2", "--kl_coef=0.1", "--exact_kl=true"],
-        "rloo": ["--group_size=2"],
+        "grpo": ["--samples_per_prompt=3", "--update_epochs=2", "--kl_coef=0.1", "--exact_kl=true"],
+        "rloo": ["--samples_per_prompt=2"],
         "reinforce": ["--kl_coef=0.1", "--kl_in=loss", "--kl_estimator=k3"],
-        "ppo": ["--mini_batch_size=2", "--ppo_epochs=2", "--kl.coef=0.1",
+        "ppo": ["--num_minibatches=1", "--update_epochs=2", "--kl_coef=0.1",
                 "--loss_reduction=fixed"],
     }  # fmt: skip
     return [

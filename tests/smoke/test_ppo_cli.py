@@ -31,10 +31,10 @@ def _args(tiny_dir: Path, tmp_path: Path, name: str, *extra: str) -> list[str]:
         "--reward.components", f"python:{reward_file}:reward",
         "--gen.max_new_tokens", "8",
         "--batch_size", "4",
-        "--mini_batch_size", "2",
-        "--ppo_epochs", "2",
+        "--num_minibatches", "2",
+        "--update_epochs", "2",
         "--optim.lr", "1e-3",
-        "--kl.coef", "0.1",
+        "--kl_coef", "0.1",
         "--run.out_dir", str(tmp_path / "runs"),
         "--run.name", name,
         "--run.progress", "false",
@@ -55,7 +55,7 @@ def test_ppo_full_finetune_changes_policy_and_value_head(tiny_dir, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3]
     for key in ("loss/policy", "loss/value", "loss/total", "kl/k1", "kl/exact", "entropy"):
         assert all(math.isfinite(r[key]) for r in recs), key
-    assert recs[0]["ppo/ratio"] == pytest.approx(1.0, abs=0.05)  # first mini-batch is on-policy
+    assert recs[0]["ratio"] == pytest.approx(1.0, abs=0.05)  # first mini-batch is on-policy
     assert recs[0]["kl/k1"] == pytest.approx(0.0, abs=1e-4)  # the policy starts at the reference
     assert recs[-1]["kl/exact"] > 0
     before = load_file(str(tiny_dir / "model.safetensors"))
@@ -110,7 +110,7 @@ def test_ppo_resume_matches_an_uninterrupted_run(tiny_dir, tmp_path):
 
 def test_ppo_separate_critic_and_eval(tiny_dir, tmp_path):
     args = _args(tiny_dir, tmp_path, "critic", "--steps", "2", "--critic", "separate",
-                 "--eval_limit", "4", "--kl.controller", "fixed")  # fmt: skip
+                 "--eval_limit", "4", "--kl_controller", "fixed")  # fmt: skip
     assert main(args) == 0
     run = tmp_path / "runs" / "critic"
     recs = _records(run)
@@ -131,7 +131,7 @@ def test_ppo_grad_accum_matches_one_big_mini_batch(tiny_dir, tmp_path):
     It also pins ppo's one-forward path ("one": 1 epoch x 1 mini-batch x 1 micro-batch, the values
     and logits of the training forward, old_logp = logp.detach(), the sampler's logp in the KL)
     to the explicit path ("acc": a no-grad scoring forward first)."""
-    common = ["--steps", "1", "--mini_batch_size", "4", "--ppo_epochs", "1", "--optim.eps", "1",
+    common = ["--steps", "1", "--num_minibatches", "1", "--update_epochs", "1", "--optim.eps", "1",
               "--loss_reduction", "seq_mean", "--run.sample_every", "0"]  # fmt: skip
     assert main(_args(tiny_dir, tmp_path, "one", *common)) == 0
     assert main(_args(tiny_dir, tmp_path, "acc", *common, "--optim.grad_accum", "4")) == 0
@@ -174,11 +174,11 @@ def test_ppo_one_forward_path_with_shared_prompts(tiny_dir, tmp_path):
     """1 epoch x 1 mini-batch x 1 micro-batch (the training forward gives the values) with 2
     samples per prompt (the reference runs each prompt once): ratio 1 exactly, finite metrics."""
     extra = ["--steps", "2", "--batch_size", "2", "--samples_per_prompt", "2",
-             "--mini_batch_size", "4", "--ppo_epochs", "1"]  # fmt: skip
+             "--num_minibatches", "1", "--update_epochs", "1"]  # fmt: skip
     assert main(_args(tiny_dir, tmp_path, "one", *extra)) == 0
     recs = _records(tmp_path / "runs" / "one")
     assert [r["step"] for r in recs] == [1, 2]
     for key in ("loss/policy", "loss/value", "kl/k1", "entropy", "value/mean"):
         assert all(math.isfinite(r[key]) for r in recs), key
-    assert all(r["ppo/ratio"] == 1.0 and "kl/exact" not in r for r in recs)
+    assert all(r["ratio"] == 1.0 and "kl/exact" not in r for r in recs)
     assert recs[0]["kl/k1"] == pytest.approx(0.0, abs=1e-4)

@@ -179,7 +179,7 @@ def test_report_of_a_real_training_run(browser, tiny_dir, tmp_path):
         "ppo", "--model.name", str(tiny_dir), "--task.name", "unit_conversion",
         "--task.strategy", "direct", "--task.train_size", "8",
         "--reward.components", f"python:{reward}:reward", "--gen.max_new_tokens", "6",
-        "--batch_size", "2", "--mini_batch_size", "2", "--ppo_epochs", "1", "--steps", "3",
+        "--batch_size", "2", "--num_minibatches", "1", "--update_epochs", "1", "--steps", "3",
         "--run.out_dir", str(tmp_path), "--run.name", "ppo", "--run.progress", "false",
         "--run.sample_every", "1", "--run.threads", "1",
     ]  # fmt: skip
@@ -213,7 +213,9 @@ def test_report_counts_steps_not_log_lines_and_shows_once_metrics_as_numbers(tmp
     page = build_report(run).read_text()
     assert "steps: 2 (4 records in metrics.jsonl)" in page
     assert "<h2>Logged once</h2>" in page and "rft/mean_reward" in page
-    assert not (run / "plots" / "other.png").exists() and not (run / "plots" / "reward.png").exists()
+    assert (
+        not (run / "plots" / "other.png").exists() and not (run / "plots" / "reward.png").exists()
+    )
 
 
 def test_report_of_an_eval_run_shows_results_and_no_training(tiny_dir, tmp_path, monkeypatch):
@@ -236,7 +238,7 @@ def test_compare_a_sweep_folder_with_its_own_png(tmp_path, capsys):
     assert main(["compare", *args]) == 0
     page = (sweep / "compare.html").read_text()
     assert "kl_coef=0.1" in page and "kl_coef=0.5" in page
-    assert "<td class=\"num\">12</td>" in page  # steps, not log lines
+    assert '<td class="num">12</td>' in page  # steps, not log lines
 
 
 def test_samples_with_tool_calls_show_calls_and_results_apart(tmp_path):

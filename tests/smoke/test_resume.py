@@ -76,8 +76,8 @@ def _args(command: str, tiny_dir: Path, tmp_path: Path, name: str) -> list[str]:
     if command == "reinforce":  # moving-average baseline and a KL penalty: state to restore
         return ["reinforce", *common, *online, "--eval_limit=0", "--kl_coef=0.1"]
     # ppo: value head, adaptive KL controller, two epochs of shuffled mini-batches
-    return ["ppo", *common, *online, "--task.strategy", "direct", "--mini_batch_size", "1",
-            "--ppo_epochs", "2", "--kl.coef", "0.1"]  # fmt: skip
+    return ["ppo", *common, *online, "--task.strategy", "direct", "--num_minibatches", "2",
+            "--update_epochs", "2", "--kl_coef", "0.1"]  # fmt: skip
 
 
 def run_and_kill(args: list[str], cwd: Path) -> str:

@@ -102,7 +102,7 @@ def test_every_command_default_passes_its_rules():
 
 def test_sizes_of_every_training_command_have_a_rule():
     """Every command's sizes carry a rule: no command checks them in its own code."""
-    sizes = {"batch_size", "steps", "epochs", "group_size", "samples_per_prompt", "k"}
+    sizes = {"batch_size", "steps", "epochs", "samples_per_prompt", "num_minibatches", "k"}
     for command, cls in _config_classes():
         for f in dataclasses.fields(cls):
             if f.name in sizes:
@@ -111,4 +111,4 @@ def test_sizes_of_every_training_command_have_a_rule():
 
     for cls in (GRPOConfig, RLOOConfig):
         rule = {f.name: f.metadata.get("check") for f in dataclasses.fields(cls)}
-        assert rule["group_size"] == ">= 2" and rule["kl_coef"] == ">= 0"
+        assert rule["samples_per_prompt"] == ">= 2" and rule["kl_coef"] == ">= 0"

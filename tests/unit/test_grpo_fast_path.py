@@ -24,7 +24,7 @@ def test_on_policy_shared_prompt_path_equals_explicit_path(tiny):
     for name, fast in [("explicit", False), ("fast", True)]:
         cfg = dataclasses.replace(GRPOConfig(), share_prompts=fast, kl_coef=0.04)
         scores = score_rollout(
-            model, ref, roll, temperature=1.0, n_micro=1, policy=not fast, share_prompts=fast
+            model, ref, roll, temperature=1.0, n_micro=1, on_policy=fast, share_prompts=fast
         )
         model.zero_grad()
         loss, m, _ = micro_batch_loss(

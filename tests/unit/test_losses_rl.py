@@ -63,7 +63,7 @@ def test_clip_higher():
     """eps_high = 0.6: ratio 1.5 with A=+1 is no longer clipped -> loss -1.5."""
     logp = torch.tensor([[LN(1.5)]])
     loss, m = clipped_policy_loss(
-        logp, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), clip_eps_high=0.6
+        logp, torch.zeros(1, 1), torch.ones(1), torch.ones(1, 1), clip_range_high=0.6
     )
     assert loss.item() == pytest.approx(-1.5)
     assert m["clip_fraction"].item() == 0.0

@@ -43,7 +43,7 @@ def test_policy_loss_hand_computed():
     ratio = torch.tensor([[1.5, 0.5, 9.0], [1.1, 0.5, 9.0]])
     old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.0]])
     adv = torch.tensor([[1.0, -1.0, 5.0], [-2.0, 2.0, 5.0]])
-    loss, m = clipped_surrogate(old + ratio.log(), old, adv, MASK, clip_eps=0.2)
+    loss, m = clipped_surrogate(old + ratio.log(), old, adv, MASK, clip_range=0.2)
     assert loss.item() == pytest.approx(0.2, abs=1e-6)
     assert m["clip_fraction"].item() == pytest.approx(0.5)
     # approx_kl = mean((r - 1) - log r)
@@ -51,7 +51,7 @@ def test_policy_loss_hand_computed():
     assert m["approx_kl"].item() == pytest.approx(((r - 1) - r.log()).mean().item(), abs=1e-6)
     # seq_mean: row means (-1.2 + 0.8) / 2 = -0.2 and (2.2 - 1.0) / 2 = 0.6 -> 0.2 as well
     loss_seq, _ = clipped_surrogate(
-        old + ratio.log(), old, adv, MASK, clip_eps=0.2, reduction="seq_mean"
+        old + ratio.log(), old, adv, MASK, clip_range=0.2, reduction="seq_mean"
     )
     assert loss_seq.item() == pytest.approx(0.2, abs=1e-6)
 
@@ -63,14 +63,14 @@ def test_value_loss_hand_computed():
     v 0.0, old 0.1, R -1.0:  v_clip 0.0;  1.00 vs 1.00 -> 0.50
     v 2.0, old 1.0, R 2.0:   v_clip 1.2;  0.00 vs 0.64 -> 0.32 (clipped)
     v -0.5, old 0.0, R 0.5:  v_clip -0.2; 1.00 vs 0.49 -> 0.50 (moving away: unclipped)
-    token mean = 1.64 / 4 = 0.41; vf_clipfrac = 2 / 4.
+    token mean = 1.64 / 4 = 0.41; value clip_fraction = 2 / 4.
     """
     values = torch.tensor([[1.0, 0.0, 7.0], [2.0, -0.5, 7.0]])
     old = torch.tensor([[0.5, 0.1, 0.0], [1.0, 0.0, 0.0]])
     returns = torch.tensor([[1.5, -1.0, -7.0], [2.0, 0.5, -7.0]])
-    loss, m = value_loss(values, old, returns, MASK, cliprange_value=0.2)
+    loss, m = value_loss(values, old, returns, MASK, clip_range_value=0.2)
     assert loss.item() == pytest.approx(0.41, abs=1e-6)
-    assert m["vf_clipfrac"].item() == pytest.approx(0.5)
+    assert m["clip_fraction"].item() == pytest.approx(0.5)
 
 
 def test_entropy_loss_uniform():
@@ -89,7 +89,7 @@ def test_on_policy_clipped_loss_is_reinforce_with_advantage():
     torch.manual_seed(0)
     logp = (-torch.rand(2, 3) * 3).requires_grad_()
     adv = torch.randn(2, 3)
-    loss, m = clipped_surrogate(logp, logp.detach(), adv, MASK, clip_eps=0.2)
+    loss, m = clipped_surrogate(logp, logp.detach(), adv, MASK, clip_range=0.2)
     (grad,) = torch.autograd.grad(loss, logp)
     logp2 = logp.detach().clone().requires_grad_()
     reinforce = -(adv * logp2 * MASK).sum() / MASK.sum()
@@ -102,7 +102,7 @@ def test_on_policy_clipped_loss_is_reinforce_with_advantage():
 def test_zero_advantage_gives_zero_policy_gradient():
     logp = (-torch.rand(2, 3)).requires_grad_()
     old = logp.detach() + torch.randn(2, 3) * 0.3  # off-policy: ratios far from 1
-    loss, _ = clipped_surrogate(logp, old, torch.zeros(2, 3), MASK, clip_eps=0.2)
+    loss, _ = clipped_surrogate(logp, old, torch.zeros(2, 3), MASK, clip_range=0.2)
     (grad,) = torch.autograd.grad(loss, logp)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
@@ -153,13 +153,25 @@ def test_per_token_rewards():
 
 
 def test_config_validation_and_shipped_config():
-    with pytest.raises(Exception, match="mini_batch_size"):
-        load_config(Config, None, ["--batch_size=2", "--mini_batch_size=4"])
+    with pytest.raises(Exception, match="num_minibatches"):
+        load_config(Config, None, ["--batch_size=2", "--num_minibatches=4"])
     with pytest.raises(Exception, match="grad_accum"):
-        load_config(Config, None, ["--mini_batch_size=2", "--optim.grad_accum=4"])
+        load_config(Config, None, ["--num_minibatches=4", "--optim.grad_accum=4"])
     path = Path(__file__).parents[2] / "configs" / "ppo_summarization.toml"
     cfg = load_config(Config, path)
-    assert cfg.task.name == "summarization" and cfg.kl.controller == "adaptive"
+    assert cfg.task.name == "summarization" and cfg.kl_controller == "adaptive"
+
+
+def test_old_mini_batch_size_converts_to_num_minibatches(capsys):
+    """The old `mini_batch_size` (rows per minibatch) becomes num_minibatches = rows / size,
+    read after every other key (here --batch_size, given after it); its old range error stays."""
+    cfg = load_config(Config, None, ["--mini_batch_size=3", "--batch_size=6"])
+    assert cfg.num_minibatches == 2
+    assert "'mini_batch_size' is now 'num_minibatches'" in capsys.readouterr().err
+    with pytest.raises(Exception, match="mini_batch_size=4 must be between 1"):
+        load_config(Config, None, ["--batch_size=2", "--mini_batch_size=4"])
+    with pytest.raises(Exception, match="one key"):
+        load_config(Config, None, ["--mini_batch_size=2", "--num_minibatches=2"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,13 +247,13 @@ def test_take_drops_left_padding_and_keeps_logps(tiny):
     prompts = ["hi", "The quick brown fox jumps over the lazy dog and more words"]
     roll = generate(model, tok, prompts, GenerationConfig(max_new_tokens=4))
     mb = take(roll, torch.tensor([0]))
-    assert mb["input_ids"].shape[1] < roll.prompt_ids.shape[1] + roll.completion_ids.shape[1]
-    assert mb["attention_mask"][0, 0] == 1
-    T = mb["T"]
+    assert mb.input_ids.shape[1] < roll.prompt_ids.shape[1] + roll.completion_ids.shape[1]
+    assert mb.attention_mask[0, 0] == 1
+    T = mb.T
     ids = torch.cat([roll.prompt_ids[:1], roll.completion_ids[:1, :T]], 1)
     attn = torch.cat([roll.prompt_mask[:1], roll.completion_mask[:1, :T].long()], 1)
     full = completion_logps(model, ids, attn, T)
-    cut = completion_logps(model, mb["input_ids"], mb["attention_mask"], T)
+    cut = completion_logps(model, mb.input_ids, mb.attention_mask, T)
     assert torch.allclose(full, cut, atol=1e-5)
 
 
@@ -273,7 +285,7 @@ def test_minibatch_loss_zero_advantage_zero_policy_gradient(tiny):
         return float(pol), 0.0 if head is None else float(head.abs().sum()), m
 
     pol, head, m = grads(vf_coef=0, ent_coef=0)
-    assert pol == 0.0 and head == 0.0 and m["ppo/ratio"].item() == pytest.approx(1.0, abs=1e-5)
+    assert pol == 0.0 and head == 0.0 and m["ratio"].item() == pytest.approx(1.0, abs=1e-5)
     assert grads(vf_coef=0, ent_coef=0.1)[0] > 0
     assert grads(vf_coef=0.1, ent_coef=0)[1] > 0
 
@@ -345,7 +357,7 @@ def test_fixed_reduction_micro_batch_1x4_equals_4x1(tiny):
     def grad(rows, normaliser):
         mb = take(roll, rows, **per_row)
         loss, _ = minibatch_loss(ac, mb, cfg, 1.0, normaliser=normaliser)
-        w = accumulation_weight(mb["loss_mask"], "fixed", step_rows=4, step_tokens=0)
+        w = accumulation_weight(mb.loss_mask, "fixed", step_rows=4, step_tokens=0)
         return torch.autograd.grad(loss * w, params, allow_unused=True)
 
     def accumulated(normaliser):

@@ -53,5 +53,29 @@ def test_help_lists_field_docs():
     from posttrain.config import help_text
 
     text = help_text(grpo.RLOOConfig, "rloo")
-    assert "--group_size" in text and "k, completions sampled per prompt" in text
+    assert "--samples_per_prompt" in text and "k, completions sampled per prompt" in text
+    assert "--group_size -> --samples_per_prompt" in text  # the old name, still accepted
     assert "--gen.temperature" in text and "--reward.on_error" in text
+
+
+ONLINE = {"reinforce": reinforce.Config, "rloo": grpo.RLOOConfig, "grpo": grpo.GRPOConfig}
+
+
+@pytest.mark.parametrize("command", ["reinforce", "rloo", "grpo", "ppo"])
+def test_online_commands_share_the_glossary_names(command):
+    """docs/glossary.md: one name per idea in every online command; each old name maps to a
+    field that exists, and is not itself a field."""
+    from dataclasses import fields
+
+    from posttrain.algos import ppo
+    from posttrain.config import Renamed
+
+    cls = ONLINE.get(command, ppo.Config)
+    names = {f.name for f in fields(cls)}
+    shared = {"samples_per_prompt", "kl_coef", "kl_estimator", "ref", "eval_limit", "batch_size"}
+    assert shared <= names
+    if command != "reinforce":  # one update per rollout: no epochs, minibatches or clip
+        assert {"update_epochs", "num_minibatches", "clip_range", "loss_reduction"} <= names
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        new = new.new if isinstance(new, Renamed) else new
+        assert old not in names and new in names, (old, new)

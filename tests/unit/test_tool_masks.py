@@ -54,12 +54,13 @@ def test_take_attends_to_tool_tokens_and_masks_them_out_of_the_loss():
     last sampled token."""
     roll = _rollout([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], [[0, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
     mb = take(roll, torch.tensor([0]))
-    assert mb["T"] == 4
-    assert mb["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1]]
-    assert mb["mask"].tolist() == [[1, 0, 0, 1]]
-    both = take(roll, torch.arange(2), extra=torch.ones(2, 5))
-    assert both["T"] == 4 and both["extra"].shape == (2, 4)
-    assert both["mask"].tolist() == [[1, 0, 0, 1], [1, 1, 1, 0]]
+    assert mb.T == 4
+    assert mb.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1]]
+    assert mb.mask.tolist() == [[1, 0, 0, 1]]
+    both = take(roll, torch.arange(2), returns=torch.ones(2, 5), adv=torch.ones(2))
+    assert both.T == 4 and both.returns.shape == (2, 4) and both.adv.shape == (2,)
+    assert both.mask.tolist() == [[1, 0, 0, 1], [1, 1, 1, 0]]
+    assert both.old_logp is None and both.completion_ids.shape == (2, 4)
     assert roll.num_tokens == 5
 
 
@@ -67,7 +68,7 @@ def test_reinforce_loss_over_policy_tokens_hand_computed():
     """adv 2, logp (-1, [-2, -3], -4) with the bracketed tokens from a tool:
     policy term -2 * (-1 - 4) = 10 (not -2 * -10 = 20); k1 KL to ref (-1.5, [0, 0], -3) is
     (0.5 + (-1)) = -0.5, times kl_coef 0.5 -> -0.25; total 9.75."""
-    mask = take(ONE, torch.tensor([0]))["mask"]
+    mask = take(ONE, torch.tensor([0])).mask
     ref = torch.tensor([[-1.5, 0.0, 0.0, -3.0]])
     loss, m = reinforce_loss(
         LOGP, mask, torch.tensor([2.0]), ref_logp=ref, kl_coef=0.5, kl_estimator="k1"
@@ -85,7 +86,7 @@ def test_clipped_loss_over_policy_tokens_hand_computed(reduction, want):
     e^6 on the tool's, which would be clipped); A = 1, eps 0.2, none clipped. fixed (N = 4):
     -(e^0.1 + 1) / 4; seq_mean: -(e^0.1 + 1) / 2. The k3 KL to a ref equal to logp on the sampled
     tokens (and far off on the tool's) is 0."""
-    mask = take(ONE, torch.tensor([0]))["mask"]
+    mask = take(ONE, torch.tensor([0])).mask
     old = torch.tensor([[-1.1, -9.0, -9.0, -4.0]])
     ref = torch.tensor([[-1.0, 0.0, 0.0, -4.0]])
     loss, m = clipped_policy_loss(
@@ -106,7 +107,7 @@ def test_ppo_rewards_gae_and_losses_skip_tool_tokens_hand_computed():
     returns (1.7675, 0, 0, 1.9): as GAE over the two actions alone.
     policy loss, old = logp on a and b, adv (1, [5, 5], -2): token mean of (-1, 2) = 0.5.
     value loss, returns (1, [0, 0], 1): 0.5 * ((0.5 - 1)^2 + (0.25 - 1)^2) / 2 = 0.203125."""
-    mask = take(ONE, torch.tensor([0]))["mask"]
+    mask = take(ONE, torch.tensor([0])).mask
     rewards = per_token_rewards(
         torch.tensor([2.0]), torch.tensor([[0.1, 5.0, 5.0, 0.2]]) * mask, mask, beta=0.5
     )
@@ -121,10 +122,12 @@ def test_ppo_rewards_gae_and_losses_skip_tool_tokens_hand_computed():
     torch.testing.assert_close(r4[:, [0, 3]], r2)
 
     old = torch.tensor([[-1.0, -9.0, -9.0, -4.0]])
-    pg, m = clipped_surrogate(LOGP, old, torch.tensor([[1.0, 5.0, 5.0, -2.0]]), mask, clip_eps=0.2)
+    pg, m = clipped_surrogate(
+        LOGP, old, torch.tensor([[1.0, 5.0, 5.0, -2.0]]), mask, clip_range=0.2
+    )
     assert float(pg) == pytest.approx(0.5) and float(m["ratio"]) == pytest.approx(1.0)
     returns = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
-    vf, _ = value_loss(values, values, returns, mask, cliprange_value=0.2)
+    vf, _ = value_loss(values, values, returns, mask, clip_range_value=0.2)
     assert float(vf) == pytest.approx(0.203125)
 
 

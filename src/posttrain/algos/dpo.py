@@ -81,8 +81,6 @@ class EvalConfig:
     """sample on the task's eval split before and after training: mean reward + task metrics"""
     split: str = "test"
     """task split to evaluate on"""
-    size: int = check(64, ">= 1")
-    """prompts evaluated"""
     before: bool = True
     """also evaluate before training (logged at step 0)"""
     max_new_tokens: int = check(0, ">= 0")
@@ -103,6 +101,7 @@ class Config:
         "loss": "loss_type",
         "tool": "tools.names",
     }
+    RENAMED: ClassVar[dict[str, str]] = {"eval.size": "eval_limit"}  # docs/glossary.md
     loss_type: LossType = LossType.DPO
     """dpo, ipo, cdpo (label-smoothed) or simpo (reference-free)"""
     beta: float = check(0.1, "> 0")
@@ -121,6 +120,8 @@ class Config:
     """pairs per micro-batch (2x rows in the forward pass); x optim.grad_accum per step"""
     eval_every: int = check(0, ">= 0")
     """held-out loss/accuracy every this many steps (0: at the end only)"""
+    eval_limit: int = check(64, ">= 1")
+    """task prompts sampled and scored by the [eval] evaluation (eval.enabled)"""
     eval_batch_size: int = check(16, ">= 1")
     """pairs per forward pass when evaluating or precomputing reference log-probs"""
     reference_cache: str | None = None
@@ -355,7 +356,7 @@ def task_eval(cfg: Config, model: Any, tok: Any) -> tuple[dict[str, float], list
 
     task = load_task(cfg.task)
     tools = Toolbox.from_config(cfg.tools)
-    rows = task.rows(cfg.eval.split)[: cfg.eval.size]
+    rows = task.rows(cfg.eval.split)[: cfg.eval_limit]
     gen = task.generation()
     if cfg.eval.max_new_tokens:
         gen.max_new_tokens = cfg.eval.max_new_tokens

@@ -11,8 +11,9 @@ with the k3 KL in the loss and the per-sequence token mean (`seq_mean`).
 Both optimise the clipped surrogate of PPO, per completion token t of row i:
     ratio_it = pi(y_it) / pi_old(y_it)
     loss_it  = -min(ratio_it * A_i, clip(ratio_it, 1 - eps, 1 + eps_high) * A_i) + beta * k(pi, ref)_it
+with eps = `clip_range`, eps_high = `clip_range_high`, beta = `kl_coef`, k = `samples_per_prompt`.
 reduced by the named reduction (`ops.aggregate_loss`: token_mean, seq_mean, fixed), for
-`inner_epochs` passes over `num_minibatches` minibatches of each rollout batch. With one epoch and
+`update_epochs` passes over `num_minibatches` minibatches of each rollout batch. With one epoch and
 one minibatch the ratio is exactly 1 and the update is REINFORCE with advantage A.
 
 Departures: with several updates per rollout, pi_old is recomputed by a no-grad forward before the
@@ -20,15 +21,15 @@ first update (not taken from the sampler), so the ratio starts at 1 to float pre
 update per rollout that forward is skipped and pi_old = pi.detach() (the ratio is 1 exactly), the
 entropy is measured in the training forward and the exact KL is not logged (`exact_kl=true` brings
 back the scoring forward and kl/exact). The samples of one prompt run the prompt through the model
-once (`share_prompts`, `ops.completion_logits_shared`). eps_high (DAPO's clip-higher) defaults to
-eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO). Dropout is off for the whole
+once (`share_prompts`, `forwards.completion_logits_shared`). eps_high (DAPO's clip-higher)
+defaults to eps; the "fixed" normaliser defaults to gen.max_new_tokens (Dr. GRPO). Dropout is off for the whole
 run (the policy stays in eval mode, as in PPO): with dropout on, pi_old and pi would be two draws
 of a random function and the first ratio would not be 1 (lora.dropout has no effect here).
 
 Tools (`[tools]`, `--tools.names calculator`): the policy may call them while it samples; the
 tokens a tool inserts are attended to but are not the policy's actions, so they get no log-prob,
 no ratio, no loss and no KL, and count in no normaliser (`Rollout.policy_mask` is the mask of
-every loss and metric; `online.take` returns it as `mask`).
+every loss and metric; `online.take` returns it as `MicroBatch.mask`).
 
 Across processes: each prompt samples from its own seed (run seed, position in the prompt stream)
 and token_mean divides by the step's tokens on all processes, so N processes x B prompts train
@@ -43,7 +44,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -73,26 +74,32 @@ from posttrain.train import uses_run_settings
 
 @dataclass
 class Config(OnlineConfig):
+    RENAMED: ClassVar[dict[str, Any]] = {
+        "group_size": "samples_per_prompt",
+        "inner_epochs": "update_epochs",
+        "clip_eps": "clip_range",
+        "clip_eps_high": "clip_range_high",
+    }
     steps: int = check(100, ">= 1")
-    """rollout batches (each followed by inner_epochs x num_minibatches optimizer steps)"""
+    """rollout batches (each followed by update_epochs x num_minibatches optimizer steps)"""
     batch_size: int = check(8, ">= 1")
     """prompts per rollout batch (on each process)"""
-    group_size: int = check(4, ">= 2")
-    """k, completions sampled per prompt"""
+    samples_per_prompt: int = check(4, ">= 2")
+    """k, completions sampled per prompt (the group)"""
     advantage: Literal["rloo", "group_norm"] = "group_norm"
     """rloo: r_i - mean of the others; group_norm: (r_i - group mean) / (group std + eps)"""
     scale_rewards: bool = True
     """group_norm: divide by the group std (false: Dr. GRPO, centring only)"""
     adv_eps: float = check(1e-4, ">= 0")
     """group_norm: eps added to the group std"""
-    inner_epochs: int = check(1, ">= 1")
+    update_epochs: int = check(1, ">= 1")
     """passes over each rollout batch (GRPO's mu)"""
     num_minibatches: int = check(1, ">= 1")
     """optimizer steps per pass; each minibatch is split into optim.grad_accum micro-batches"""
-    clip_eps: float = check(0.2, ">= 0")
-    """ratio clip: [1 - clip_eps, 1 + clip_eps_high]"""
-    clip_eps_high: float | None = check(None, ">= 0")
-    """upper clip (DAPO clip-higher); unset: clip_eps"""
+    clip_range: float = check(0.2, ">= 0")
+    """ratio clip: [1 - clip_range, 1 + clip_range_high]"""
+    clip_range_high: float | None = check(None, ">= 0")
+    """upper clip (DAPO clip-higher); unset: clip_range"""
     kl_coef: float = check(0.04, ">= 0")
     """beta, the KL coefficient (0: no KL, no reference needed)"""
     kl_estimator: Literal["k1", "k3"] = "k3"
@@ -108,7 +115,7 @@ class Config(OnlineConfig):
     exact_kl: bool = False
     """log kl/exact, the KL over the whole vocabulary (costs a policy forward and (B, T, V) softmaxes)"""
     share_prompts: bool = True
-    """forward each prompt once for its group_size samples (KV cache shared); false: per row"""
+    """forward each prompt once for its samples_per_prompt samples (KV cache shared); false: per row"""
 
 
 @dataclass
@@ -134,8 +141,8 @@ def clipped_policy_loss(
     adv: Tensor,
     mask: Tensor,
     *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
     ref_logp: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
@@ -147,10 +154,11 @@ def clipped_policy_loss(
 
     logp, old_logp, mask, ref_logp: (B, T); adv: (B,) per sequence (or (B, T) per token).
       loss_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) + kl_coef * k(logp, ref_logp)
+    with eps = clip_range, eps_high = clip_range_high.
     """
     red = {"reduction": reduction, "normaliser": normaliser}
     pg, metrics = clipped_surrogate(
-        logp, old_logp, adv, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high, **red
+        logp, old_logp, adv, mask, clip_range=clip_range, clip_range_high=clip_range_high, **red
     )
     loss = pg
     if ref_logp is not None and kl_coef:
@@ -166,9 +174,9 @@ def clipped_policy_loss(
 def advantages(rewards: Tensor, valid: Tensor, cfg: Config) -> Tensor:
     """(B,) -> (B,): leave-one-out or group-normalised, 0 for invalid rows."""
     if cfg.advantage == "rloo":
-        return rloo_advantages(rewards, cfg.group_size, valid=valid)
+        return rloo_advantages(rewards, cfg.samples_per_prompt, valid=valid)
     return group_normalized_advantages(
-        rewards, cfg.group_size, scale=cfg.scale_rewards, eps=cfg.adv_eps, valid=valid
+        rewards, cfg.samples_per_prompt, scale=cfg.scale_rewards, eps=cfg.adv_eps, valid=valid
     )
 
 
@@ -192,53 +200,49 @@ def micro_batch_loss(
     then measured here, from this forward's logits.
     """
     mb = take(
-        roll,
-        rows,
-        adv=adv,
-        old_logp=scores.old_logp,
-        ref_logp=scores.ref_logp,
+        roll, rows, adv=adv, old_logp=scores.old_logp, ref_logp=scores.ref_logp,
         loss_mask=loss_mask,
-    )
-    args = (model, mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
+    )  # fmt: skip
+    args = (model, mb.input_ids, mb.attention_mask, mb.T, temperature)
     if cfg.share_prompts:  # rows of one prompt: run the prompt once
-        logits = completion_logits_shared(*args, groups=roll.prompt_index[rows.to(adv.device)])
+        logits = completion_logits_shared(*args, groups=mb.groups)
     else:
         logits = completion_logits(*args)  # (b, T, V)
-    logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T)
+    logp = selective_log_softmax(logits, mb.completion_ids)  # (b, T)
     loss, m = clipped_policy_loss(
         logp,
-        logp.detach() if on_policy else mb["old_logp"],
-        mb["adv"],
-        mb["loss_mask"],
-        clip_eps=cfg.clip_eps,
-        clip_eps_high=cfg.clip_eps_high,
-        ref_logp=mb["ref_logp"],
+        logp.detach() if on_policy else mb.old_logp,
+        mb.adv,
+        mb.loss_mask,
+        clip_range=cfg.clip_range,
+        clip_range_high=cfg.clip_range_high,
+        ref_logp=mb.ref_logp,
         kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0,
         kl_estimator=cfg.kl_estimator,
         reduction=cfg.loss_reduction,
         normaliser=normaliser,
     )
     if on_policy:
-        m["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
-    return loss, m, mb["loss_mask"]
+        m["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb.mask)
+    return loss, m, mb.loss_mask
 
 
 @uses_run_settings
 def main(cfg: Config) -> int:
     command = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    o = OnlineRun(cfg, command, n=cfg.group_size, ref=cfg.ref, kl_coef=cfg.kl_coef)
+    o = OnlineRun(cfg, command, n=cfg.samples_per_prompt, ref=cfg.ref, kl_coef=cfg.kl_coef)
     normaliser = cfg.fixed_normaliser or o.gen.max_new_tokens
-    updates_per_step = cfg.inner_epochs * cfg.num_minibatches
+    updates_per_step = cfg.update_epochs * cfg.num_minibatches
     # one update per rollout: no scoring forward of the policy (old_logp = logp.detach())
     on_policy = updates_per_step == 1 and not cfg.exact_kl
     model = o.prepare(o.policy, {"policy": o.policy}, updates_per_step)
     for step in o.steps():
-        # 1. rollout: group_size completions per prompt, rows of a prompt contiguous; scoring
+        # 1. rollout: samples_per_prompt completions per prompt, rows of a prompt contiguous
         roll, out, t_gen = o.sample(cfg.batch_size)
         t1 = time.perf_counter()
         scores = score_rollout(
             model, o.ref, roll, temperature=o.gen.temperature, n_micro=cfg.optim.grad_accum,
-            policy=not on_policy, exact=cfg.exact_kl, share_prompts=cfg.share_prompts,
+            on_policy=on_policy, exact=cfg.exact_kl, share_prompts=cfg.share_prompts,
         )  # fmt: skip
         t2 = time.perf_counter()
         # 2. advantages from the (optionally KL-penalised) rewards
@@ -249,13 +253,13 @@ def main(cfg: Config) -> int:
         )  # fmt: skip
         adv = advantages(rewards, valid, cfg)  # (B,)
         loss_mask = mask * valid[:, None]
-        # 3. inner epochs over shuffled minibatches; each minibatch is one optimizer step
+        # 3. update epochs over shuffled minibatches; each minibatch is one optimizer step
         loss_fn = functools.partial(
             micro_batch_loss, model, roll, adv=adv, scores=scores, loss_mask=loss_mask, cfg=cfg,
             temperature=o.gen.temperature, normaliser=normaliser, on_policy=on_policy,
         )  # fmt: skip
         totals = o.update(
-            model, loss_fn, loss_mask, epochs=cfg.inner_epochs,
+            model, loss_fn, loss_mask, epochs=cfg.update_epochs,
             minibatches=lambda order: micro_batches(len(order), cfg.num_minibatches, order),
             reduction=cfg.loss_reduction, shuffle=updates_per_step > 1,
         )  # fmt: skip
@@ -264,7 +268,9 @@ def main(cfg: Config) -> int:
             **rollout_metrics(roll, out, scores, o.reward_fn),
             "reward/penalized": float(rewards[valid].mean()) if valid.any() else 0.0,
             "adv/abs_mean": float(adv[valid].abs().mean()) if valid.any() else 0.0,
-            "frac_zero_std_groups": _zero_std_fraction(out.total, out.valid, cfg.group_size),
+            "frac_zero_std_groups": _zero_std_fraction(
+                out.total, out.valid, cfg.samples_per_prompt
+            ),
             **totals,
             "kl_coef": cfg.kl_coef,
             "time/generate": t_gen,

@@ -8,9 +8,10 @@ et al. 2017) and GAE (Schulman et al. 2016). Each step:
      every token (`per_token_rewards`), the KL from the k1 (or k3) estimator on the sampled tokens;
   3. values from a scalar head on the policy's last hidden states (or a separate critic), GAE
      advantages and returns (`advantages.gae`), advantages whitened over the batch;
-  4. `ppo_epochs` passes over shuffled mini-batches: clipped policy loss (`policy_loss`), clipped
-     value loss (`value_loss`) times vf_coef, entropy bonus (`entropy_loss`) times ent_coef;
-  5. adapt beta towards a target KL (`AdaptiveKLController`) or keep it fixed.
+  4. `update_epochs` passes over `num_minibatches` shuffled minibatches: clipped policy loss
+     (`ops.clipped_surrogate`, eps = `clip_range`), clipped value loss (`value_loss`) times
+     vf_coef, entropy bonus (`entropy_loss`) times ent_coef;
+  5. adapt beta (`kl_coef`, its start) towards `kl_target` (`AdaptiveKLController`) or keep it fixed.
 
 Departures from the paper: no reward-model training here (the reward is any `[reward]` source:
 ROUGE, a classifier, a Python function); rewards are standardised by running statistics
@@ -36,13 +37,13 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from posttrain.advantages import gae
-from posttrain.config import ConfigError, OptimConfig, check
-from posttrain.online import score_rollout, take, whiten_over_processes
+from posttrain.config import ConfigError, OptimConfig, Renamed, check
+from posttrain.online import MicroBatch, micro_batches, score_rollout, take, whiten_over_processes
 from posttrain.online_run import OnlineConfig, OnlineRun, rollout_metrics, sample_records
 from posttrain.ops import (
     KL_ESTIMATORS,
@@ -70,42 +71,63 @@ def _ppo_task() -> TaskConfig:
     return TaskConfig(name="summarization")
 
 
-@dataclass
-class KLConfig:
-    coef: float = check(0.2, ">= 0")
-    """initial KL coefficient beta in the per-token reward (0: no KL, no reference model)"""
-    controller: Literal["adaptive", "fixed"] = "adaptive"
-    """adaptive: move beta towards the target KL (Ziegler et al. 2019); fixed: keep beta"""
-    target: float = check(6.0, "> 0")
-    """adaptive: target KL per completion in nats (summed over its tokens)"""
-    horizon: int = check(10000, ">= 1")
-    """adaptive: horizon in samples; beta changes by at most 20% per `horizon` samples"""
-    estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator in the reward: k1 = logp - ref_logp (Ziegler), k3 = Schulman's"""
-    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), a frozen copy, the base weights with the LoRA adapter off, none"""
+def _minibatches_from_size(cfg: Any, size: int) -> int:
+    """The old `mini_batch_size` (rows per minibatch) as `num_minibatches`."""
+    rows = cfg.batch_size * cfg.samples_per_prompt
+    if not 1 <= size <= rows:
+        raise ConfigError(
+            f"mini_batch_size={size} must be between 1 and the rollout rows "
+            f"batch_size * samples_per_prompt = {rows}"
+        )
+    return math.ceil(rows / size)
 
 
 @dataclass
 class Config(OnlineConfig):
+    RENAMED: ClassVar[dict[str, Any]] = {
+        "ppo_epochs": "update_epochs",
+        "mini_batch_size": Renamed(
+            "num_minibatches", _minibatches_from_size, hint="= rollout rows / mini_batch_size"
+        ),
+        "cliprange": "clip_range",
+        "cliprange_value": "clip_range_value",
+        "kl.coef": "kl_coef",
+        "kl.controller": "kl_controller",
+        "kl.target": "kl_target",
+        "kl.horizon": "kl_horizon",
+        "kl.estimator": "kl_estimator",
+        "kl.ref": "ref",
+    }
     steps: int = check(50, ">= 1")
-    """PPO steps: one rollout batch, then ppo_epochs of updates on it"""
+    """PPO steps: one rollout batch, then update_epochs of updates on it"""
     batch_size: int = check(8, ">= 1")
     """prompts per step (on each process)"""
     samples_per_prompt: int = check(1, ">= 1")
     """completions sampled per prompt (rollout rows = batch_size * samples_per_prompt)"""
-    mini_batch_size: int = check(4, ">= 1")
-    """rollout rows per optimizer step inside the PPO epochs (split into optim.grad_accum micro-batches)"""
-    ppo_epochs: int = check(4, ">= 1")
+    update_epochs: int = check(4, ">= 1")
     """passes over each rollout batch, each in a fresh shuffled order"""
+    num_minibatches: int = check(2, ">= 1")
+    """optimizer steps per pass, on nearly equal shares of the rollout rows (each split into optim.grad_accum micro-batches)"""
     gamma: float = check(1.0, "in [0, 1]")
     """discount factor (1: undiscounted, as in Ziegler et al.)"""
     lam: float = check(0.95, "in [0, 1]")
     """GAE lambda"""
-    cliprange: float = check(0.2, ">= 0")
-    """policy ratio clip epsilon"""
-    cliprange_value: float = check(0.2, ">= 0")
+    clip_range: float = check(0.2, ">= 0")
+    """policy ratio clip: [1 - clip_range, 1 + clip_range]"""
+    clip_range_value: float = check(0.2, ">= 0")
     """value clip: new values stay within this distance of the rollout's values"""
+    kl_coef: float = check(0.2, ">= 0")
+    """beta, the initial KL coefficient in the per-token reward (0: no KL, no reference model)"""
+    kl_controller: Literal["adaptive", "fixed"] = "adaptive"
+    """adaptive: move beta towards kl_target (Ziegler et al. 2019); fixed: keep beta"""
+    kl_target: float = check(6.0, "> 0")
+    """adaptive: target KL per completion in nats (summed over its tokens)"""
+    kl_horizon: int = check(10000, ">= 1")
+    """adaptive: horizon in samples; beta changes by at most 20% per `kl_horizon` samples"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator in the reward: k1 = logp - ref_logp (Ziegler), k3 = Schulman's"""
+    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
+    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), a frozen copy, the base weights with the LoRA adapter off, none"""
     vf_coef: float = check(0.1, ">= 0")
     """weight of the value loss in the total loss"""
     ent_coef: float = 0.0
@@ -126,21 +148,20 @@ class Config(OnlineConfig):
     """rows per no-grad forward pass when scoring the rollout (bounds memory)"""
     eval_limit: int = check(16, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
-    kl: KLConfig = field(default_factory=KLConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.41e-5))
     task: TaskConfig = field(default_factory=_ppo_task)
 
     def validate(self) -> None:
         rows = self.batch_size * self.samples_per_prompt
-        if not 1 <= self.mini_batch_size <= rows:
+        if self.num_minibatches > rows:
             raise ConfigError(
-                f"mini_batch_size={self.mini_batch_size} must be between 1 and the rollout rows "
+                f"num_minibatches={self.num_minibatches} must be at most the rollout rows "
                 f"batch_size * samples_per_prompt = {rows}"
             )
-        if self.optim.grad_accum > self.mini_batch_size:
+        if self.optim.grad_accum > rows // self.num_minibatches:
             raise ConfigError(
-                f"optim.grad_accum={self.optim.grad_accum} splits each mini-batch into micro-batches: "
-                f"it cannot exceed mini_batch_size={self.mini_batch_size}"
+                f"optim.grad_accum={self.optim.grad_accum} splits each minibatch into micro-batches: "
+                f"it cannot exceed the rows of a minibatch, {rows // self.num_minibatches}"
             )
 
 
@@ -154,21 +175,22 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     *,
-    cliprange_value: float,
+    clip_range_value: float,
     reduction: Reduction = "token_mean",
     normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss. All inputs (B, T).
 
-    v_clip = old_values + clip(values - old_values, -c, c)
+    v_clip = old_values + clip(values - old_values, -c, c)       c = clip_range_value
     loss_t = 0.5 * max((values - returns)^2, (v_clip - returns)^2)
-    Metrics: vf_clipfrac (share of tokens where the clipped error is the larger one).
+    Metrics: clip_fraction (share of tokens where the clipped error is the larger one).
     """
-    v_clip = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    c = clip_range_value
+    v_clip = old_values + torch.clamp(values - old_values, -c, c)
     err = (values - returns) ** 2
     err_clip = (v_clip - returns) ** 2
     loss = aggregate_loss(0.5 * torch.maximum(err, err_clip), mask, reduction, normaliser)
-    return loss, {"vf_clipfrac": masked_mean((err_clip > err).float(), mask).detach()}
+    return loss, {"clip_fraction": masked_mean((err_clip > err).float(), mask).detach()}
 
 
 def entropy_loss(
@@ -237,10 +259,10 @@ class FixedKLController:
         self.value = float(state["value"])
 
 
-def kl_controller(cfg: KLConfig) -> AdaptiveKLController | FixedKLController:
-    if cfg.controller == "adaptive":
-        return AdaptiveKLController(cfg.coef, cfg.target, cfg.horizon)
-    return FixedKLController(cfg.coef)
+def kl_controller(cfg: Config) -> AdaptiveKLController | FixedKLController:
+    if cfg.kl_controller == "adaptive":
+        return AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return FixedKLController(cfg.kl_coef)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +271,7 @@ def kl_controller(cfg: KLConfig) -> AdaptiveKLController | FixedKLController:
 
 def minibatch_loss(
     ac: Any,
-    mb: dict[str, Any],
+    mb: MicroBatch,
     cfg: Config,
     temperature: float,
     outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -262,22 +284,24 @@ def minibatch_loss(
     micro-batch's width, which `take` trims to its longest completion (None: that width).
 
     outputs: (logits, values) of this micro-batch already computed (with grad), instead of a
-    forward here. old_logp / old_values None in mb: on-policy, they are logp / values detached."""
+    forward here. old_logp / old_values None in mb: on-policy, they are logp / values detached.
+    mb.loss_mask None: mb.mask."""
     if outputs is None:
-        outputs = ac(mb["input_ids"], mb["attention_mask"], mb["T"], temperature, mb.get("groups"))
+        outputs = ac(mb.input_ids, mb.attention_mask, mb.T, temperature, mb.groups)
     logits, values = outputs
-    logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])  # (b, T')
-    old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]
-    old_values = values.detach() if mb["old_values"] is None else mb["old_values"]
-    m, red = mb["loss_mask"], {"reduction": cfg.loss_reduction, "normaliser": normaliser}
-    pg, pg_m = clipped_surrogate(logp, old_logp, mb["adv"], m, clip_eps=cfg.cliprange, **red)
-    vf, vf_m = value_loss(values, old_values, mb["returns"], m, cliprange_value=cfg.cliprange_value, **red)  # fmt: skip
+    logp = selective_log_softmax(logits, mb.completion_ids)  # (b, T')
+    old_logp = logp.detach() if mb.old_logp is None else mb.old_logp
+    old_values = values.detach() if mb.old_values is None else mb.old_values
+    m = mb.mask if mb.loss_mask is None else mb.loss_mask
+    red = {"reduction": cfg.loss_reduction, "normaliser": normaliser}
+    pg, pg_m = clipped_surrogate(logp, old_logp, mb.adv, m, clip_range=cfg.clip_range, **red)
+    vf, vf_m = value_loss(values, old_values, mb.returns, m, clip_range_value=cfg.clip_range_value, **red)  # fmt: skip
     # without an entropy bonus the entropy is only logged: keep it out of the backward graph
     ent_tok = entropy_from_logits(logits if cfg.ent_coef else logits.detach())
     ent, _ = entropy_loss(ent_tok, m, **red)
     loss = pg + cfg.vf_coef * vf + cfg.ent_coef * ent
     metrics = {"loss/policy": pg, "loss/value": vf, "loss/entropy": ent, "loss/total": loss}
-    metrics |= {f"ppo/{k}": v for k, v in (pg_m | vf_m).items()}
+    metrics |= pg_m | {f"value/{k}": v for k, v in vf_m.items()}
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
@@ -287,7 +311,7 @@ def minibatch_loss(
 
 @uses_run_settings
 def main(cfg: Config) -> int:
-    o = OnlineRun(cfg, "ppo", n=cfg.samples_per_prompt, ref=cfg.kl.ref, kl_coef=cfg.kl.coef)
+    o = OnlineRun(cfg, "ppo", n=cfg.samples_per_prompt, ref=cfg.ref, kl_coef=cfg.kl_coef)
     acc, policy = o.acc, o.policy
     normaliser = cfg.fixed_normaliser or o.gen.max_new_tokens  # `fixed`: a constant (issue #16)
     critic = None
@@ -298,11 +322,11 @@ def main(cfg: Config) -> int:
     ac = ActorCritic(policy, head.to(acc.device), critic)
     ac.eval()  # dropout off: the ratio on a freshly sampled batch is exactly 1
     B = cfg.batch_size * cfg.samples_per_prompt  # rollout rows per step (per process)
-    updates_per_step = cfg.ppo_epochs * math.ceil(B / cfg.mini_batch_size)  # optimizer steps
+    updates_per_step = cfg.update_epochs * cfg.num_minibatches  # optimizer steps
     # one update from one forward per rollout: that forward's values give the advantages and its
     # logits the loss (no scoring forward of the policy; ratio 1 and value clip inactive exactly)
-    single = updates_per_step == 1 and cfg.optim.grad_accum == 1
-    kl_ctl = kl_controller(cfg.kl)
+    on_policy = updates_per_step == 1 and cfg.optim.grad_accum == 1
+    kl_ctl = kl_controller(cfg)
     modules = {"policy": policy, "value_head": head} | ({"critic": critic} if critic else {})
     ac = o.prepare(ac, modules, updates_per_step, kl_ctl=kl_ctl)
     for step in o.steps():
@@ -312,15 +336,14 @@ def main(cfg: Config) -> int:
         # 2. per-token rewards: the score at the last token, -beta * KL at every token
         n_fwd = math.ceil(B / cfg.forward_batch_size)
         s = score_rollout(
-            ac, o.ref, roll, temperature=o.gen.temperature, n_micro=n_fwd, policy=not single,
+            ac, o.ref, roll, temperature=o.gen.temperature, n_micro=n_fwd, on_policy=on_policy,
             forward=ac,
         )  # fmt: skip
         outputs = None
-        if single:  # the training forward, before the advantages that its values give
-            whole = take(roll, torch.arange(B))
-            groups = roll.prompt_index  # each prompt (and their common start) run once
-            outputs = ac(whole["input_ids"], whole["attention_mask"], whole["T"], o.gen.temperature, groups)  # fmt: skip
-            t, m_ = whole["T"], whole["mask"]
+        if on_policy:  # the training forward, before the advantages that its values give
+            whole = take(roll, torch.arange(B))  # each prompt (and their common start) run once
+            outputs = ac(whole.input_ids, whole.attention_mask, whole.T, o.gen.temperature, whole.groups)  # fmt: skip
+            t, m_ = whole.T, whole.mask
             s.values = torch.zeros_like(roll.completion_mask)
             s.values[:, :t] = outputs[1].detach().float() * m_
             s.entropy = torch.zeros_like(roll.completion_mask)
@@ -333,24 +356,24 @@ def main(cfg: Config) -> int:
             scores = whiten_over_processes(acc, scores, valid.float())
         kl = torch.zeros_like(mask)
         if o.ref is not None:
-            kl = KL_ESTIMATORS[cfg.kl.estimator](s.old_logp, s.ref_logp) * mask
+            kl = KL_ESTIMATORS[cfg.kl_estimator](s.old_logp, s.ref_logp) * mask
         rewards = per_token_rewards(scores, kl, mask, beta=kl_ctl.value)  # (B, T)
         # 3. advantages and returns
         adv, returns = gae(rewards, s.values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:  # over every process's tokens, as on one process
             adv = whiten_over_processes(acc, adv, mask)
         t3 = time.perf_counter()
-        # 4. PPO epochs over shuffled mini-batches, each one optimizer step
-        old = {"old_logp": None, "old_values": None} if single else {
-            "old_logp": s.old_logp, "old_values": s.values}  # fmt: skip
+        # 4. update epochs over shuffled minibatches, each one optimizer step
+        # on policy: old_logp / old_values are the training forward's, detached (None here)
         loss_fn = functools.partial(
-            _micro_loss, ac, roll, old=old, adv=adv, returns=returns, mask=mask, cfg=cfg,
+            _micro_loss, ac, roll, old_logp=None if on_policy else s.old_logp,
+            old_values=None if on_policy else s.values, adv=adv, returns=returns, mask=mask, cfg=cfg,
             temperature=o.gen.temperature, outputs=outputs, normaliser=normaliser,
         )  # fmt: skip
         totals = o.update(
-            ac, loss_fn, mask, epochs=cfg.ppo_epochs,
-            minibatches=lambda order: list(order.split(cfg.mini_batch_size)),
-            reduction=cfg.loss_reduction, shuffle=not single,
+            ac, loss_fn, mask, epochs=cfg.update_epochs,
+            minibatches=lambda order: micro_batches(len(order), cfg.num_minibatches, order),
+            reduction=cfg.loss_reduction, shuffle=not on_policy,
         )  # fmt: skip
         t4 = time.perf_counter()
         # 5. KL controller, one flat record
@@ -365,7 +388,7 @@ def main(cfg: Config) -> int:
             "returns/mean": float(masked_mean(returns, mask)),
             "kl_coef": beta,
             "time/generate": t_gen,
-            "time/forward": t3 - t2,
+            "time/score": t3 - t2,
             "time/train": t4 - t3,
         }
         o.end_step(step, rec, sample_records(roll, out, adv[:, 0], cfg.n_samples))
@@ -379,11 +402,15 @@ def main(cfg: Config) -> int:
 
 
 def _micro_loss(
-    ac: Any, roll: Any, idx: torch.Tensor, *, old: dict[str, Any], adv: torch.Tensor,
+    ac: Any, roll: Any, idx: torch.Tensor, *, old_logp: torch.Tensor | None,
+    old_values: torch.Tensor | None, adv: torch.Tensor,
     returns: torch.Tensor, mask: torch.Tensor, cfg: Config, temperature: float,
     outputs: Any, normaliser: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:  # fmt: skip
     """`minibatch_loss` on some rollout rows (each prompt once) -> (loss, metrics, loss mask)."""
-    mb = take(roll, idx, **old, adv=adv, returns=returns, loss_mask=mask, groups=roll.prompt_index)
+    mb = take(
+        roll, idx, old_logp=old_logp, old_values=old_values, adv=adv, returns=returns,
+        loss_mask=mask,
+    )  # fmt: skip
     loss, m = minibatch_loss(ac, mb, cfg, temperature, outputs, normaliser=normaliser)
-    return loss, m, mb["loss_mask"]
+    return loss, m, mb.loss_mask

@@ -115,16 +115,15 @@ def micro_batch_loss(
     """Forward some rollout rows (each prompt once) -> (reinforce_loss, its metrics and the
     token entropy of the policy before the update, the rows' policy mask)."""
     mb = take(roll, idx, adv=adv, ref_logp=ref_logp, loss_mask=loss_mask)
-    groups = roll.prompt_index[idx.to(roll.prompt_index.device)]
-    args = (model, mb["input_ids"], mb["attention_mask"], mb["T"], temperature)
-    logits = completion_logits_shared(*args, groups=groups)  # (b, T, V)
-    logp = selective_log_softmax(logits, mb["input_ids"][:, -mb["T"] :])
+    args = (model, mb.input_ids, mb.attention_mask, mb.T, temperature)
+    logits = completion_logits_shared(*args, groups=mb.groups)  # (b, T, V)
+    logp = selective_log_softmax(logits, mb.completion_ids)  # (b, T)
     loss, m = reinforce_loss(
-        logp, mb["loss_mask"], mb["adv"], ref_logp=mb["ref_logp"],
+        logp, mb.loss_mask, mb.adv, ref_logp=mb.ref_logp,
         kl_coef=cfg.kl_coef if cfg.kl_in == "loss" else 0.0, kl_estimator=cfg.kl_estimator,
     )  # fmt: skip
-    m["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb["mask"])
-    return loss, m, mb["mask"]
+    m["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mb.mask)
+    return loss, m, mb.mask
 
 
 @uses_run_settings
@@ -134,12 +133,12 @@ def main(cfg: Config) -> int:
     model = o.prepare(o.policy, {"policy": o.policy}, 1, baseline=moving)
     for step in o.steps():
         # 1. rollout and reward; the reference's pass. old_logp is the sampler's (one update per
-        # rollout), unless the exact KL is asked for, which needs the policy's logits too
+        # rollout: on policy), unless the exact KL is asked for, which needs the policy's logits
         roll, out, t_gen = o.sample(cfg.batch_size)
         t1 = time.perf_counter()
         scores = score_rollout(
             model, o.ref, roll, temperature=o.gen.temperature, n_micro=cfg.optim.grad_accum,
-            policy=cfg.exact_kl and o.ref is not None, exact=cfg.exact_kl,
+            on_policy=not (cfg.exact_kl and o.ref is not None), exact=cfg.exact_kl,
         )  # fmt: skip
         t2 = time.perf_counter()
         # 2. advantages: (penalised) reward minus baseline, 0 for skipped samples
