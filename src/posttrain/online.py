@@ -41,7 +41,8 @@ from posttrain.ops import (
     masked_whiten,
     selective_log_softmax,
 )
-from posttrain.rollout import GenerationConfig, Rollout, mix_seed
+from posttrain.rollout import GenerationConfig, Rollout
+from posttrain.sampling import mix_seed
 from posttrain.tasks.base import columns
 
 # ---------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ import torch
 
 from posttrain import cpu
 from posttrain.config import check
-from posttrain.ops import position_ids_from_mask, prompt_pass
-from posttrain.tools import Toolbox, ToolCall
+from posttrain.forwards import prompt_pass
+from posttrain.ops import position_ids_from_mask
+from posttrain.sampling import StopChecker, filter_logits, inverse_cdf, mix_seed, row_uniforms
+from posttrain.tools import Toolbox, ToolCall, ToolRunner
 
 Prompt = str | list[dict[str, str]]
 
@@ -161,63 +163,6 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def mix_seed(*values: int) -> int:
-    """One 63-bit seed from integers (splitmix64 over each in turn): nearby inputs, such as
-    consecutive prompt positions, give unrelated seeds."""
-    mask = (1 << 64) - 1
-    x = 0
-    for v in values:
-        x = ((x ^ (int(v) & mask)) + 0x9E3779B97F4A7C15) & mask
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
-        x ^= x >> 31
-    return x >> 1
-
-
-def _row_uniforms(seeds: list[int], steps: int) -> torch.Tensor:
-    """(B, steps) float64 uniforms in [0, 1), row b from its own CPU generator seeded seeds[b]
-    (the same numbers on every device and in every batch)."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    return torch.stack([torch.rand(steps, generator=g, dtype=torch.float64) for g in gens])
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sample one token per row: the first index whose cumulative probability exceeds u x total.
-    probs (B, V) >= 0, u (B,) in [0, 1) -> (B,). Zero-probability tokens are never picked."""
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    # u x total can round up to the total: stay on the last token with probability > 0
-    last = (probs > 0).long().cumsum(-1).argmax(-1)
-    return torch.minimum(nxt, last)
-
-
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k / nucleus to -inf. logits (B, V)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        drop[:, 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits
-
-
-class _StopChecker:
-    def __init__(self, tokenizer: Any, stops: list[str]):
-        self.tokenizer = tokenizer
-        self.stops = [s for s in stops if s]
-        # a token decodes to at least one character, so this many tokens cover any stop string
-        self.window = max((len(s) for s in self.stops), default=0) + 1
-
-    def hit(self, ids: list[int]) -> bool:
-        tail = self.tokenizer.decode(ids[-self.window :], skip_special_tokens=False)
-        return any(s in tail for s in self.stops)
-
-
 @dataclass
 class _Decoded:
     ids: torch.Tensor  # (B, T)
@@ -228,42 +173,6 @@ class _Decoded:
     calls: list[list[ToolCall]]  # (B,)
 
 
-class _ToolRunner:
-    """Per-row tool state of one decoding batch: finds a call a row has just closed, runs it and
-    queues the result's tokens, which the row then reads one per step instead of sampling."""
-
-    def __init__(self, toolbox: Toolbox, tokenizer: Any, B: int):
-        self.toolbox = toolbox
-        self.tokenizer = tokenizer
-        self.queue: list[list[int]] = [[] for _ in range(B)]  # result tokens still to feed
-        self.calls: list[list[ToolCall]] = [[] for _ in range(B)]
-        self.scan_from = [0] * B  # where in the row's tokens the search for the next call starts
-        self._closing: dict[int, bool] = {}  # token id -> its text holds a closer's last character
-
-    def may_close(self, token: int) -> bool:
-        if token not in self._closing:
-            text = self.tokenizer.decode([token], skip_special_tokens=False)
-            self._closing[token] = any(c in text for c in self.toolbox.last_chars)
-        return self._closing[token]
-
-    def after_sampled(self, i: int, history: list[int]) -> None:
-        """Row i has just sampled history[-1]: run the call it closed, if any."""
-        if not self.may_close(history[-1]):
-            return
-        text = self.tokenizer.decode(history[self.scan_from[i] :], skip_special_tokens=False)
-        found = self.toolbox.find_call(text)
-        if found is None:
-            return
-        name, args, _ = found
-        if len(self.calls[i]) >= self.toolbox.cfg.max_calls:
-            call = ToolCall(name or "?", args.strip(), self.toolbox.limit_text(), error=True)
-        else:
-            call = self.toolbox.run(name, args)
-        self.calls[i].append(call)
-        self.queue[i] = self.toolbox.result_ids(self.tokenizer, call.result)
-        self.scan_from[i] = len(history) + len(self.queue[i])
-
-
 def _sample(
     model: Any,
     input_ids: torch.Tensor,
@@ -271,10 +180,10 @@ def _sample(
     cfg: GenerationConfig,
     eos_ids: list[int],
     pad_id: int,
-    stopper: _StopChecker,
+    stopper: StopChecker,
     row_seeds: list[int] | None = None,
     groups: list[int] | None = None,
-    tools: _ToolRunner | None = None,
+    tools: ToolRunner | None = None,
 ) -> _Decoded:
     """`_decode_loop` with the model's fp32 CPU linear layers on oneDNN-reordered weights."""
     with torch.no_grad(), cpu.packed_linears(model):
@@ -299,13 +208,13 @@ def _decode_loop(
     cfg: GenerationConfig,
     eos_ids: list[int],
     pad_id: int,
-    stopper: _StopChecker,
+    stopper: StopChecker,
     row_seeds: list[int] | None = None,
     groups: list[int] | None = None,
-    tools: _ToolRunner | None = None,
+    tools: ToolRunner | None = None,
 ) -> _Decoded:
     """Decode up to max_new_tokens for a left-padded batch.
-    With row_seeds (B,), row b samples from its own generator (`_row_uniforms`). With groups (B,),
+    With row_seeds (B,), row b samples from its own generator (`sampling.row_uniforms`). With groups (B,),
     rows of one group hold the same prompt: it is pre-filled once and its KV cache repeated.
     With tools, a row that closes a call reads the result's tokens, one per step, in place of
     sampling (no log-prob, marked in tool_mask); the other rows go on sampling meanwhile, so a
@@ -315,7 +224,7 @@ def _decode_loop(
     sampled = cfg.temperature > 0
     uniforms = None
     if sampled and row_seeds is not None:
-        uniforms = _row_uniforms(row_seeds, cfg.max_new_tokens).to(device)  # (B, max_new_tokens)
+        uniforms = row_uniforms(row_seeds, cfg.max_new_tokens).to(device)  # (B, max_new_tokens)
     eos = torch.tensor(eos_ids, device=device)
     temp = cfg.temperature if cfg.temperature > 0 else 1.0
     # pre-fill each distinct prompt once (n samples of a prompt share it), and a start common to
@@ -349,13 +258,13 @@ def _decode_loop(
             nxt = scaled.argmax(-1)
         else:
             if cfg.top_k > 0 or cfg.top_p < 1.0:
-                probs = torch.softmax(_filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+                probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
             else:  # no truncation: the sampling distribution is exp(logp_all)
                 probs = logp_all.exp()
             if uniforms is None:
                 nxt = torch.multinomial(probs, 1).squeeze(-1)
             else:
-                nxt = _inverse_cdf(probs, uniforms[:, step])
+                nxt = inverse_cdf(probs, uniforms[:, step])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         is_tool = torch.zeros(B, dtype=torch.bool, device=device)
         if tools is not None:
@@ -488,7 +397,7 @@ def generate(
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(model, tokenizer)
-    stopper = _StopChecker(tokenizer, cfg.stop)
+    stopper = StopChecker(tokenizer, cfg.stop)
     results: dict[int, tuple] = {}
     bar = None
     if progress:
@@ -510,7 +419,7 @@ def generate(
                 stopper,
                 [row_seeds[i] for i in batch] if row_seeds is not None else None,
                 [rows[i] for i in batch],
-                _ToolRunner(tools, tokenizer, len(batch)) if tools is not None else None,
+                ToolRunner(tools, tokenizer, len(batch)) if tools is not None else None,
             )
             for j, i in enumerate(batch):
                 results[i] = (

@@ -362,6 +362,42 @@ class Toolbox:
         return [(m.start(2 if self.cfg.format == "tag" else 1), m.end()) for m in self._result.finditer(text)]  # fmt: skip
 
 
+class ToolRunner:
+    """Per-row tool state of one decoding batch: finds a call a row has just closed, runs it and
+    queues the result's tokens, which the row then reads one per step instead of sampling."""
+
+    def __init__(self, toolbox: Toolbox, tokenizer: Any, B: int):
+        self.toolbox = toolbox
+        self.tokenizer = tokenizer
+        self.queue: list[list[int]] = [[] for _ in range(B)]  # result tokens still to feed
+        self.calls: list[list[ToolCall]] = [[] for _ in range(B)]
+        self.scan_from = [0] * B  # where in the row's tokens the search for the next call starts
+        self._closing: dict[int, bool] = {}  # token id -> its text holds a closer's last character
+
+    def may_close(self, token: int) -> bool:
+        if token not in self._closing:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            self._closing[token] = any(c in text for c in self.toolbox.last_chars)
+        return self._closing[token]
+
+    def after_sampled(self, i: int, history: list[int]) -> None:
+        """Row i has just sampled history[-1]: run the call it closed, if any."""
+        if not self.may_close(history[-1]):
+            return
+        text = self.tokenizer.decode(history[self.scan_from[i] :], skip_special_tokens=False)
+        found = self.toolbox.find_call(text)
+        if found is None:
+            return
+        name, args, _ = found
+        if len(self.calls[i]) >= self.toolbox.cfg.max_calls:
+            call = ToolCall(name or "?", args.strip(), self.toolbox.limit_text(), error=True)
+        else:
+            call = self.toolbox.run(name, args)
+        self.calls[i].append(call)
+        self.queue[i] = self.toolbox.result_ids(self.tokenizer, call.result)
+        self.scan_from[i] = len(history) + len(self.queue[i])
+
+
 def calls_in(text: str, toolbox: Toolbox) -> list[ToolCall]:
     """The calls a finished text holds, each with the result text that follows it (reports)."""
     starts = dict(toolbox.result_spans(text))

@@ -6,7 +6,10 @@ from __future__ import annotations
 import torch
 
 from posttrain.online import PromptStream
-from posttrain.rollout import GenerationConfig, _inverse_cdf, _row_uniforms, generate, mix_seed
+from posttrain.rollout import GenerationConfig, generate
+from posttrain.sampling import inverse_cdf as _inverse_cdf
+from posttrain.sampling import mix_seed
+from posttrain.sampling import row_uniforms as _row_uniforms
 
 PROMPT = "How many grams"
 OTHERS = ["Convert 3 feet to inches. It is a very long prompt with many words in it", "hi"]

@@ -80,7 +80,8 @@ def test_shared_prompt_one_completion_token(tiny):
 def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperature):
     """`rollout._sample` with groups (prompt pre-filled once, KV cache repeated) gives the tokens of
     the per-row pre-fill, greedy and seeded, and log-probs equal to float noise."""
-    from posttrain.rollout import GenerationConfig, _pad_left, _sample, _StopChecker
+    from posttrain.rollout import GenerationConfig, _pad_left, _sample
+    from posttrain.sampling import StopChecker as _StopChecker
 
     model, tok = tiny
     prompts = [tok("Convert 3 feet to inches.")["input_ids"], tok("hello world")["input_ids"]]
