@@ -17,7 +17,7 @@ inserts ` = 6759.2448` (`posttrain.tools`).
    examples), with the calculator;
 4. an HTML report: the before/after table, the curves and transcripts with their tool calls.
 
-    posttrain demo                                   # about 10 minutes on 2 CPU cores
+    posttrain demo                                   # about 9 minutes on 2 CPU cores
     posttrain demo --examples=3000 --eval_limit=200  # the recipe's size (configs/sft_unit_conversion_tools.toml)
 """
 
@@ -35,14 +35,14 @@ from posttrain.train import uses_run_settings
 
 @dataclass
 class Config:
-    examples: int = check(960, ">= 1")
+    examples: int = check(768, ">= 1")
     """generated worked solutions (with calculator calls) the adapter is trained on, one epoch"""
     eval_limit: int = check(100, ">= 1")
     """standard-level test questions evaluated before and after"""
     batch_size: int = check(32, ">= 1")
     """examples per optimizer step"""
     lr: float = check(2e-3, "> 0")
-    """peak learning rate (LoRA r=32 on every linear layer, cosine schedule)"""
+    """learning rate (LoRA r=32 on every linear layer; constant after 5 warm-up steps: a short run learns more at full rate than on a decaying one)"""
     model: str = "default"
     """the model to post-train"""
     run: RunConfig = field(default_factory=RunConfig)
@@ -84,6 +84,7 @@ def main(cfg: Config) -> int:
             split="test",
             limit=cfg.eval_limit,
             max_new_tokens=128,
+            batch_size=64,  # fewer, fuller decoding batches
             progress=cfg.run.progress,
             desc=f"baseline {label}",
             tools=box,
@@ -107,7 +108,7 @@ def main(cfg: Config) -> int:
     scfg.model.name = cfg.model
     scfg.lora = dataclasses.replace(scfg.lora, enabled=True, r=32, alpha=64)
     scfg.optim = dataclasses.replace(
-        scfg.optim, lr=cfg.lr, warmup_steps=5, schedule="cosine", max_grad_norm=1.0
+        scfg.optim, lr=cfg.lr, warmup_steps=5, schedule="constant", max_grad_norm=1.0
     )
     scfg.task = dataclasses.replace(
         task_cfg, strategy="direct", train_phrasing="varied", train_size=cfg.examples
