@@ -142,10 +142,32 @@ def main(cfg: Config) -> int:
         model, tok, load_task(scfg.task), strategy="direct", split="test", limit=6,
         max_new_tokens=128, tools=tools,
     )  # fmt: skip
+
+    # the report compares keys present on both sides: the best prompt's metrics before, the
+    # trained model's after, under the same names; each baseline's headline numbers beside them
+    def metrics(summary: dict[str, float], prefix: str) -> dict[str, float]:
+        return {
+            k[len(prefix) + 1 :]: v
+            for k, v in summary.items()
+            if k.startswith(prefix + "/") and k.split("/")[1] in ("accuracy", "answer_rate")
+        }
+
+    headline = {
+        f"{label}/{m}": before[f"{label}/{m}"]
+        for label in ("few_shot", "few_shot+calculator")
+        for m in ("accuracy", "answer_rate")
+    }
     run = Run(run_dir, cfg.run)
-    run.write_json("eval_before.json", {"summary": before, "examples": before_rows})
+    run.write_json(
+        "eval_before.json",
+        {"summary": {**metrics(before, best_key), **headline}, "best_prompt": best_key,
+         "examples": before_rows},
+    )  # fmt: skip
     after_examples = [{**r, "strategy": "direct+calculator"} for r in after_rows]
-    run.write_json("eval_after.json", {"summary": after, "examples": after_examples})
+    run.write_json(
+        "eval_after.json",
+        {"summary": metrics(after, "direct+calculator"), "examples": after_examples},
+    )
     best = before[f"{best_key}/accuracy"]
     acc = after["direct+calculator/accuracy"]
     for key in ("few_shot", "few_shot+calculator"):
