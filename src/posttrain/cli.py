@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("posttrain.algos.dpo", "direct preference optimisation (and IPO, cDPO)"),
     "reward-model": ("posttrain.algos.reward_model", "train a Bradley-Terry reward model on pairs"),
     "report": ("posttrain.report", "build an HTML report (plots, samples) for a run directory"),
-    "compare": ("posttrain.report", "compare several runs on the same axes"),
+    "compare": ("posttrain.compare", "compare several runs on the same axes"),
     "merge": ("posttrain.export", "merge a LoRA adapter into its base model"),
     "push": ("posttrain.export", "upload a saved model or adapter folder to the hub"),
     "demo": ("posttrain.demo", "the end-to-end pipeline on the embedded default model"),
@@ -49,7 +49,8 @@ def usage() -> str:
 
 def run_command(command: str, argv: list[str]) -> int:
     """Parse `argv` into the command's Config and call its main."""
-    from posttrain.config import ConfigError, help_text, load_config
+    from posttrain.config import ConfigError, load_config
+    from posttrain.config_text import help_text
 
     module = importlib.import_module(COMMANDS[command][0])
     entry = getattr(module, "cli", None)

@@ -1,8 +1,10 @@
 """Configs: nested dataclasses, loaded from TOML, with dotted command-line overrides.
 
 Every command has one config dataclass (for example `posttrain.algos.sft.Config`). Its fields carry
-a one-line docstring written right under the field; `field_docs` reads them from the source so that
-`posttrain <command> --help` shows them. Sections are nested dataclasses (`[model]`, `[gen]`, ...).
+a one-line docstring written right under the field; `config_text.field_docs` reads them from the
+source so that `posttrain <command> --help` shows them. Sections are nested dataclasses (`[model]`,
+`[gen]`, ...). Field types and value conversion live in `config_types.py`, the help page and TOML
+writing in `config_text.py`.
 
     cfg = load_config(Config, "configs/sft.toml", ["--optim.lr=1e-5", "--model", "default"])
 
@@ -13,7 +15,8 @@ valid ones; nothing is silently ignored. A field's range is its metadata, writte
 
 `load_config` checks every rule of every section once, for every command (`check_config`; the
 training setup calls it again for configs built in Python), and each broken rule is one line that
-names the key: `optim.lr must be > 0, got -1.0`. `save_config` writes the resolved config as TOML.
+names the key: `optim.lr must be > 0, got -1.0`. `config_text.save_config` writes the resolved
+config as TOML.
 
 Renamed keys (docs/glossary.md): a config class lists its deprecated names in `RENAMED`, old
 dotted key -> new dotted key, or -> `Renamed(new, how)` where the value changes meaning too:
@@ -28,22 +31,18 @@ never sees Python warnings, and it names the key to change.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import enum
-import inspect
 import os
 import re
 import sys
-import textwrap
 import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from posttrain.config_types import ConfigError, coerce, field_types, is_section
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,10 +50,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the config's dataclass."""
 
 
 _OPS: dict[str, Any] = {
@@ -251,145 +246,7 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading field docs
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass, read from its source (empty if unavailable)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for prev, node in zip(body, body[1:]):
-            if (
-                isinstance(prev, ast.AnnAssign)
-                and isinstance(prev.target, ast.Name)
-                and isinstance(node, ast.Expr)
-                and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str)
-            ):
-                docs[prev.target.id] = " ".join(node.value.value.split())
-    return docs
-
-
-# ---------------------------------------------------------------------------------------------
-# Type handling
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        (inner,) = get_args(tp) or (Any,)
-        return f"list[{_type_name(inner)}]"
-    if tp is type(None):
-        return "none"
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # the choices, as they are typed
-        return " | ".join(repr(m.value) for m in tp)
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert `value` (from TOML or a command-line string) to type `tp`, or raise ConfigError."""
-    origin = get_origin(tp)
-    bad = ConfigError(f"config key '{key}': {value!r} is not a valid {_type_name(tp)}")
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is Literal:
-        choices = get_args(tp)
-        for choice in choices:
-            if value == choice or (isinstance(value, str) and str(choice) == value):
-                return choice
-        raise ConfigError(
-            f"config key '{key}': {value!r} is not one of {', '.join(repr(c) for c in choices)}"
-        )
-    if origin is list:
-        (inner,) = get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",")] if value.strip() else []
-        if not isinstance(value, list | tuple):
-            raise bad
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in tp)
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {valid}") from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                raise bad from None
-            if f.is_integer():
-                return int(f)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
+# Setting values: TOML tables and dotted command-line overrides
 
 
 def _unknown(key: str, valid: list[str]) -> ConfigError:
@@ -401,19 +258,19 @@ def _unknown(key: str, valid: list[str]) -> ConfigError:
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     """Set fields of dataclass instance `obj` from a nested dict, recursing into sections."""
-    hints = _hints(type(obj))
+    hints = field_types(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
             raise _unknown(full, names)
         tp = hints[key]
-        if _is_dataclass_type(tp):
+        if is_section(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; give it as [{full}] table")
             _apply(getattr(obj, key), value, f"{full}.")
         else:
-            setattr(obj, key, _coerce(value, tp, full))
+            setattr(obj, key, coerce(value, tp, full))
 
 
 def _set_dotted(obj: Any, dotted: str, raw: Any) -> None:
@@ -422,25 +279,25 @@ def _set_dotted(obj: Any, dotted: str, raw: Any) -> None:
     prefix = ""
     for part in path:
         names = [f.name for f in dataclasses.fields(target)]
-        if part not in names or not _is_dataclass_type(_hints(type(target))[part]):
-            sections = [n for n in names if _is_dataclass_type(_hints(type(target))[n])]
+        if part not in names or not is_section(field_types(type(target))[part]):
+            sections = [n for n in names if is_section(field_types(type(target))[n])]
             raise _unknown(prefix + part, sections)
         target = getattr(target, part)
         prefix += part + "."
-    hints = _hints(type(target))
+    hints = field_types(type(target))
     names = [f.name for f in dataclasses.fields(target)]
     if last not in names:
         raise _unknown(dotted, names)
     tp = hints[last]
-    if _is_dataclass_type(tp):
+    if is_section(tp):
         raise ConfigError(
             f"config key '{dotted}' is a section; set one of its keys, e.g. --{dotted}.x"
         )
     # Repeated list flags (--prompt a --prompt b) accumulate.
     if get_origin(tp) is list and isinstance(raw, list):
-        setattr(target, last, [_coerce(r, get_args(tp)[0], dotted) for r in raw])
+        setattr(target, last, [coerce(r, get_args(tp)[0], dotted) for r in raw])
         return
-    setattr(target, last, _coerce(raw, tp, dotted))
+    setattr(target, last, coerce(raw, tp, dotted))
 
 
 def parse_overrides(
@@ -508,9 +365,9 @@ def _list_items(value: str, inner: Any) -> list[Any]:
 def _field_type(cls: type, dotted: str) -> Any:
     tp: Any = cls
     for part in dotted.split("."):
-        if not _is_dataclass_type(tp):
+        if not is_section(tp):
             return None
-        hints = _hints(tp)
+        hints = field_types(tp)
         if part not in hints:
             return None
         tp = hints[part]
@@ -595,7 +452,7 @@ def load_config(
         _set_dotted(cfg, key, value)
     for old, value in later.items():
         new = converted[old]
-        _set_dotted(cfg, new.new, new.how(cfg, _coerce(value, new.type, old)))
+        _set_dotted(cfg, new.new, new.how(cfg, coerce(value, new.type, old)))
     if notes and os.environ.get("RANK", "0") == "0":  # once, not once per process
         print("\n".join(notes.values()), file=sys.stderr, flush=True)
     check_config(cfg)
@@ -603,96 +460,3 @@ def load_config(
     if callable(validate):
         validate()
     return cfg
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict of a config (Enums as values)."""
-
-    def conv(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, Enum):
-            return v.value
-        if isinstance(v, list | tuple):
-            return [conv(x) for x in v]
-        return v
-
-    return conv(cfg)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {v!r} to TOML")
-
-
-def to_toml(cfg: Any) -> str:
-    """The config as TOML text. `None` values are left out (TOML has no null; they are defaults)."""
-    lines: list[str] = []
-
-    def emit(d: dict[str, Any], name: str) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k in _dict_fields}
-        tables = {k: v for k, v in d.items() if isinstance(v, dict) and k not in _dict_fields}
-        if name:
-            lines.append(f"\n[{name}]")
-        for k, v in scalars.items():
-            if v is not None:
-                lines.append(f"{k} = {_toml_value(v)}")
-        for k, v in tables.items():
-            emit(v, f"{name}.{k}" if name else k)
-
-    _dict_fields: set[str] = set()
-    emit(to_dict(cfg), "")
-    return "\n".join(lines).lstrip() + "\n"
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(to_toml(cfg))
-
-
-def help_text(cls: type, command: str = "") -> str:
-    """A `--help` page listing every key with its type, default and doc."""
-    out = [f"usage: posttrain {command} [--config FILE.toml] [--section.key=value ...]", ""]
-    doc = inspect.getdoc(inspect.getmodule(cls)) or ""
-    if doc:
-        out += [doc.split("\n\n")[0], ""]
-    aliases = getattr(cls, "ALIASES", {})
-    if aliases:
-        out.append("short options: " + ", ".join(f"--{a} = --{k}" for a, k in aliases.items()))
-        out.append("")
-    renamed = _renames(cls)
-    if renamed:
-        news = {o: n.new if isinstance(n, Renamed) else n for o, n in renamed.items()}
-        out.append(
-            "old names, still accepted: " + ", ".join(f"--{o} -> --{n}" for o, n in news.items())
-        )
-        out.append("")
-
-    def walk(klass: type, obj: Any, prefix: str) -> None:
-        docs = field_docs(klass)
-        hints = _hints(klass)
-        for f in dataclasses.fields(klass):
-            tp = hints[f.name]
-            if _is_dataclass_type(tp):
-                continue
-            default = to_dict(getattr(obj, f.name))
-            rule = f", must be {f.metadata['check']}" if f.metadata.get("check") else ""
-            out.append(f"  --{prefix}{f.name}  ({_type_name(tp)}, default {default!r}{rule})")
-            if f.name in docs:
-                out.append(f"      {docs[f.name]}")
-        for f in dataclasses.fields(klass):
-            tp = hints[f.name]
-            if _is_dataclass_type(tp):
-                out.append(f"\n [{prefix}{f.name}]")
-                walk(tp, getattr(obj, f.name), f"{prefix}{f.name}.")
-
-    walk(cls, cls(), "")
-    return "\n".join(out)

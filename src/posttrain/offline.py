@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-from posttrain.config import ConfigError, OptimConfig, check, to_toml
+from posttrain.config import ConfigError, OptimConfig, check
+from posttrain.config_text import to_toml
 from posttrain.data import IGNORE_INDEX, DataConfig, collate_sft, fill, with_question
 from posttrain.tasks.base import TaskConfig
 from posttrain.tools import Toolbox, ToolConfig

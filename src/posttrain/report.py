@@ -1,54 +1,34 @@
-"""HTML reports: one self-contained page per run, or several runs compared on the same axes.
+"""`posttrain report`: one self-contained HTML page per run.
 
     posttrain report runs/grpo-1                    # -> runs/grpo-1/report.html (+ plots/*.png)
-    posttrain compare runs/kl-0.01 runs/kl-0.1      # -> runs/compare.html (+ compare_plots/*.png)
-    posttrain compare runs/beta-* --metric reward --metric kl --out beta.html
 
 A report reads only files in the run directory (docs/report.md lists them): config.toml (the
-resolved config and what it implies: prompts, samples and tokens per step, optimizer updates per
-rollout), metrics.jsonl (the plots, through posttrain.plots), eval_before.json / eval_after.json /
-eval_step_<N>.json (an evaluation table), samples.jsonl (generations and their rewards at a few
-steps). Images are embedded as base64 data URIs and every text is HTML-escaped, so the page opens
-anywhere, offline, and shows model output as text, never as markup.
+resolved config and what it implies, see posttrain.implied: prompts, samples and tokens per step,
+optimizer updates per rollout), metrics.jsonl (the plots, through posttrain.plots),
+eval_before.json / eval_after.json / eval_step_<N>.json (an evaluation table), samples.jsonl
+(generations and their rewards at a few steps). Images are embedded as base64 data URIs and every
+text is HTML-escaped (posttrain.report_html), so the page opens anywhere, offline, and shows model
+output as text, never as markup. `posttrain compare` (posttrain.compare) puts several runs on the
+same axes and reads each run with `load_run`.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
-import math
 import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.plots import group_metrics, logged_once, plot_compare, plot_records, series
+from posttrain.implied import implied
+from posttrain.plots import group_metrics, logged_once, plot_records, series
+from posttrain.report_html import Html, esc, fmt, img, page, table
 from posttrain.runs import config_dict, read_jsonl
 
-# commands that train on a fixed data set (no rollouts)
-OFFLINE = frozenset({"sft", "dpo", "reward-model", "distill"})
-# keys looked up in the config, in order of preference (see docs/report.md)
-PROMPTS_KEYS = ("prompts_per_step", "num_prompts", "prompt_batch_size", "batch_size")
-SAMPLES_PER_PROMPT_KEYS = ("group_size", "num_generations", "samples_per_prompt", "k")
-EPOCHS_KEYS = (
-    "ppo_epochs",
-    "inner_epochs",
-    "epochs_per_rollout",
-    "update_epochs",
-    "num_iterations",
-)
-NUM_MINIBATCH_KEYS = ("num_minibatches", "num_mini_batches")
-MINIBATCH_KEYS = ("mini_batch_size", "minibatch_size", "update_batch_size")
-MICRO_KEYS = ("micro_batch_size", "micro_batch")
-STEPS_KEYS = ("steps", "total_steps", "max_steps", "num_steps")
-SEQ_KEYS = ("max_length", "max_seq_len", "max_len", "max_tokens", "seq_len")
-GEN_SECTIONS = ("gen", "generation", "sampling")
 SAMPLE_STEPS = 4  # steps shown in the samples table
 SAMPLE_ROWS = 4  # generations shown per step
-MAX_TEXT = 3000  # characters of a prompt or completion shown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +80,7 @@ def read_evals(run_dir: str | Path) -> dict[str, dict[str, Any]]:
             summary, examples = obj["summary"], obj.get("examples") or []
         else:
             summary, examples = obj, []
-        found[p.stem[len("eval_") :]] = {"summary": _flatten(summary), "examples": examples}
+        found[p.stem[len("eval_") :]] = {"summary": flatten(summary), "examples": examples}
 
     def order(label: str) -> tuple[int, float, str]:
         m = re.fullmatch(r"step_?(\d+)", label)
@@ -113,98 +93,15 @@ def read_evals(run_dir: str | Path) -> dict[str, dict[str, Any]]:
     return {k: found[k] for k in sorted(found, key=order)}
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
+    """Nested dicts as one level: {"a": {"b": 1}} -> {"a/b": 1} (`sep` joins the keys)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(flatten(v, f"{prefix}{k}{sep}", sep))
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# What the config implies
-
-
-def _find(
-    cfg: dict[str, Any], names: Sequence[str], sections: Sequence[str] = (), anywhere: bool = True
-) -> tuple:
-    """(dotted key, value) of the first of `names` with a numeric value: top level first, then
-    the given sections, then (if `anywhere`) any section. (None, None) when absent."""
-    for name in names:
-        v = cfg.get(name)
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            return name, v
-    tables = [s for s in sections if isinstance(cfg.get(s), dict)]
-    if anywhere:
-        tables += [s for s, v in cfg.items() if isinstance(v, dict) and s not in tables]
-    for name in names:
-        for s in tables:
-            v = cfg[s].get(name)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                return f"{s}.{name}", v
-    return None, None
-
-
-def implied(cfg: dict[str, Any], command: str = "") -> list[tuple[str, str, str]]:
-    """(quantity, value, how it follows from the config) for what the config keys make knowable.
-
-    Quantities whose keys are absent are left out. Batch sizes are per process: under
-    `accelerate launch --num_processes N` multiply by N.
-    """
-    rows: list[tuple[str, str, str]] = []
-    steps_key, steps = _find(cfg, STEPS_KEYS)
-    if steps:  # 0 means "from epochs" in the offline commands
-        rows.append(("optimizer steps (training steps)", f"{steps:g}", steps_key))
-    else:
-        steps = None
-        epochs_key, epochs = _find(cfg, ("epochs",))
-        if epochs:
-            rows.append(("epochs over the training data", f"{epochs:g}", epochs_key))
-    bkey, batch = _find(cfg, PROMPTS_KEYS)
-    accum = (cfg.get("optim") or {}).get("grad_accum", 1) or 1
-    seq_key, seq = _find(cfg, SEQ_KEYS)
-    if command in OFFLINE:
-        if batch is not None:
-            what = "pairs" if command in ("dpo", "reward-model") else "examples"
-            rows.append((f"{what} per step", f"{batch * accum:g}", f"{bkey} x optim.grad_accum"))
-            if seq is not None:
-                n = batch * accum * seq * (2 if what == "pairs" else 1)
-                how = f"{bkey} x optim.grad_accum x {seq_key}" + (" x 2" if what == "pairs" else "")
-                rows.append(("tokens per step (at most)", f"{n:g}", how))
-            if steps is not None:
-                rows.append((f"{what} seen", f"{batch * accum * steps:g}", f"... x {steps_key}"))
-        return rows
-    if batch is None:
-        return rows
-    rows.append(("prompts per step", f"{batch:g}", bkey))
-    kkey, k = _find(cfg, SAMPLES_PER_PROMPT_KEYS, anywhere=False)
-    if k is None:  # the generation section's n, never an unrelated section's
-        kkey, k = _find(cfg, ("n",), GEN_SECTIONS, anywhere=False)
-    k = k or 1
-    samples = batch * k
-    rows.append(("samples per step", f"{samples:g}", f"{bkey} x {kkey}" if kkey else bkey))
-    ekey, epochs = _find(cfg, EPOCHS_KEYS)
-    mkey, mini = _find(cfg, MINIBATCH_KEYS)
-    ukey, micro = _find(cfg, MICRO_KEYS)
-    nkey, n_mini = _find(cfg, NUM_MINIBATCH_KEYS)
-    if mini is None and micro is not None:
-        mkey, mini = f"{ukey} x optim.grad_accum", micro * accum
-    epochs = epochs or 1
-    if n_mini:
-        per_epoch, how = n_mini, f"{ekey or '1 epoch'} x {nkey}"
-    elif mini:
-        per_epoch, how = math.ceil(samples / mini), f"{ekey or '1 epoch'} x ceil(samples / {mkey})"
-    else:
-        per_epoch, how = 1, ekey or "1 epoch, 1 batch"
-    rows.append(("optimizer updates per rollout", f"{epochs * per_epoch:g}", how))
-    gkey, new = _find(cfg, ("max_new_tokens",), GEN_SECTIONS)
-    if new is not None:
-        rows.append(("completion tokens per step (at most)", f"{samples * new:g}", f"... x {gkey}"))
-    if steps is not None:
-        rows.append(("samples generated in the run", f"{samples * steps:g}", f"... x {steps_key}"))
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,29 +162,7 @@ def headline_keys(keys: Sequence[str], limit: int = 8) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTML
-
-
-CSS = """
-body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1400px; color: #222; }
-h1 { font-size: 1.5em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
-th { background: #f3f3f3; } td.num { text-align: right; font-family: monospace; }
-td.text { white-space: pre-wrap; max-width: 560px; font-family: monospace; font-size: 0.85em; }
-pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 0.85em; }
-img { display: block; max-width: 100%; margin: 8px 0; border: 1px solid #eee; }
-.muted { color: #777; } .up { color: #1a7f37; } .down { color: #b42318; }
-table.tools { margin: 0; font-size: 0.95em; } table.tools td.result { background: #eef6ff; }
-"""
-
-
-def esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-class Html(str):
-    """Markup built here from escaped parts (a nested table): a cell shows it as is."""
+# Sections of the page
 
 
 def tool_calls_html(calls: Any) -> Html | None:
@@ -321,49 +196,6 @@ def _sample_rows(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[A
         for r in rows
     ]
     return cols, cells
-
-
-def fmt(v: Any) -> str:
-    """A cell value as escaped text: numbers to 4 significant digits, long text cut."""
-    if isinstance(v, Html):
-        return str(v)
-    if v is None:
-        return '<span class="muted">-</span>'
-    if isinstance(v, bool):
-        return esc(v)
-    if isinstance(v, float):
-        return esc(f"{v:.4g}")
-    if isinstance(v, dict | list):
-        v = json.dumps(v)
-    s = str(v)
-    if len(s) > MAX_TEXT:
-        s = s[:MAX_TEXT] + f" ... [{len(s) - MAX_TEXT} more characters]"
-    return esc(s)
-
-
-def _cell(v: Any) -> str:
-    cls = "num" if isinstance(v, int | float) and not isinstance(v, bool) else "text"
-    return f'<td class="{cls}">{fmt(v)}</td>'
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(_cell(v) for v in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def img(path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<img alt="{esc(Path(path).stem)}" src="data:image/png;base64,{data}">'
-
-
-def page(title: str, body: str) -> str:
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<link rel="icon" href="data:,">'  # no favicon request
-        f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
-    )
 
 
 def eval_section(evals: dict[str, dict[str, Any]]) -> str:
@@ -413,13 +245,13 @@ def results_section(results: dict[str, Any]) -> str:
         if not isinstance(obj, dict):
             out.append(f"<pre>{fmt(obj)}</pre>")
             continue
-        flat = _flatten(obj)
+        flat = flatten(obj)
         scalars = [[k, v] for k, v in flat.items() if not _is_rows(v)]
         if scalars:
             out.append(table(["key", "value"], scalars[:200]))
         for k, v in flat.items():
             if _is_rows(v):
-                rows = [_flatten(r) for r in v[:20]]
+                rows = [flatten(r) for r in v[:20]]
                 cols = _columns(rows)
                 out.append(f"<p>{esc(k)} ({len(v)} rows)</p>")
                 out.append(table(cols, [[r.get(c) for c in cols] for r in rows]))
@@ -572,169 +404,36 @@ def _eval_report(r: dict[str, Any], out: Path, plots_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Comparing runs
-
-
-def _flat_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(configs: Sequence[dict[str, Any]]) -> list[str]:
-    """Dotted config keys whose values differ between runs (run.* bookkeeping left out)."""
-    flats = [_flat_config(c) for c in configs]
-    keys: list[str] = []
-    for f in flats:
-        keys += [k for k in f if k not in keys]
-    ignore = ("run.name", "run.out_dir", "run.resume", "run.progress", "run.threads")
-    return [
-        k
-        for k in keys
-        if k not in ignore and len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1
-    ]
-
-
-def run_labels(runs: Sequence[dict[str, Any]], diffs: Sequence[str]) -> list[str]:
-    """'beta=0.1' style labels from the differing config keys, else the directory names.
-
-    Keys whose value is different in every run (a sweep's variable) label the runs alone; keys
-    that only some runs change (a sweep that evaluates its first run only, or reuses a cache
-    from its second run on) stay in the "Config differences" table."""
-    flats = [_flat_config(r["config"]) for r in runs]
-    distinct = [
-        k for k in diffs if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) == len(runs)
-    ]
-    diffs = distinct or diffs
-    if not diffs:
-        labels = [r["name"] for r in runs]
-    else:
-        short = [k.rsplit(".", 1)[-1] for k in diffs]
-        if len(set(short)) < len(short):
-            short = list(diffs)
-        labels = []
-        for r in runs:
-            flat = _flat_config(r["config"])
-            labels.append(", ".join(f"{s}={flat.get(k)}" for s, k in zip(short, diffs)))
-    if len(set(labels)) < len(labels):
-        labels = [f"{lab} ({r['name']})" for lab, r in zip(labels, runs)]
-    return labels
-
-
-def build_compare(
-    run_dirs: Sequence[str | Path],
-    out: str | Path | None = None,
-    metrics: Sequence[str] | None = None,
-) -> Path:
-    """Write one HTML page (and PNGs beside it) with several runs on the same axes."""
-    # a shell glob over a sweep's folder (runs/dpo-sweep/beta_*) also matches its own files
-    # (beta_sweep.png): only directories are runs
-    run_dirs = [d for d in run_dirs if Path(d).is_dir() or not Path(d).exists()]
-    if len(run_dirs) < 1:
-        raise ValueError("compare needs at least one run directory")
-    runs = [load_run(d) for d in run_dirs]
-    if out is None:
-        parents = {r["path"].resolve().parent for r in runs}
-        out = (parents.pop() if len(parents) == 1 else Path.cwd()) / "compare.html"
-    out = Path(out)
-    diffs = config_differences([r["config"] for r in runs])
-    labels = run_labels(runs, [d for d in diffs if not d.startswith("model.")] or diffs)
-    pngs = plot_compare(
-        {lab: r["metrics"] for lab, r in zip(labels, runs)},
-        out.parent / f"{out.stem}_plots",
-        metrics=metrics,
-    )
-    keys: list[str] = []
-    for r in runs:
-        keys += [k for k in series(r["metrics"]) if k not in keys]
-    shown = list(metrics) if metrics else headline_keys(keys, limit=6)
-    header = ["run", "directory", "steps"]
-    for k in shown:
-        header += [f"{k} final", f"{k} best"]
-    rows = []
-    for lab, r in zip(labels, runs):
-        s = summarize(r["metrics"], shown)
-        row: list[Any] = [lab, str(r["path"]), last_step(r["metrics"])]
-        for k in shown:
-            row += [s[k]["final"], s[k]["best"]] if k in s else [None, None]
-        rows.append(row)
-    parts = [
-        f"<h1>Comparing {len(runs)} runs</h1>",
-        "<h2>Summary</h2>",
-        table(header, rows),
-        "<p class='muted'>best: highest reward/score/accuracy, lowest loss; "
-        "blank where neither is better (KL, lengths, times)</p>",
-    ]
-    if diffs:
-        flats = [_flat_config(r["config"]) for r in runs]
-        parts += [
-            "<h2>Config differences</h2>",
-            table(["key", *labels], [[k, *[f.get(k) for f in flats]] for k in diffs]),
-        ]
-    if pngs:
-        parts += ["<h2>Curves</h2>", "<p class='muted'>thin: raw; thick: moving average</p>"]
-        parts += [img(p) for p in pngs]
-    evals = [(lab, r["evals"]) for lab, r in zip(labels, runs) if r["evals"]]
-    if evals:
-        ekeys: list[str] = []
-        for _, ev in evals:
-            for e in ev.values():
-                ekeys += [k for k in e["summary"] if k not in ekeys]
-        erows = []
-        for lab, ev in evals:
-            for when, e in ev.items():
-                erows.append([lab, when, *[e["summary"].get(k) for k in ekeys]])
-        parts += ["<h2>Evaluation</h2>", table(["run", "when", *ekeys], erows)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page("posttrain compare", "\n".join(parts)))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 
 def cli(command: str, argv: list[str]) -> int:
-    """`posttrain report RUN_DIR [--out FILE]`, `posttrain compare RUN_DIR... [--out] [--metric]`."""
-    if command == "report":
-        p = argparse.ArgumentParser(
-            prog="posttrain report",
-            description="Build a self-contained HTML report (config, curves, evals, samples).",
-        )
-        p.add_argument("run_dir", help="a run directory (holds metrics.jsonl, config.toml)")
-        p.add_argument(
-            "--out",
-            help="HTML file to write (default RUN_DIR/report.html, PNGs in RUN_DIR/plots/); "
-            "with --out X.html the PNGs go to X_plots/ beside it",
-        )
-        a = p.parse_args(argv)
-        try:
-            path = build_report(a.run_dir, a.out)
-        except FileNotFoundError as e:
-            p.error(str(e))
-    else:
-        p = argparse.ArgumentParser(
-            prog="posttrain compare",
-            description="Put several runs on the same axes (a KL or beta sweep) in one HTML page.",
-        )
-        p.add_argument("run_dirs", nargs="+", help="run directories to compare")
-        p.add_argument("--out", help="HTML file to write (default: PARENT/compare.html)")
-        p.add_argument(
-            "--metric",
-            action="append",
-            help="a metric to plot and summarise (repeatable; default: all plotted, main ones summarised)",
-        )
-        a = p.parse_args(argv)
-        try:
-            path = build_compare(a.run_dirs, a.out, a.metric)
-        except (FileNotFoundError, ValueError) as e:
-            p.error(str(e))
+    """`posttrain report RUN_DIR [--out FILE]`."""
+    p = argparse.ArgumentParser(
+        prog="posttrain report",
+        description="Build a self-contained HTML report (config, curves, evals, samples).",
+    )
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl, config.toml)")
+    p.add_argument(
+        "--out",
+        help="HTML file to write (default RUN_DIR/report.html, PNGs in RUN_DIR/plots/); "
+        "with --out X.html the PNGs go to X_plots/ beside it",
+    )
+    a = p.parse_args(argv)
+    try:
+        path = build_report(a.run_dir, a.out)
+    except FileNotFoundError as e:
+        p.error(str(e))
     print(f"wrote {path}")
     return 0
 
 
-__all__ = ["build_compare", "build_report", "cli", "implied", "read_evals", "summarize"]
+__all__ = [
+    "build_report",
+    "cli",
+    "headline_keys",
+    "last_step",
+    "load_run",
+    "read_evals",
+    "summarize",
+]

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.config import RunConfig, save_config, to_dict
+from posttrain.config import RunConfig
+from posttrain.config_text import save_config, to_dict
 
 CKPT_RE = re.compile(r"^step_(\d+)$")
 

@@ -86,7 +86,8 @@ def test_browser_check_catches_errors_and_broken_images(browser, tmp_path):
 
 def test_report_from_a_run_directory(browser, tmp_path, capsys):
     run = fake_run(tmp_path, "grpo-a", beta=0.05)
-    figure = plot_records([{"step": 1, "x": 1.0}], tmp_path / "fig")[0]
+    # two points: a metric logged once is a number, not a chart (plots.logged_once)
+    figure = plot_records([{"step": 1, "x": 1.0}, {"step": 2, "x": 2.0}], tmp_path / "fig")[0]
     shutil.copy(figure, run / "comparison.png")  # a figure a command left in the run directory
     assert main(["report", str(run)]) == 0
     out = run / "report.html"

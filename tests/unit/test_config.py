@@ -7,15 +7,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from posttrain.config import (
-    ConfigError,
-    ModelConfig,
-    OptimConfig,
-    field_docs,
-    help_text,
-    load_config,
-    to_toml,
-)
+from posttrain.config import ConfigError, ModelConfig, OptimConfig, load_config
+from posttrain.config_text import field_docs, help_text, to_toml
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_a_bad_rule_fails_when_the_class_is_defined():
 
 
 def test_help_shows_the_rule():
-    from posttrain.config import help_text
+    from posttrain.config_text import help_text
 
     assert "--batch_size  (int, default 4, must be >= 1)" in help_text(Cfg)
 

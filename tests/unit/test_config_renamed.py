@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from posttrain.config import ConfigError, OptimConfig, Renamed, help_text, load_config
+from posttrain.config import ConfigError, OptimConfig, Renamed, load_config
+from posttrain.config_text import help_text
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""plots.py and the pure parts of report.py: grouping, smoothing, summaries, implied numbers."""
+"""plots.py and the pure parts of report.py, compare.py and implied.py: grouping, smoothing,
+summaries, implied numbers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 
 import pytest
 
+from posttrain.compare import config_differences, run_labels
+from posttrain.implied import implied
 from posttrain.plots import (
     auto_smoothing,
     ema,
@@ -15,15 +18,7 @@ from posttrain.plots import (
     plot_records,
     series,
 )
-from posttrain.report import (
-    config_differences,
-    headline_keys,
-    implied,
-    pick_steps,
-    read_evals,
-    run_labels,
-    summarize,
-)
+from posttrain.report import headline_keys, pick_steps, read_evals, summarize
 
 
 def test_ema_hand_computed():

@@ -10,18 +10,14 @@ import pytest
 from posttrain.config import ConfigError
 from posttrain.prompting import (
     PromptingConfig,
-    build_prompt,
-    extend,
-    majority_vote,
     model_generator,
-    parse_answer,
-    parse_number,
     render_continuation,
     run_strategy,
     self_consistency,
     self_reflection,
     tree_of_thought,
 )
+from posttrain.prompts import build_prompt, extend, majority_vote, parse_answer, parse_number
 from posttrain.rollout import GenerationConfig
 
 GEN = GenerationConfig(max_new_tokens=8, temperature=0.0)
@@ -276,7 +272,7 @@ def test_answer_extraction_on_tiny_model(tiny, strategy):
 
 
 def test_nearest_examples_and_few_shot_selection():
-    from posttrain.prompting import nearest_examples
+    from posttrain.prompts import nearest_examples
 
     pool = [
         ("Convert 3 kg to grams.", "a"),

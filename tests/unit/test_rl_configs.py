@@ -50,7 +50,7 @@ def test_bad_keys_are_errors():
 
 
 def test_help_lists_field_docs():
-    from posttrain.config import help_text
+    from posttrain.config_text import help_text
 
     text = help_text(grpo.RLOOConfig, "rloo")
     assert "--samples_per_prompt" in text and "k, completions sampled per prompt" in text

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from posttrain.prompting import parse_answer
+from posttrain.prompts import parse_answer
 from posttrain.tasks import TaskConfig, load_task
 from posttrain.tasks import unit_conversion as uc
 from posttrain.tools import Toolbox, ToolConfig, calc, calls_in

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from posttrain.config import ConfigError
-from posttrain.prompting import answer_span, build_prompt, parse_number
+from posttrain.prompts import answer_span, build_prompt, parse_number
 from posttrain.rollout import GenerationConfig
 from posttrain.tasks.base import Batch, Split, TaskConfig
 from posttrain.tasks.sources import split_rows
