@@ -281,6 +281,8 @@ def docs(tiny_dir, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("docs")
     (work / "configs").symlink_to(ROOT / "configs")
+    (work / "bench").mkdir()
+    (work / "bench" / "data").symlink_to(ROOT / "bench" / "data")  # the docs' question files
     (work / "tmp").mkdir()
     cache = work / "cache"
     (cache / "models").mkdir(parents=True)
