@@ -106,6 +106,8 @@ RUNS = {
         (f"{REINFORCE} --run.threads=1", "checkpoints/*/policy"),
     "runs/<run>/final": (SFT, "final"),
     "runs/sft-unit-conversion": (SFT, ""),
+    "runs/sft-unit-conversion-tools": (
+        "posttrain sft --config configs/sft_unit_conversion_tools.toml", ""),
     "runs/rm-sentiment": (RM, ""),
     "runs/rm-suffix": (f"{RM} --build.enabled=false --data.source=runs/rm-sentiment/pairs.jsonl "
                        "--eval_every=24 --run.threads=1 --run.name=rm-suffix", ""),
