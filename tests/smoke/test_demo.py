@@ -20,7 +20,9 @@ def test_demo_runs_end_to_end(tiny_dir, tmp_path, capsys):
     run = out / "demo"
     assert (run / "report.html").is_file() and str(run / "report.html") in text
     before = json.loads((run / "eval_before.json").read_text())["summary"]
-    assert {"accuracy", "answer_rate", "few_shot/accuracy", "few_shot+calculator/accuracy"} <= set(before)
+    assert {"accuracy", "answer_rate", "few_shot/accuracy", "few_shot+calculator/accuracy"} <= set(
+        before
+    )
     after = json.loads((run / "eval_after.json").read_text())
     assert {"accuracy", "answer_rate"} <= set(after["summary"])  # the same keys as before
     assert all("tool_calls" in r for r in after["examples"])  # transcripts keep their calls
