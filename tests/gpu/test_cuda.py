@@ -7,15 +7,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from rl_fakes import REWARD_PY, use_fake_task
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "smoke"))  # rl_fakes
+from rl_fakes import REWARD_PY, use_fake_task  # noqa: E402
 
 from posttrain.cli import main
 from posttrain.runs import read_jsonl
 
-cuda_only = pytest.mark.cuda_only
+# Every test here is marked gpu and skipped, with one reason, without CUDA;
+# POSTTRAIN_GPU_TIER_ON_CPU=1 runs those that do not need CUDA itself on the CPU, to check the
+# tier's own arguments. (No conftest.py here: a second one would shadow tests/conftest.py for
+# `from conftest import ...` in the whole suite.)
+ON_CPU = os.environ.get("POSTTRAIN_GPU_TIER_ON_CPU") == "1"
+NO_CUDA = "gpu tier: no CUDA device here (torch.cuda.is_available() is False)"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason=NO_CUDA),
+]
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 
 PAIRS = [
     {"prompt": "How many grams are there per 6 kg? ", "chosen": "6000", "rejected": "60"},
