@@ -7,6 +7,7 @@ stderr and exit code 2, with no traceback.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import sys
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"posttrain: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
+    if not _AT_EXIT:
+        atexit.register(_close_process_group)
+        _AT_EXIT.append(True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # datasets' "Generating train split" bars for a local jsonl file say nothing to a user
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -112,14 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"posttrain {command}: interrupted", file=sys.stderr)
         return 130
-    finally:
-        _close_process_group()
+
+
+_AT_EXIT: list[bool] = []  # whether _close_process_group is registered with atexit
 
 
 def _close_process_group() -> None:
-    """Shut down torch.distributed's process group (under `accelerate launch`) before the process
-    exits: a gloo group left to the interpreter's teardown can abort a process that finished its
-    work ("terminate called without an active exception")."""
+    """At exit, shut down torch.distributed's process group (under `accelerate launch`): a gloo
+    group left to the interpreter's teardown can abort a process that finished its work
+    ("terminate called without an active exception"). Registered with atexit, so that several
+    commands in one process share the group."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
