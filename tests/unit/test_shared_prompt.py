@@ -160,13 +160,13 @@ def test_shared_prompt_under_activation_checkpointing_takes_the_plain_pass(tiny)
     """Activation checkpointing keeps no KV cache: the plain per-row pass, same numbers."""
     model, tok = tiny
     ids, mask, groups, T = _batch(tok)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     try:
         a = completion_logits(model, ids, mask, T)
         b = completion_logits_shared(model, ids, mask, T, groups=groups)
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.eval()
     assert torch.equal(a, b)
 
