@@ -23,7 +23,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -67,6 +67,18 @@ class OnlineConfig:
         "resume": "run.resume",
         "tool": "tools.names",
     }
+    steps: int = check(100, ">= 1")
+    """rollout batches: each samples fresh completions, then trains on them (reinforce: one optimizer step; grpo, rloo, ppo: update_epochs x num_minibatches)"""
+    batch_size: int = check(8, ">= 1")
+    """prompts per rollout batch (on each process)"""
+    samples_per_prompt: int = check(1, ">= 1")
+    """completions sampled per prompt (rollout rows = batch_size * samples_per_prompt; grpo and rloo: the group, at least 2)"""
+    kl_coef: float = check(0.0, ">= 0")
+    """beta, the KL coefficient (ppo: its start under the adaptive controller; 0: no KL, no reference needed)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator: k1 = log(pi/ref), k3 = ref/pi - log(ref/pi) - 1"""
+    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
+    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), copy (a frozen copy), adapter (the base weights with the LoRA adapter off), none"""
     eval_limit: int = check(64, ">= 0")
     """validation rows scored at the start and the end (0: no evaluation)"""
     eval_every: int = check(0, ">= 0")

@@ -267,8 +267,10 @@ def _decode_loop(
                 nxt = inverse_cdf(probs, uniforms[:, step])
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         is_tool = torch.zeros(B, dtype=torch.bool, device=device)
-        if tools is not None:
-            fed = [i for i in range(B) if tools.queue[i] and not done[i]]
+        fed: list[int] = []  # rows that read a tool result's token this step
+        if tools is not None and any(tools.queue):
+            done_rows = done.tolist()
+            fed = [i for i in range(B) if tools.queue[i] and not done_rows[i]]
             if fed:
                 rows = torch.tensor(fed, device=device)
                 nxt[rows] = torch.tensor([tools.queue[i].pop(0) for i in fed], device=device)
@@ -283,9 +285,10 @@ def _decode_loop(
             reasons[i] = "eos"
         done = done | newly_eos
         if keep_history:
-            tool_rows = set(is_tool.nonzero().flatten().tolist()) if tools is not None else set()
+            tool_rows = set(fed)
+            tokens = nxt.tolist()
             for i in (~done).nonzero().flatten().tolist():
-                history[i].append(int(nxt[i]))
+                history[i].append(tokens[i])
                 if tools is not None and i not in tool_rows:
                     tools.after_sampled(i, history[i])
                 if stopper.stops and i not in tool_rows and not (tools and tools.queue[i]):

@@ -99,7 +99,7 @@ def _power(base: Fraction, exp: Fraction) -> Fraction:
     if exp.denominator == 1:
         if base == 0 and exp < 0:
             raise ToolError("division by zero")
-        if base != 0 and abs(base) ** 1 > 1 and abs(exp) * math.log10(float(abs(base))) > 30:
+        if abs(base) > 1 and exp * math.log10(float(abs(base))) > 30:  # before computing it
             raise ToolError("result too large")
         return _checked(base ** int(exp))
     if base < 0:
@@ -333,9 +333,8 @@ class Toolbox:
 
     def format_result(self, result: str) -> str:
         """The text inserted after a call."""
-        result = result.replace("\n", " ").strip() if self.cfg.format == "tag" else result
-        if self.cfg.format == "tag":
-            return f" = {result}\n"
+        if self.cfg.format == "tag":  # one line: the model goes on after the newline
+            return f" = {result.replace(chr(10), ' ').strip()}\n"
         return f"\n<tool_response>\n{result}\n</tool_response>\n"
 
     def result_ids(self, tokenizer: Any, result: str) -> list[int]:

@@ -80,10 +80,6 @@ class Config(OnlineConfig):
         "clip_eps": "clip_range",
         "clip_eps_high": "clip_range_high",
     }
-    steps: int = check(100, ">= 1")
-    """rollout batches (each followed by update_epochs x num_minibatches optimizer steps)"""
-    batch_size: int = check(8, ">= 1")
-    """prompts per rollout batch (on each process)"""
     samples_per_prompt: int = check(4, ">= 2")
     """k, completions sampled per prompt (the group)"""
     advantage: Literal["rloo", "group_norm"] = "group_norm"
@@ -101,13 +97,9 @@ class Config(OnlineConfig):
     clip_range_high: float | None = check(None, ">= 0")
     """upper clip (DAPO clip-higher); unset: clip_range"""
     kl_coef: float = check(0.04, ">= 0")
-    """beta, the KL coefficient (0: no KL, no reference needed)"""
     kl_estimator: Literal["k1", "k3"] = "k3"
-    """per-token KL estimator: k1 = log(pi/ref), k3 = ref/pi - log(ref/pi) - 1"""
     kl_in: Literal["loss", "reward"] = "loss"
     """where the KL goes: in the loss (differentiated) or subtracted from the reward"""
-    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), copy, adapter, none"""
     loss_reduction: Literal["token_mean", "seq_mean", "fixed"] = "seq_mean"
     """token_mean: over all tokens; seq_mean: per sequence, then over sequences; fixed: sum / (rows x fixed_normaliser)"""
     fixed_normaliser: int = check(0, ">= 0")

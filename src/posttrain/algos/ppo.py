@@ -99,11 +99,6 @@ class Config(OnlineConfig):
         "kl.ref": "ref",
     }
     steps: int = check(50, ">= 1")
-    """PPO steps: one rollout batch, then update_epochs of updates on it"""
-    batch_size: int = check(8, ">= 1")
-    """prompts per step (on each process)"""
-    samples_per_prompt: int = check(1, ">= 1")
-    """completions sampled per prompt (rollout rows = batch_size * samples_per_prompt)"""
     update_epochs: int = check(4, ">= 1")
     """passes over each rollout batch, each in a fresh shuffled order"""
     num_minibatches: int = check(2, ">= 1")
@@ -117,17 +112,12 @@ class Config(OnlineConfig):
     clip_range_value: float = check(0.2, ">= 0")
     """value clip: new values stay within this distance of the rollout's values"""
     kl_coef: float = check(0.2, ">= 0")
-    """beta, the initial KL coefficient in the per-token reward (0: no KL, no reference model)"""
     kl_controller: Literal["adaptive", "fixed"] = "adaptive"
     """adaptive: move beta towards kl_target (Ziegler et al. 2019); fixed: keep beta"""
     kl_target: float = check(6.0, "> 0")
     """adaptive: target KL per completion in nats (summed over its tokens)"""
     kl_horizon: int = check(10000, ">= 1")
     """adaptive: horizon in samples; beta changes by at most 20% per `kl_horizon` samples"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator in the reward: k1 = logp - ref_logp (Ziegler), k3 = Schulman's"""
-    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), a frozen copy, the base weights with the LoRA adapter off, none"""
     vf_coef: float = check(0.1, ">= 0")
     """weight of the value loss in the total loss"""
     ent_coef: float = 0.0

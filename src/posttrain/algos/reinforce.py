@@ -60,23 +60,13 @@ from posttrain.train import uses_run_settings
 @dataclass
 class Config(OnlineConfig):
     steps: int = check(200, ">= 1")
-    """optimizer steps; each samples a fresh batch"""
     batch_size: int = check(16, ">= 1")
-    """prompts per step (on each process)"""
-    samples_per_prompt: int = check(1, ">= 1")
-    """completions sampled per prompt"""
     baseline: Literal["none", "mean", "moving_average"] = "moving_average"
     """b in -(r - b) log p: none, the batch mean, or a moving average of past batch means"""
     baseline_decay: float = check(0.9, "in [0, 1]")
     """moving-average baseline: b <- decay * b + (1 - decay) * mean reward"""
-    kl_coef: float = check(0.0, ">= 0")
-    """alpha, the KL penalty coefficient (0: no penalty, no reference needed)"""
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    """per-token KL estimator: k1 = log(pi/ref), k3 = ref/pi - log(ref/pi) - 1"""
     kl_in: Literal["reward", "loss"] = "reward"
     """where the penalty goes: subtracted from the reward (no gradient) or added to the loss"""
-    ref: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """reference policy: auto (none if kl_coef is 0, adapter under a fresh LoRA adapter, else copy: also from --model.adapter), a frozen copy, the base weights with the LoRA adapter off, none"""
     exact_kl: bool = False
     """log kl/exact, the KL over the whole vocabulary (costs a policy forward and (B, T, V) softmaxes)"""
 
