@@ -51,6 +51,7 @@ def main(out: str) -> None:
         for t in losses:
             dist.all_reduce(t)
         losses = [t / world for t in losses]
+        dist.barrier()  # both ranks done with gloo before either tears it down
         dist.destroy_process_group()
     if rank == 0:
         torch.save({"losses": [float(t) for t in losses], "state": state}, out)
