@@ -27,11 +27,12 @@ def test_two_process_fsdp_matches_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, str(WORKER), str(one)], check=True, env=env, timeout=120)
-    subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={_free_port()}", str(WORKER), str(two)],
-        check=True, env=env, timeout=180, capture_output=True,
+        env=env, timeout=180, capture_output=True, text=True,
     )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = torch.load(one), torch.load(two)
     assert b["losses"] == pytest.approx(a["losses"], abs=1e-5)
     for k, v in a["state"].items():
