@@ -12,6 +12,14 @@ call the calculator (`<calc>...</calc>`), at the largest batch, once without too
 the calculator running inside generation: tokens/s counts every completion token (a tool's result
 tokens cost a decoding step each, like sampled ones), so the ratio is the cost of running tools in
 the loop (finding calls, running them, tokenizing results). Skip it with --tool-rows=false.
+
+Limits (bench/limits.py; skip with --no-limits): first the matmul peaks and the memory read
+bandwidth are measured at --threads threads (a few seconds), then each batch row shows the most
+tokens/s the machine allows for the same work and the row's "% of limit". The limit's time is the
+prompts' prefill at the matmul peak plus (completion tokens / batch) decode steps, each at the
+roofline max(bytes / bandwidth, FLOPs / peak) for `batch` rows whose cache holds the row's mean
+prompt length + half its mean completion length (real tokens, padding not counted; every step
+assumed to carry a full batch). "bound" says which side of the roofline the decode step is on.
 """
 
 from __future__ import annotations
@@ -19,7 +27,22 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from limits import (  # noqa: E402
+    ModelCounts,
+    Peaks,
+    causal_context,
+    decode_step_seconds,
+    forward_flops,
+    measure_peaks,
+    model_counts,
+    pct_of_limit,
+)
 
 QUESTIONS = [
     "Explain why the sky is blue.",
@@ -50,6 +73,12 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tool-rows", default="true", choices=["true", "false"])
+    ap.add_argument(
+        "--limits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the machine's peaks and print each row's limit and %% of limit",
+    )
     args = ap.parse_args()
 
     import torch
@@ -57,6 +86,12 @@ def main() -> None:
     from posttrain.models import load_model
     from posttrain.rollout import GenerationConfig, generate
 
+    peaks = measure_peaks(args.threads) if args.limits else None
+    if peaks is not None:
+        print(
+            f"limits: {peaks.cpu}, {peaks.threads} threads: matmul {peaks.fp32_gflops:.0f} GFLOP/s "
+            f"fp32, {peaks.bf16_gflops:.0f} GFLOP/s bf16; memory read {peaks.read_gbs:.1f} GB/s"
+        )
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
@@ -73,22 +108,51 @@ def main() -> None:
         tps = roll.num_tokens / secs
         if bs == 1:
             base = tps
-        rows.append((bs, roll.num_tokens, secs, tps))
+        rows.append((bs, roll.num_tokens, secs, tps, roll))
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, model {args.model}"
     )
     print(f"{args.prompts} chat prompts, {args.new_tokens} new tokens max, temperature 0.7\n")
-    print("| mode | batch | tokens | seconds | tokens/s | x sequential |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for bs, n, secs, tps in rows:
+    dtype = str(model.dtype).removeprefix("torch.")
+    counts = model_counts(model.config)
+    if peaks is not None and dtype not in ("float32", "bfloat16"):
+        print(f"(no limits: peaks are measured for float32 and bfloat16, not {dtype})")
+        peaks = None
+    head = "| mode | batch | tokens | seconds | tokens/s | x sequential |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if peaks is not None:
+        head += " limit tokens/s | % of limit | bound |"
+        rule += "---:|---:|---|"
+    print(head)
+    print(rule)
+    for bs, n, secs, tps, roll in rows:
         mode = "sequential" if bs == 1 else "batched"
         ratio = f"{tps / base:.1f}" if base else "-"
-        print(f"| {mode} | {bs} | {n} | {secs:.1f} | {tps:.1f} | {ratio} |")
+        line = f"| {mode} | {bs} | {n} | {secs:.1f} | {tps:.1f} | {ratio} |"
+        if peaks is not None:
+            limit, bound = row_limit(peaks, counts, roll, bs, dtype)
+            line += f" {limit:.1f} | {pct_of_limit(tps, limit)} | {bound} |"
+        print(line)
     if args.tool_rows == "true":
         tool_rows(
             model, tok, args.prompts, args.new_tokens, max(int(b) for b in args.batches.split(","))
         )
+
+
+def row_limit(peaks: Peaks, counts: ModelCounts, roll, batch: int, dtype: str) -> tuple[float, str]:
+    """(tokens/s limit, "memory" or "compute") for one row: its sampled tokens over the fewest
+    seconds its prefill and decode steps can take (see the module docstring)."""
+    n = len(roll)
+    prompt_tokens = int(roll.prompt_mask.sum())
+    new_tokens = int(roll.completion_mask.sum())
+    context = prompt_tokens / n + new_tokens / n / 2
+    prefill_flops = forward_flops(counts, prompt_tokens, causal_context(round(prompt_tokens / n)))
+    prefill_s = prefill_flops / (peaks.matmul_gflops(dtype) * 1e9)
+    memory_s, compute_s = decode_step_seconds(peaks, counts, batch, context, dtype)
+    decode_s = new_tokens / batch * max(memory_s, compute_s)
+    bound = "memory" if memory_s >= compute_s else "compute"
+    return roll.num_tokens / (prefill_s + decode_s), bound
 
 
 TOOL_SHOTS = (

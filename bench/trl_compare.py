@@ -1,9 +1,29 @@
 """posttrain next to Hugging Face TRL: seconds per optimizer step, generation tokens/s, peak RSS.
 
     pip install -e ".[bench]"            # TRL is a bench extra, never a runtime dependency
-    python bench/trl_compare.py                           # every workload, embedded default, fp32
-    python bench/trl_compare.py --workloads grpo,rloo --steps 5 --warmup 2 --dtype bfloat16
-    python bench/trl_compare.py --model path/to/model --threads 2 --rounds 2
+    python bench/trl_compare.py                           # every workload, 3 rounds x 8 steps, fp32
+    python bench/trl_compare.py --workloads grpo,rloo --steps 8 --rounds 3 --dtype bfloat16
+    python bench/trl_compare.py --settings each           # each side's own process settings
+
+Fair by construction (issue #15):
+- Same process settings (`--settings same`, the default): both children start with the same
+  allocator settings (glibc `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`, what
+  posttrain's `run.reuse_memory` sets for itself) and the same torch/OpenMP threads. `--settings
+  each` leaves TRL's child on the default allocator: the "out of the box" table.
+- TRL runs with its own default optimizer (transformers' `adamw_torch_fused`) and the speed
+  settings its docs recommend that apply on a CPU: truncation to the data's length, no gradient
+  checkpointing, precomputed reference log-probs for DPO. (Packing, padding-free batches, Liger
+  kernels and vLLM need FlashAttention or a GPU.)
+- Equal work: both sides read the same rows in the same order (sequential on both: TRL's
+  `train_sampling_strategy="sequential"` / `shuffle_dataset=False`, posttrain's data order patched
+  to the file's in the child), and every child logs the padded and the real (attention-mask)
+  tokens that each step's training forwards take. For SFT and DPO the first step's loss (and
+  DPO's chosen/rejected log-probs) must agree between the sides to a relative 1e-4 (fp32), or the
+  row is refused.
+- Rounds: each round runs both sides of every workload; the table gives the median over rounds of
+  the per-round ratio and its spread (min-max). Before each child the parent waits for a quiet
+  machine (other processes' CPU use under `--quiet-load` cores) and records the other processes'
+  load while the child ran.
 
 Each (workload, side) runs in its own subprocess, so the peak RSS (`ru_maxrss` of the child) is that
 side's alone; the two sides alternate within one run (posttrain first for one workload, TRL first
@@ -17,7 +37,8 @@ posttrain runs through its CLI in-process (`posttrain.cli.main`), unchanged; the
 `Run.log` (the end of a step) and `rollout.generate` (generation time and tokens) to time them. TRL
 runs its trainers (SFTTrainer, DPOTrainer, GRPOTrainer, RLOOTrainer) with a TrainerCallback at each
 step end, and its generation (`_generate_single_turn`) wrapped the same way. TRL has no REINFORCE
-and no PPO any more, so those rows compare against TRL's RLOO at the same generated token count.
+and no PPO any more (1.12 was the last with PPOTrainer), so those rows compare against TRL's RLOO at
+the same generated token count and say nothing about PPO against PPO.
 Both sides: fp32 (or bf16 autocast with --dtype bfloat16), no gradient checkpointing (TRL's
 default is on), CPU, the same threads.
 """
@@ -46,17 +67,25 @@ from workloads import (  # noqa: E402
     WORKLOADS,
     Workload,
     dpo_rows,
+    plain_prompt,
+    plain_prompts,
     prompt_messages,
     sft_rows,
 )
 
 SIDES = ("posttrain", "trl")
+# glibc's allocator settings that posttrain's run.reuse_memory makes for itself (mallopt), as
+# environment variables: under --settings same both children start with them
+SAME_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+# SFT/DPO first-step metrics that both sides log and that must agree (relative, fp32)
+AGREE_KEYS = ("loss", "logps/chosen", "logps/rejected")
+AGREE_RTOL = 1e-4
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="default", help="`default` or a local model directory")
-    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side")
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1)")
     ap.add_argument(
         "--workloads",
@@ -66,7 +95,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="bfloat16: bf16 autocast on both sides (weights stay fp32)")  # fmt: skip
-    ap.add_argument("--rounds", type=int, default=1, help="repeat each pair of runs")
+    ap.add_argument("--rounds", type=int, default=3, help="repeat each pair of runs")
+    ap.add_argument("--settings", choices=["same", "each"], default="same",
+                    help="same: both children get the same allocator settings and threads; "
+                    "each: TRL's child keeps the default allocator (out of the box)")  # fmt: skip
+    ap.add_argument("--quiet-load", type=float, default=0.3,
+                    help="wait before each child until other processes use fewer cores than this")  # fmt: skip
+    ap.add_argument("--quiet-wait", type=int, default=300,
+                    help="most seconds to wait for a quiet machine before a child")  # fmt: skip
     ap.add_argument("--max-length", type=int, default=128, help="SFT/DPO longest sequence")
     ap.add_argument("--sides", default="posttrain,trl", help="which sides to run")
     ap.add_argument(
@@ -110,10 +146,40 @@ class Recorder:
         self.total = args.warmup + args.steps
         self.ends: list[float] = []
         self.gens: list[tuple[int, int, float]] = []  # (step it belongs to, tokens, seconds)
+        self.tokens: dict[int, list[int]] = {}  # step -> [padded, real] tokens in grad forwards
+        self.first: dict[str, float] = {}  # the first step's logged metrics (AGREE_KEYS)
+        self.extra: dict[str, Any] = {}
         self.start = time.perf_counter()
 
     def generated(self, tokens: int, seconds: float) -> None:
         self.gens.append((len(self.ends) + 1, tokens, seconds))
+
+    def logged(self, step: int, metrics: dict[str, Any]) -> None:
+        if step == 1 and not self.first:
+            self.first = {k: float(metrics[k]) for k in AGREE_KEYS if k in metrics}
+
+    def count_tokens(self, model: Any) -> None:
+        """Count the padded and real tokens of every forward with gradients on (training
+        forwards, not sampling or reference scoring) through the model's decoder stack."""
+        import torch
+
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+
+        def hook(module: Any, args: tuple, kwargs: dict) -> None:
+            if not torch.is_grad_enabled():
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is None:
+                ids = kwargs["inputs_embeds"][..., 0]
+            mask = kwargs.get("attention_mask")
+            real = None
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # (B, past + T): the new T
+                real = int(mask[:, -ids.shape[-1] :].sum())
+            cur = self.tokens.setdefault(len(self.ends) + 1, [0, 0])
+            cur[0] += ids.numel()
+            cur[1] += ids.numel() if real is None else real
+
+        decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
     def step_end(self) -> None:
         self.ends.append(time.perf_counter())
@@ -130,6 +196,10 @@ class Recorder:
             "side": self.side,
             "workload": self.w.name,
             "step_seconds": steps,
+            "first_step": self.first,
+            # [padded, real] tokens of the training forwards, per step (warm-up steps included)
+            "step_tokens": [self.tokens.get(i, [0, 0]) for i in range(1, self.total + 1)],
+            **self.extra,
             "gen_tokens": sum(g[1] for g in timed),
             "gen_seconds": sum(g[2] for g in timed),
             "gen_calls": len(timed),
@@ -185,13 +255,13 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
     ]
     n_rows = max(total * w.batch, 16)
     if w.kind == "sft":
-        data = write_jsonl(tmp / "sft.jsonl", sft_rows(tok, n_rows))
+        data = write_jsonl(tmp / "sft.jsonl", sft_rows(tok, n_rows, w.plain))
         return ["sft", *common, f"--data.source={data}", "--data.format=prompt_completion",
                 "--data.validation_size=0", f"--data.max_length={args.max_length}",
                 f"--train.batch_size={w.batch}", f"--train.max_steps={total}",
                 "--train.eval_every=0", "--eval_limit=0"]  # fmt: skip
     if w.kind == "dpo":
-        data = write_jsonl(tmp / "pairs.jsonl", dpo_rows(tok, n_rows))
+        data = write_jsonl(tmp / "pairs.jsonl", dpo_rows(tok, n_rows, w.plain))
         return ["dpo", *common, f"--data.source={data}", "--data.eval_fraction=0",
                 f"--data.max_prompt_tokens={args.max_length}",
                 f"--data.max_completion_tokens={args.max_length}", "--beta=0.1",
@@ -200,7 +270,8 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
     reward = f"--reward.components=python:{HERE / 'workloads.py'}:posttrain_reward"
     online = [*common, "--task.name=unit_conversion", reward, f"--gen.max_new_tokens={w.new_tokens}",
               "--gen.temperature=1.0", "--gen.top_k=0", "--gen.top_p=1.0", "--gen.stop=[]",
-              "--gen.chat=true", f"--steps={total}", "--eval_limit=0", "--run.sample_every=0"]  # fmt: skip
+              f"--gen.chat={str(not w.plain).lower()}", f"--steps={total}", "--eval_limit=0",
+              "--run.sample_every=0"]  # fmt: skip
     if w.kind in ("grpo", "rloo"):
         return [w.kind, *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
                 f"--kl_coef={w.kl}", "--update_epochs=1", "--num_minibatches=1",
@@ -215,12 +286,70 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
     raise ValueError(f"no posttrain command for workload kind {w.kind!r}")
 
 
+def same_order() -> None:
+    """posttrain reads its data in the file's order, as TRL does with a sequential sampler: the
+    offline loop's micro-batches and the online prompt stream, without their seeded shuffles."""
+    import posttrain.data as data
+    import posttrain.offline as offline
+    from posttrain.online import PromptStream
+
+    load_rows = data.load_rows
+
+    def file_order(cfg: Any) -> tuple[list[dict], list[dict], str]:
+        # without a validation share posttrain still permutes the rows: put them back in order
+        train, val, fmt = load_rows(cfg)
+        if cfg.data.source and not val:
+            lines = Path(cfg.data.source).read_text().splitlines()
+            pos = {json.dumps(json.loads(x), sort_keys=True): i for i, x in enumerate(lines)}
+            train.sort(key=lambda r: pos[json.dumps(r, sort_keys=True)])
+        return train, val, fmt
+
+    data.load_rows = file_order
+    import posttrain.algos.sft as sft
+
+    sft.load_rows = file_order
+
+    def micro_batches(step: int, n_items: int, *, batch_size: int, grad_accum: int,
+                      processes: int, rank: int, seed: int) -> list[list[int]]:  # fmt: skip
+        per_step = batch_size * grad_accum * processes
+        i = step % offline.steps_per_epoch(n_items, per_step, processes)
+        mine = list(range(i * per_step, (i + 1) * per_step))[rank::processes]
+        return [mine[s : s + batch_size] for s in range(0, len(mine), batch_size)]
+
+    offline.micro_batches = micro_batches
+    PromptStream._order = lambda self, epoch: list(range(len(self.rows)))  # type: ignore[method-assign]
+
+
+def plain_stream() -> None:
+    """The online prompt stream hands out the plain question instead of the chat messages."""
+    from posttrain.online import PromptStream
+
+    init = PromptStream.__init__
+
+    def plain_init(self: Any, rows: list[dict[str, Any]], *a: Any, **k: Any) -> None:
+        init(self, [{**r, "prompt": plain_prompt(r)} for r in rows], *a, **k)
+
+    PromptStream.__init__ = plain_init  # type: ignore[method-assign]
+
+
 def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None:
 
+    import posttrain.models as models
     import posttrain.rollout as rollout
     from posttrain.models import load_tokenizer
     from posttrain.runs import Run
 
+    same_order()
+    if w.plain:
+        plain_stream()
+    orig_load = models.load_model
+
+    def load_model(*a: Any, **k: Any) -> Any:
+        model, tok_ = orig_load(*a, **k)
+        rec.count_tokens(model)
+        return model, tok_
+
+    models.load_model = load_model
     tok = load_tokenizer(model_dir(args.model))
     orig_generate = rollout.generate
 
@@ -238,6 +367,7 @@ def run_posttrain(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Pat
     orig_log = Run.log
 
     def log(self: Run, step: int, metrics: dict[str, Any], echo: bool = True) -> dict[str, Any]:
+        rec.logged(step, metrics)
         if step not in logged and step > 0:  # one step end per optimizer step
             logged.add(step)
             rec.step_end()
@@ -283,7 +413,8 @@ def trl_common(w: Workload, args: argparse.Namespace, tmp: Path) -> dict[str, An
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch",
+        # optim: TRL's own default (transformers' adamw_torch_fused), not forced
+        train_sampling_strategy="sequential",  # the rows in the file's order, as posttrain's child
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -311,6 +442,7 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
         run_generate_trl(w, args, rec, tok, path)
         return
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rec.count_tokens(model)
     peft_config = None
     if w.lora:
         from peft import LoraConfig
@@ -322,6 +454,9 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             rec.step_end()
 
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            rec.logged(state.global_step, logs or {})
+
     common = trl_common(w, args, tmp)
     n_rows = max(rec.total * w.batch, 16)
     if w.kind == "sft":
@@ -331,7 +466,7 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
             **common, max_length=args.max_length, completion_only_loss=True, packing=False
         )
         trainer: Any = SFTTrainer(model=model, args=cfg, processing_class=tok,
-                                  train_dataset=Dataset.from_list(sft_rows(tok, n_rows)),
+                                  train_dataset=Dataset.from_list(sft_rows(tok, n_rows, w.plain)),
                                   peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
     elif w.kind == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -341,15 +476,16 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
         cfg = DPOConfig(**common, max_length=2 * args.max_length, beta=0.1, loss_type=["sigmoid"],
                         precompute_ref_log_probs=True, precompute_ref_batch_size=w.batch)  # fmt: skip
         trainer = DPOTrainer(model=model, args=cfg, processing_class=tok,
-                             train_dataset=Dataset.from_list(dpo_rows(tok, n_rows)),
+                             train_dataset=Dataset.from_list(dpo_rows(tok, n_rows, w.plain)),
                              peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
     else:
         from workloads import trl_reward
 
         online = dict(num_generations=4, max_completion_length=w.new_tokens, temperature=1.0,
                       top_k=0, top_p=1.0, beta=w.trl_kl, num_iterations=1, epsilon=0.2,
-                      log_completions=False)  # fmt: skip
-        data = Dataset.from_list([{"prompt": p} for p in prompt_messages(n_rows)])
+                      log_completions=False, shuffle_dataset=False)  # fmt: skip
+        prompts = plain_prompts(n_rows) if w.plain else prompt_messages(n_rows)
+        data = Dataset.from_list([{"prompt": p} for p in prompts])
         if w.kind == "grpo":
             from trl import GRPOConfig, GRPOTrainer
 
@@ -374,6 +510,7 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
             return out
 
         trainer._generate_single_turn = timed
+    rec.extra["trl_optim"] = str(getattr(trainer.args.optim, "value", trainer.args.optim))
     trainer.train()
     raise SystemExit(f"TRL {w.trl} ended before {rec.total} steps")
 
@@ -431,7 +568,43 @@ def child(args: argparse.Namespace) -> None:
 # The parent: alternate the sides, collect, print the table
 
 
-def run_child(side: str, w: Workload, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def cpu_busy_seconds() -> float:
+    """CPU seconds spent by every process on the machine so far (/proc/stat, all cores)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def others_load(seconds: float = 2.0) -> float:
+    """Cores busy over `seconds` while this process sleeps: the other processes' load."""
+    import resource
+
+    own0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    b0 = cpu_busy_seconds()
+    time.sleep(seconds)
+    own = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - own0
+    return max(0.0, (cpu_busy_seconds() - b0 - own) / seconds)
+
+
+def wait_for_quiet(args: argparse.Namespace) -> float:
+    """Wait (up to --quiet-wait s) until other processes use under --quiet-load cores; the last
+    reading."""
+    deadline = time.monotonic() + args.quiet_wait
+    load = others_load()
+    while load >= args.quiet_load and time.monotonic() < deadline:
+        print(f"  waiting for a quiet machine: other processes use {load:.2f} cores",
+              file=sys.stderr, flush=True)  # fmt: skip
+        time.sleep(10)
+        load = others_load()
+    return load
+
+
+def run_child(
+    side: str, w: Workload, args: argparse.Namespace, tmp: Path, rnd: int = 0
+) -> dict[str, Any]:
     result = tmp / f"{w.name}-{side}-{time.monotonic_ns()}.json"
     log = result.with_suffix(".log")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--workload", w.name,
@@ -450,7 +623,13 @@ def run_child(side: str, w: Workload, args: argparse.Namespace, tmp: Path) -> di
         "TRANSFORMERS_VERBOSITY": "error",
         "DISABLE_MLFLOW_INTEGRATION": "TRUE",
         "WANDB_DISABLED": "true",
+        **(SAME_ALLOCATOR if args.settings == "same" else {}),
     }
+    import resource
+
+    quiet = wait_for_quiet(args)
+    kids0 = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
+    busy0 = cpu_busy_seconds()
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
@@ -459,14 +638,19 @@ def run_child(side: str, w: Workload, args: argparse.Namespace, tmp: Path) -> di
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
+    wall = time.perf_counter() - t0
+    child_cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2]) - kids0
+    others = max(0.0, (cpu_busy_seconds() - busy0 - child_cpu) / wall)
     if not result.is_file():
         tail = log.read_text()[-3000:]
         print(f"  {w.name} / {side}: failed (rc={rc})\n{tail}", file=sys.stderr, flush=True)
-        return {"side": side, "workload": w.name, "error": f"rc={rc}"}
+        return {"side": side, "workload": w.name, "round": rnd, "error": f"rc={rc}"}
     res = json.loads(result.read_text())
+    res.update(round=rnd, others_load=others, quiet_before=quiet)
     print(
-        f"  {w.name:10s} {side:9s} median {statistics.median(res['step_seconds']):.3f} s/step, "
-        f"peak RSS {res['peak_rss_mb']:.0f} MB ({time.perf_counter() - t0:.0f} s)",
+        f"  {w.name:14s} {side:9s} round {rnd + 1}: median "
+        f"{statistics.median(res['step_seconds']):.3f} s/step, peak RSS "
+        f"{res['peak_rss_mb']:.0f} MB, others' load {others:.2f} cores ({wall:.0f} s)",
         file=sys.stderr,
         flush=True,
     )
@@ -497,7 +681,13 @@ def machine_info(args: argparse.Namespace) -> str:
         f"{platform.python_version()}, torch {torch.__version__}, {versions}; "
         f"{args.threads} threads, {args.dtype}"
         f"{' autocast' if args.dtype == 'bfloat16' else ''}, model {args.model}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s)"
+        f"median of {args.steps} steps after {args.warmup} warm-up, {args.rounds} round(s); "
+        f"process settings: {args.settings}"
+        + (
+            f" ({' '.join(f'{k}={v}' for k, v in SAME_ALLOCATOR.items())})"
+            if args.settings == "same"
+            else ""
+        )
         + (f"; posttrain with {args.posttrain_args}" if args.posttrain_args else "")
     )
 
@@ -511,24 +701,54 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(workload, side) -> median s/step, gen tok/s, tokens per step, max peak RSS over rounds."""
+    """(workload, side) -> median s/step (all rounds), per-round medians, gen tok/s, tokens per
+    step (generated; padded and real through training forwards), max peak RSS and others' load,
+    the first step's metrics."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
         if "error" in r:
             out.setdefault((r["workload"], r["side"]), {"error": r["error"]})
             continue
         cur = out.setdefault((r["workload"], r["side"]), {"steps": [], "tok": 0, "sec": 0.0,
-                                                          "rss": 0.0})  # fmt: skip
+                              "rss": 0.0, "rounds": {}, "load": 0.0, "padded": [], "real": [],
+                              "first": r.get("first_step", {})})  # fmt: skip
+        cur.pop("error", None)
         cur["steps"] += r["step_seconds"]
+        cur["rounds"][r.get("round", 0)] = statistics.median(r["step_seconds"])
         cur["tok"] += r["gen_tokens"]
         cur["sec"] += r["gen_seconds"]
         cur["rss"] = max(cur["rss"], r["peak_rss_mb"])
+        cur["load"] = max(cur["load"], r.get("others_load", 0.0))
+        timed = r.get("step_tokens", [])[-len(r["step_seconds"]) :]
+        cur["padded"] += [t[0] for t in timed]
+        cur["real"] += [t[1] for t in timed]
     for v in out.values():
         if "steps" in v:
             v["s_step"] = statistics.median(v["steps"])
             v["tok_s"] = v["tok"] / v["sec"] if v["sec"] else None
             v["tok_step"] = v["tok"] / len(v["steps"]) if v["tok"] else None
+            v["padded_step"] = statistics.mean(v["padded"]) if v["padded"] else None
+            v["real_step"] = statistics.mean(v["real"]) if v["real"] else None
     return out
+
+
+def round_ratios(p: dict[str, Any], t: dict[str, Any]) -> list[float]:
+    """TRL s/step over posttrain s/step in each round that has both sides."""
+    rounds = sorted(set(p.get("rounds", {})) & set(t.get("rounds", {})))
+    return [t["rounds"][r] / p["rounds"][r] for r in rounds]
+
+
+def agreement(kind: str, p: dict[str, Any], t: dict[str, Any]) -> tuple[bool, str]:
+    """Equal work for SFT/DPO: the first step's shared metrics agree to AGREE_RTOL."""
+    if kind not in ("sft", "dpo"):
+        return True, "n/a (sampled)"
+    a, b = p.get("first", {}), t.get("first", {})
+    keys = [k for k in AGREE_KEYS if k in a and k in b]
+    if not keys:
+        return False, "no shared first-step metric"
+    worst = max(abs(a[k] - b[k]) / max(abs(a[k]), abs(b[k]), 1e-12) for k in keys)
+    text = ", ".join(f"{k} {a[k]:.6g}/{b[k]:.6g}" for k in keys)
+    return worst <= AGREE_RTOL, f"{text} (rel {worst:.1e})"
 
 
 def table(
@@ -538,11 +758,12 @@ def table(
         f"machine: {info}",
         f"both sides: {COMMON}",
         "",
-        "| workload | TRL side | s/step posttrain | s/step TRL | speed-up (TRL s / posttrain s) "
-        "| gen tok/s posttrain | gen tok/s TRL | gen tok/s ratio | gen tokens/step posttrain "
-        "| gen tokens/step TRL | peak RSS MB posttrain | peak RSS MB TRL | RSS ratio "
+        "| workload | TRL side | s/step posttrain | s/step TRL | speed-up, median of rounds "
+        "[min-max] | rounds | first step posttrain/TRL | train tokens/step padded/real posttrain "
+        "| train tokens/step padded/real TRL | gen tokens/step posttrain/TRL "
+        "| gen tok/s posttrain/TRL | peak RSS MB posttrain/TRL | others' load (cores, max) "
         "| hyper-parameters |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in names:
         w = WORKLOADS[name]
@@ -551,18 +772,32 @@ def table(
         ps, ts = p.get("s_step"), t.get("s_step")
         pe = p.get("error") and f"failed ({p['error']})"
         te = t.get("error") and f"failed ({t['error']})"
+        ratios = round_ratios(p, t)
+        ok, check = agreement(w.kind, p, t) if ps and ts else (True, "-")
+        if not ratios:
+            speed = "-"
+        elif not ok:
+            speed = "refused: unequal work"
+        else:
+            speed = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
         lines.append(
-            f"| {name} | {w.trl} | {pe or _fmt(ps, '.3f')} | {te or _fmt(ts, '.3f')} "
-            f"| {_ratio(ts, ps)} | {_fmt(p.get('tok_s'), '.1f')} | {_fmt(t.get('tok_s'), '.1f')} "
-            f"| {_ratio(p.get('tok_s'), t.get('tok_s'))} | {_fmt(p.get('tok_step'), '.0f')} "
-            f"| {_fmt(t.get('tok_step'), '.0f')} | {_fmt(p.get('rss'), '.0f')} "
-            f"| {_fmt(t.get('rss'), '.0f')} | {_ratio(p.get('rss'), t.get('rss'))} | {w.notes.format(max_len=max_len)} |"
+            f"| {name} | {w.trl} | {pe or _fmt(ps, '.3f')} | {te or _fmt(ts, '.3f')} | {speed} "
+            f"| {len(ratios)} | {check} "
+            f"| {_fmt(p.get('padded_step'), '.0f')}/{_fmt(p.get('real_step'), '.0f')} "
+            f"| {_fmt(t.get('padded_step'), '.0f')}/{_fmt(t.get('real_step'), '.0f')} "
+            f"| {_fmt(p.get('tok_step'), '.0f')}/{_fmt(t.get('tok_step'), '.0f')} "
+            f"| {_fmt(p.get('tok_s'), '.1f')}/{_fmt(t.get('tok_s'), '.1f')} "
+            f"| {_fmt(p.get('rss'), '.0f')}/{_fmt(t.get('rss'), '.0f')} "
+            f"| {max(p.get('load', 0.0), t.get('load', 0.0)):.2f} "
+            f"| {w.notes.format(max_len=max_len)} |"
         )
     lines += [
         "",
-        "speed-up > 1: posttrain takes less time per optimizer step; gen tok/s ratio is "
-        "posttrain / TRL; RSS ratio < 1: posttrain peaks lower. A step is timed end to end "
-        "(generation, reward, reference, forward, backward, optimizer, log line).",
+        "speed-up > 1: posttrain takes less time per optimizer step (TRL s / posttrain s, one "
+        "ratio per round, each the ratio of the two sides' median step in that round). A step is "
+        "timed end to end (generation, reward, reference, forward, backward, optimizer, log "
+        "line). Train tokens: the tokens of every forward with gradients on, per timed step "
+        "(padded = the batch's width x rows; real = attention-mask ones).",
     ]
     return "\n".join(lines)
 
@@ -594,7 +829,7 @@ def parent(args: argparse.Namespace) -> int:
             for i, name in enumerate(names):
                 order = sides if (i + r) % 2 == 0 else sides[::-1]
                 for side in order:
-                    results.append(run_child(side, WORKLOADS[name], args, Path(tmp)))
+                    results.append(run_child(side, WORKLOADS[name], args, Path(tmp), r))
                     save()
     print(table(summarize(results), names, info, args.max_length))
     return 0 if all("error" not in r for r in results) else 1

@@ -39,6 +39,9 @@ class Workload:
     """online: KL coefficient on the posttrain side (0: no reference model)"""
     trl_kl: float = 0.0
     """online: TRL's beta (0: no reference model)"""
+    plain: bool = False
+    """plain-text prompts (the question alone, no chat template, so no system prompt shared by
+    every row) instead of chat-templated ones"""
     notes: str = ""
     """hyper-parameters and differences, printed next to the row"""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -139,6 +142,42 @@ WORKLOADS: dict[str, Workload] = {
             "tok, T=1, lr 1e-6",
         ),
         Workload(
+            "sft_full_plain",
+            "sft",
+            "SFTTrainer",
+            lr=1e-5,
+            plain=True,
+            notes="sft_full on plain prompts (the question alone, no chat template or system prompt)",
+        ),
+        Workload(
+            "dpo_full_plain",
+            "dpo",
+            "DPOTrainer",
+            lr=1e-6,
+            plain=True,
+            notes="dpo_full on plain prompts (the question alone, no chat template or system prompt)",
+        ),
+        Workload(
+            "grpo_plain",
+            "grpo",
+            "GRPOTrainer",
+            lr=1e-6,
+            kl=0.04,
+            trl_kl=0.04,
+            plain=True,
+            notes="grpo on plain prompts (the question alone, no chat template or system prompt)",
+        ),
+        Workload(
+            "rloo_plain",
+            "rloo",
+            "RLOOTrainer",
+            lr=1e-6,
+            kl=0.05,
+            trl_kl=0.05,
+            plain=True,
+            notes="rloo on plain prompts (the question alone, no chat template or system prompt)",
+        ),
+        Workload(
             "generate",
             "generate",
             "model.generate",
@@ -156,6 +195,10 @@ DEFAULT_WORKLOADS = [
     "dpo_lora",
     "grpo",
     "rloo",
+    "sft_full_plain",
+    "dpo_full_plain",
+    "grpo_plain",
+    "rloo_plain",
     "reinforce",
     "ppo",
     "reinforce_2x4",
@@ -176,14 +219,24 @@ def task_rows(n: int) -> list[dict[str, Any]]:
     return [rows[i % len(rows)] for i in range(n)]
 
 
-def prompt_text(tok: Any, row: dict[str, Any]) -> str:
-    """The chat-templated prompt (system + user, generation prompt open) as one string."""
+def plain_prompt(row: dict[str, Any]) -> str:
+    """The question alone (the user message), as plain text ending in a newline."""
+    return row["prompt"][-1]["content"] + "\n"
+
+
+def prompt_text(tok: Any, row: dict[str, Any], plain: bool = False) -> str:
+    """The chat-templated prompt (system + user, generation prompt open) as one string, or the
+    plain question."""
+    if plain:
+        return plain_prompt(row)
     return tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
 
 
-def sft_rows(tok: Any, n: int) -> list[dict[str, str]]:
+def sft_rows(tok: Any, n: int, plain: bool = False) -> list[dict[str, str]]:
     """prompt/completion text pairs: the worked solution is the completion."""
-    return [{"prompt": prompt_text(tok, r), "completion": r["solution"]} for r in task_rows(n)]
+    return [
+        {"prompt": prompt_text(tok, r, plain), "completion": r["solution"]} for r in task_rows(n)
+    ]
 
 
 def _wrong(solution: str) -> str:
@@ -199,10 +252,14 @@ def _wrong(solution: str) -> str:
     return out if out != solution else solution + " <answer>0</answer>"
 
 
-def dpo_rows(tok: Any, n: int) -> list[dict[str, str]]:
+def dpo_rows(tok: Any, n: int, plain: bool = False) -> list[dict[str, str]]:
     """prompt/chosen/rejected: the right worked solution against the same with a wrong answer."""
     return [
-        {"prompt": prompt_text(tok, r), "chosen": r["solution"], "rejected": _wrong(r["solution"])}
+        {
+            "prompt": prompt_text(tok, r, plain),
+            "chosen": r["solution"],
+            "rejected": _wrong(r["solution"]),
+        }
         for r in task_rows(n)
     ]
 
@@ -210,6 +267,11 @@ def dpo_rows(tok: Any, n: int) -> list[dict[str, str]]:
 def prompt_messages(n: int) -> list[list[dict[str, str]]]:
     """Chat prompts (system + user messages) for the online workloads."""
     return [r["prompt"] for r in task_rows(n)]
+
+
+def plain_prompts(n: int) -> list[str]:
+    """Plain-text prompts (the question alone) for the online workloads' plain rows."""
+    return [plain_prompt(r) for r in task_rows(n)]
 
 
 # ---------------------------------------------------------------------------------------------
