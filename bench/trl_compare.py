@@ -61,6 +61,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from limits import (  # noqa: E402
+    ModelCounts,
+    Peaks,
+    causal_context,
+    decode_step_seconds,
+    forward_flops,
+    measure_peaks,
+    model_counts,
+    pct_of_limit,
+    train_flops,
+)
 from workloads import (  # noqa: E402
     COMMON,
     DEFAULT_WORKLOADS,
@@ -114,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--timeout", type=int, default=1800, help="seconds per child before it is killed"
     )
+    ap.add_argument("--limits", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure the machine's matmul peak and read bandwidth first, and print "
+                    "each row's limit and %% of it")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     ap.add_argument("--report", default=None, help="only print the table of an --out file")
     ap.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
@@ -751,8 +765,46 @@ def agreement(kind: str, p: dict[str, Any], t: dict[str, Any]) -> tuple[bool, st
     return worst <= AGREE_RTOL, f"{text} (rel {worst:.1e})"
 
 
+def row_limit(
+    w: Workload, sides: list[dict[str, Any]], peaks: Peaks, counts: ModelCounts, dtype: str
+) -> float | None:
+    """The fewest seconds a step of this row can take on this machine (roofline):
+
+    - training forwards: `train_flops` over the real tokens at the matmul peak (LoRA: 4 instead
+      of 6 FLOPs per weight and token, no weight gradient for the frozen weights); the fewer real
+      tokens of the two sides, so work one side saves (a shared prompt) counts as saved;
+    - online rows add sampling: the prompts' prefill (`forward_flops`) and one decode step per new
+      token at `decode_step_seconds` (max of bytes / bandwidth and FLOPs / peak) for the whole
+      batch, plus one scoring forward for the reference's log-probs when the KL is on.
+    Attention is counted over the causal half of each row's length (padded width / rows)."""
+    have = [v for v in sides if v.get("real_step")]
+    if not have:
+        return None
+    real = min(v["real_step"] for v in have)
+    rows = w.batch * (2 if w.kind == "dpo" else 1)
+    ctx = causal_context(int(min(v["padded_step"] for v in have) / rows))
+    seconds = train_flops(counts, int(real), ctx) / (peaks.matmul_gflops(dtype) * 1e9)
+    if w.lora:
+        seconds *= 2 / 3
+    gen = [v["tok_step"] for v in have if v.get("tok_step")]
+    if w.kind in ("sft", "dpo") or not gen:
+        return seconds
+    new = statistics.mean(gen)  # sampled tokens per step
+    prompt = max(real - new, 0)
+    length = real / w.batch
+    seconds += forward_flops(counts, int(prompt), ctx) / (peaks.matmul_gflops(dtype) * 1e9)
+    seconds += (new / w.batch) * max(decode_step_seconds(peaks, counts, w.batch, length, dtype))
+    if w.kl:
+        seconds += forward_flops(counts, int(real), ctx) / (peaks.matmul_gflops(dtype) * 1e9)
+    return seconds
+
+
 def table(
-    summary: dict[tuple[str, str], dict[str, Any]], names: list[str], info: str, max_len: int
+    summary: dict[tuple[str, str], dict[str, Any]],
+    names: list[str],
+    info: str,
+    max_len: int,
+    limits: tuple[Peaks, ModelCounts, str] | None = None,
 ) -> str:
     lines = [
         f"machine: {info}",
@@ -762,8 +814,8 @@ def table(
         "[min-max] | rounds | first step posttrain/TRL | train tokens/step padded/real posttrain "
         "| train tokens/step padded/real TRL | gen tokens/step posttrain/TRL "
         "| gen tok/s posttrain/TRL | peak RSS MB posttrain/TRL | others' load (cores, max) "
-        "| hyper-parameters |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| limit s/step | % of limit posttrain/TRL | hyper-parameters |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name in names:
         w = WORKLOADS[name]
@@ -773,6 +825,11 @@ def table(
         pe = p.get("error") and f"failed ({p['error']})"
         te = t.get("error") and f"failed ({t['error']})"
         ratios = round_ratios(p, t)
+        lim = row_limit(w, [p, t], *limits) if limits else None
+
+        def pct(sec: float | None, lim: float | None = lim) -> str:
+            return pct_of_limit(lim, sec) if lim and sec else "-"
+
         ok, check = agreement(w.kind, p, t) if ps and ts else (True, "-")
         if not ratios:
             speed = "-"
@@ -789,6 +846,7 @@ def table(
             f"| {_fmt(p.get('tok_s'), '.1f')}/{_fmt(t.get('tok_s'), '.1f')} "
             f"| {_fmt(p.get('rss'), '.0f')}/{_fmt(t.get('rss'), '.0f')} "
             f"| {max(p.get('load', 0.0), t.get('load', 0.0)):.2f} "
+            f"| {_fmt(lim, '.3f')} | {pct(ps)}/{pct(ts)} "
             f"| {w.notes.format(max_len=max_len)} |"
         )
     lines += [
@@ -797,8 +855,15 @@ def table(
         "ratio per round, each the ratio of the two sides' median step in that round). A step is "
         "timed end to end (generation, reward, reference, forward, backward, optimizer, log "
         "line). Train tokens: the tokens of every forward with gradients on, per timed step "
-        "(padded = the batch's width x rows; real = attention-mask ones).",
+        "(padded = the batch's width x rows; real = attention-mask ones). Limit: the fewest "
+        "seconds the row's work takes at the measured matmul peak and read bandwidth "
+        "(`row_limit`); % of limit = limit / the side's median s/step.",
     ]
+    if limits:
+        peaks = limits[0]
+        lines.insert(1, f"peaks ({peaks.threads} threads): fp32 {peaks.fp32_gflops:.0f} GFLOP/s, "
+                     f"bf16 {peaks.bf16_gflops:.0f} GFLOP/s, read {peaks.read_gbs:.1f} GB/s "
+                     f"({peaks.cpu})")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -817,11 +882,26 @@ def parent(args: argparse.Namespace) -> int:
     names = args.workloads.split(",")
     info = machine_info(args)
     results: list[dict[str, Any]] = []
+    limits = None
+    if args.limits:
+        from dataclasses import asdict
+
+        from transformers import AutoConfig
+
+        wait_for_quiet(args)
+        peaks = measure_peaks(args.threads)
+        counts = model_counts(AutoConfig.from_pretrained(model_dir(args.model)))
+        limits = (peaks, counts, args.dtype)
+        print(f"peaks: fp32 {peaks.fp32_gflops:.0f} GFLOP/s, bf16 {peaks.bf16_gflops:.0f} GFLOP/s, "
+              f"read {peaks.read_gbs:.1f} GB/s ({peaks.cpu}, {peaks.threads} threads)",
+              file=sys.stderr, flush=True)  # fmt: skip
 
     def save() -> None:  # after every child, so an interrupted run keeps what it measured
         if args.out:
             saved = {"machine": info, "workloads": names, "max_length": args.max_length,
-                     "results": results}  # fmt: skip
+                     "results": results, "dtype": args.dtype}  # fmt: skip
+            if limits:
+                saved.update(peaks=asdict(limits[0]), counts=asdict(limits[1]))
             Path(args.out).write_text(json.dumps(saved, indent=1))
 
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as tmp:
@@ -831,7 +911,7 @@ def parent(args: argparse.Namespace) -> int:
                 for side in order:
                     results.append(run_child(side, WORKLOADS[name], args, Path(tmp), r))
                     save()
-    print(table(summarize(results), names, info, args.max_length))
+    print(table(summarize(results), names, info, args.max_length, limits))
     return 0 if all("error" not in r for r in results) else 1
 
 
@@ -839,7 +919,10 @@ def report(path: str) -> int:
     """Print the table of a results file written by --out (also of an interrupted run)."""
     saved = json.loads(Path(path).read_text())
     names = [n for n in saved["workloads"] if any(r["workload"] == n for r in saved["results"])]
-    print(table(summarize(saved["results"]), names, saved["machine"], saved["max_length"]))
+    limits = None
+    if "peaks" in saved:
+        limits = (Peaks(**saved["peaks"]), ModelCounts(**saved["counts"]), saved["dtype"])
+    print(table(summarize(saved["results"]), names, saved["machine"], saved["max_length"], limits))
     return 0
 
 

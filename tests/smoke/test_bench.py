@@ -150,3 +150,27 @@ def test_equal_work_on_the_tiny_model(capsys, tiny_dir):
     for name, cells in _rows(out).items():
         assert not cells[4].startswith("refused"), (name, cells[6])
         assert "loss" in cells[6], name
+
+
+def test_row_limit_by_hand():
+    """The limit of an SFT row: 6 FLOPs per weight and real token plus causal attention, at the
+    fp32 peak; LoRA counts 4; % of limit = limit seconds / measured seconds."""
+    from limits import ModelCounts, Peaks
+
+    peaks = Peaks(fp32_gflops=100.0, bf16_gflops=200.0, read_gbs=10.0, cpu="test", threads=1)
+    counts = ModelCounts(matmul_params=1000, total_params=1100, norm_params=100, layers=2,
+                         hidden=16, attn_width=16, kv_width=8)  # fmt: skip
+    side = {"real_step": 1000.0, "padded_step": 1200.0}
+    # rows 8, width 1200 / 8 = 150: causal context (150 + 1) / 2 = 75.5 keys per query
+    # forward per token 2 * 1000 + 4 * 2 * 16 * 75.5 = 11664; training x3 x 1000 tokens
+    want = 3 * 11664 * 1000 / 100e9
+    sft = trl_compare.WORKLOADS["sft_full"]
+    assert trl_compare.row_limit(sft, [side, side], peaks, counts, "float32") == pytest.approx(want)
+    lora = trl_compare.WORKLOADS["sft_lora"]
+    got = trl_compare.row_limit(lora, [side], peaks, counts, "float32")
+    assert got == pytest.approx(want * 2 / 3)
+    res = [_res("posttrain", "sft_full", 0, [want * 2], tokens=[[0, 0], [1200, 1000]]),
+           _res("trl", "sft_full", 0, [want * 4], tokens=[[0, 0], [1200, 1000]])]  # fmt: skip
+    out = trl_compare.table(trl_compare.summarize(res), ["sft_full"], "m", 128,
+                            (peaks, counts, "float32"))  # fmt: skip
+    assert _rows(out)["sft_full"][14] == "50%/25%"
