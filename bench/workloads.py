@@ -8,7 +8,7 @@ template, the same preference pairs, the same Python reward, the same optimizer 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # Shared by every workload (both sides): AdamW betas (0.9, 0.999), eps 1e-8, weight decay 0,
@@ -142,42 +142,6 @@ WORKLOADS: dict[str, Workload] = {
             "tok, T=1, lr 1e-6",
         ),
         Workload(
-            "sft_full_plain",
-            "sft",
-            "SFTTrainer",
-            lr=1e-5,
-            plain=True,
-            notes="sft_full on plain prompts (the question alone, no chat template or system prompt)",
-        ),
-        Workload(
-            "dpo_full_plain",
-            "dpo",
-            "DPOTrainer",
-            lr=1e-6,
-            plain=True,
-            notes="dpo_full on plain prompts (the question alone, no chat template or system prompt)",
-        ),
-        Workload(
-            "grpo_plain",
-            "grpo",
-            "GRPOTrainer",
-            lr=1e-6,
-            kl=0.04,
-            trl_kl=0.04,
-            plain=True,
-            notes="grpo on plain prompts (the question alone, no chat template or system prompt)",
-        ),
-        Workload(
-            "rloo_plain",
-            "rloo",
-            "RLOOTrainer",
-            lr=1e-6,
-            kl=0.05,
-            trl_kl=0.05,
-            plain=True,
-            notes="rloo on plain prompts (the question alone, no chat template or system prompt)",
-        ),
-        Workload(
             "generate",
             "generate",
             "model.generate",
@@ -187,6 +151,16 @@ WORKLOADS: dict[str, Workload] = {
         ),
     ]
 }
+
+# The plain-prompt rows: the chat rows' settings on the question alone (no chat template, so no
+# system prompt shared by every row).
+for _base in ("sft_full", "dpo_full", "grpo", "rloo"):
+    WORKLOADS[f"{_base}_plain"] = replace(
+        WORKLOADS[_base],
+        name=f"{_base}_plain",
+        plain=True,
+        notes=f"{_base} on plain prompts (the question alone, no chat template or system prompt)",
+    )
 
 DEFAULT_WORKLOADS = [
     "sft_lora",
