@@ -74,6 +74,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tool-rows", default="true", choices=["true", "false"])
     ap.add_argument(
+        "--onednn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fp32 linear layers on oneDNN, as posttrain's commands sample (run.onednn, on by "
+        "default); --no-onednn: torch's default kernels",
+    )
+    ap.add_argument(
         "--limits",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -93,7 +100,7 @@ def main() -> None:
             f"fp32, {peaks.bf16_gflops:.0f} GFLOP/s bf16; memory read {peaks.read_gbs:.1f} GB/s"
         )
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype)
+    model, tok = load_model(args.model, dtype=args.dtype, onednn=args.onednn)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
     cfg = GenerationConfig(chat=True, temperature=0.7, max_new_tokens=args.new_tokens)
     generate(model, tok, prompts[:2], cfg, batch_size=2)  # warm-up
