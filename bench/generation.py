@@ -37,11 +37,10 @@ from limits import (  # noqa: E402
     ModelCounts,
     Peaks,
     causal_context,
-    decode_step_seconds,
-    forward_flops,
     measure_peaks,
     model_counts,
     pct_of_limit,
+    rollout_seconds,
 )
 
 QUESTIONS = [
@@ -153,13 +152,12 @@ def row_limit(peaks: Peaks, counts: ModelCounts, roll, batch: int, dtype: str) -
     n = len(roll)
     prompt_tokens = int(roll.prompt_mask.sum())
     new_tokens = int(roll.completion_mask.sum())
-    context = prompt_tokens / n + new_tokens / n / 2
-    prefill_flops = forward_flops(counts, prompt_tokens, causal_context(round(prompt_tokens / n)))
-    prefill_s = prefill_flops / (peaks.matmul_gflops(dtype) * 1e9)
-    memory_s, compute_s = decode_step_seconds(peaks, counts, batch, context, dtype)
-    decode_s = new_tokens / batch * max(memory_s, compute_s)
-    bound = "memory" if memory_s >= compute_s else "compute"
-    return roll.num_tokens / (prefill_s + decode_s), bound
+    seconds, bound = rollout_seconds(
+        peaks, counts, prompt_tokens=prompt_tokens,
+        prompt_attn_context=causal_context(round(prompt_tokens / n)), new_tokens=new_tokens,
+        batch=batch, context_len=prompt_tokens / n + new_tokens / n / 2, dtype=dtype,
+    )  # fmt: skip
+    return roll.num_tokens / seconds, bound
 
 
 TOOL_SHOTS = (

@@ -254,6 +254,29 @@ def decode_limit_tokens_per_s(
     return batch / max(decode_step_seconds(peaks, counts, batch, context_len, dtype))
 
 
+def rollout_seconds(
+    peaks: Peaks,
+    counts: ModelCounts,
+    *,
+    prompt_tokens: int,
+    prompt_attn_context: float,
+    new_tokens: float,
+    batch: int,
+    context_len: float,
+    dtype: str,
+) -> tuple[float, str]:
+    """(fewest seconds, "memory" or "compute") to sample a batch: the prompts' prefill
+    (`forward_flops` at the matmul peak) plus one decode step per new token of each row
+    (new_tokens / batch steps at `decode_step_seconds`, the roofline for `batch` rows whose cache
+    holds `context_len` tokens). The bound names the decode step's side of the roofline."""
+    prefill = train_limit_seconds(
+        peaks, forward_flops(counts, prompt_tokens, prompt_attn_context), dtype
+    )
+    memory_s, compute_s = decode_step_seconds(peaks, counts, batch, context_len, dtype)
+    bound = "memory" if memory_s >= compute_s else "compute"
+    return prefill + new_tokens / batch * max(memory_s, compute_s), bound
+
+
 def train_limit_seconds(peaks: Peaks, flops: float, dtype: str) -> float:
     """Fewest seconds `flops` FLOPs can take: flops / the matmul peak of `dtype`."""
     return flops / (peaks.matmul_gflops(dtype) * 1e9)

@@ -65,12 +65,13 @@ from limits import (  # noqa: E402
     ModelCounts,
     Peaks,
     causal_context,
-    decode_step_seconds,
     forward_flops,
     measure_peaks,
     model_counts,
     pct_of_limit,
+    rollout_seconds,
     train_flops,
+    train_limit_seconds,
 )
 from workloads import (  # noqa: E402
     COMMON,
@@ -720,13 +721,15 @@ def summarize(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
     the first step's metrics."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in results:
+        key = (r["workload"], r["side"])
         if "error" in r:
-            out.setdefault((r["workload"], r["side"]), {"error": r["error"]})
+            out.setdefault(key, {"error": r["error"]})
             continue
-        cur = out.setdefault((r["workload"], r["side"]), {"steps": [], "tok": 0, "sec": 0.0,
-                              "rss": 0.0, "rounds": {}, "load": 0.0, "padded": [], "real": [],
-                              "first": r.get("first_step", {})})  # fmt: skip
-        cur.pop("error", None)
+        cur = out.get(key, {})
+        if "steps" not in cur:  # the first result of this side that ran (a failed round's goes)
+            cur = out[key] = {"steps": [], "tok": 0, "sec": 0.0, "rss": 0.0, "rounds": {},
+                              "load": 0.0, "padded": [], "real": [],
+                              "first": r.get("first_step", {})}  # fmt: skip
         cur["steps"] += r["step_seconds"]
         cur["rounds"][r.get("round", 0)] = statistics.median(r["step_seconds"])
         cur["tok"] += r["gen_tokens"]
@@ -783,19 +786,19 @@ def row_limit(
     real = min(v["real_step"] for v in have)
     rows = w.batch * (2 if w.kind == "dpo" else 1)
     ctx = causal_context(int(min(v["padded_step"] for v in have) / rows))
-    seconds = train_flops(counts, int(real), ctx) / (peaks.matmul_gflops(dtype) * 1e9)
+    seconds = train_limit_seconds(peaks, train_flops(counts, int(real), ctx), dtype)
     if w.lora:
         seconds *= 2 / 3
     gen = [v["tok_step"] for v in have if v.get("tok_step")]
     if w.kind in ("sft", "dpo") or not gen:
         return seconds
     new = statistics.mean(gen)  # sampled tokens per step
-    prompt = max(real - new, 0)
-    length = real / w.batch
-    seconds += forward_flops(counts, int(prompt), ctx) / (peaks.matmul_gflops(dtype) * 1e9)
-    seconds += (new / w.batch) * max(decode_step_seconds(peaks, counts, w.batch, length, dtype))
+    seconds += rollout_seconds(
+        peaks, counts, prompt_tokens=int(max(real - new, 0)), prompt_attn_context=ctx,
+        new_tokens=new, batch=w.batch, context_len=real / w.batch, dtype=dtype,
+    )[0]  # fmt: skip
     if w.kl:
-        seconds += forward_flops(counts, int(real), ctx) / (peaks.matmul_gflops(dtype) * 1e9)
+        seconds += train_limit_seconds(peaks, forward_flops(counts, int(real), ctx), dtype)
     return seconds
 
 

@@ -83,6 +83,13 @@ def test_table_ratios_are_trl_over_posttrain_per_round():
     assert cells[11] == "300/600" and cells[12] == "0.25"
 
 
+def test_a_failed_round_does_not_hide_the_rounds_that_ran():
+    res = [{"side": "trl", "workload": "grpo", "round": 0, "error": "rc=1"},
+           _res("trl", "grpo", 1, [2.0]), _res("posttrain", "grpo", 1, [1.0])]  # fmt: skip
+    cells = _rows(trl_compare.table(trl_compare.summarize(res), ["grpo"], "m", 128))["grpo"]
+    assert cells[3] == "2.000" and cells[4] == "2.00 [2.00-2.00]" and cells[5] == "1"
+
+
 def test_sft_row_refused_when_first_step_loss_differs():
     """Equal work: SFT/DPO rows print a speed-up only when the first step's loss agrees to 1e-4."""
     same = [_res("posttrain", "sft_full", 0, [1.0], first={"loss": 2.0}),

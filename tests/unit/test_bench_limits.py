@@ -26,10 +26,12 @@ from limits import (  # noqa: E402
     decode_limit_tokens_per_s,
     decode_step_bytes,
     decode_step_flops,
+    decode_step_seconds,
     forward_flops,
     measure_peaks,
     model_counts,
     pct_of_limit,
+    rollout_seconds,
     train_flops,
     train_limit_seconds,
 )
@@ -135,3 +137,15 @@ def test_measure_peaks_small():
     assert p.fp32_gflops > 0 and p.bf16_gflops > 0 and p.read_gbs > 0
     assert p.threads == 1 and p.cpu
     assert torch.get_num_threads() == before
+
+
+def test_rollout_seconds_is_prefill_plus_decode_steps(tiny_config):
+    """Prefill of 10 prompt tokens without attention: 2 * 5632 * 10 = 112640 FLOPs at 100 GFLOP/s;
+    then 16 new tokens over a batch of 4 = 4 decode steps at the roofline step time."""
+    c, p = model_counts(tiny_config), peaks()
+    step = max(decode_step_seconds(p, c, 4, 20.0, "float32"))
+    got, bound = rollout_seconds(p, c, prompt_tokens=10, prompt_attn_context=0.0, new_tokens=16,
+                                 batch=4, context_len=20.0, dtype="float32")  # fmt: skip
+    assert got == pytest.approx(112640 / 100e9 + 4 * step)
+    memory_s, compute_s = decode_step_seconds(p, c, 4, 20.0, "float32")
+    assert bound == ("memory" if memory_s >= compute_s else "compute")
