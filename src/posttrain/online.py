@@ -375,6 +375,9 @@ class Scores:
     """KL(policy || reference) over the whole vocabulary"""
     values: Tensor | None = None
     """PPO: the value of the state before each token"""
+    sampler_weight: Tensor | None = None
+    """min(pi / pi_sampler, cap) per token when a lower-precision copy sampled the rollout
+    (`gen.sample_dtype`; None when the policy itself sampled): `sampler_weighted`"""
 
 
 Forward = Callable[..., tuple[Tensor, Tensor | None]]
@@ -398,9 +401,16 @@ def score_rollout(
     exact: bool = True,
     share_prompts: bool = True,
     forward: Forward | None = None,
+    sampler_weight_cap: float = 2.0,
 ) -> Scores:
     """Before any update: old_logp, entropy, (with a reference) ref_logp and the exact KL over the
     vocabulary, and (with a forward that gives them, PPO's actor-critic) the values.
+
+    A rollout sampled by a lower-precision copy of the policy (`roll.exact_logp` False) always
+    gets the policy's own forward, so old_logp, the KL and the ratio are the policy's, and
+    `Scores.sampler_weight` = min(exp(old_logp - roll.logp), sampler_weight_cap): the truncated
+    importance weight that corrects for sampling from the copy (Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training").
 
     on_policy=True skips the policy's forward, for one update per rollout, where the policy being
     updated is the one that sampled: old_logp is then the sampler's (`rollout.logp`, the same
@@ -413,6 +423,7 @@ def score_rollout(
     dev = roll.completion_mask.device
     zeros = lambda: torch.zeros(B, T, device=dev)  # noqa: E731
     forward = forward or policy_forward(model)
+    on_policy = on_policy and roll.exact_logp
     s = Scores(old_logp=roll.logp * roll.policy_mask)
     if not on_policy:
         s.old_logp, s.entropy, s.values = zeros(), zeros(), zeros()
@@ -440,7 +451,21 @@ def score_rollout(
                     s.kl_exact[rows, :t] = exact_kl(logits, ref_logits) * m
     if not got_values:
         s.values = None
+    if not roll.exact_logp:
+        mask = roll.policy_mask
+        w = torch.exp(s.old_logp - roll.logp * mask).clamp(max=sampler_weight_cap)
+        s.sampler_weight = w * mask
     return s
+
+
+def sampler_weighted(adv: Tensor, scores: Scores) -> Tensor:
+    """Advantages (B,) or (B, T) times each token's `Scores.sampler_weight` -> (B, T); unchanged
+    when the policy itself sampled. A weight w >= 0 per token commutes with the clipped
+    surrogate's min (min(r wA, clip(r) wA) = w min(rA, clip(r)A)) and scales REINFORCE's term, so
+    weighting the advantage is the importance correction for every policy-gradient loss here."""
+    if scores.sampler_weight is None:
+        return adv
+    return (adv[:, None] if adv.dim() == 1 else adv) * scores.sampler_weight
 
 
 @contextlib.contextmanager

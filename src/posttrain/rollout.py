@@ -22,14 +22,16 @@ quantity a teacher-forced pass with the same temperature gives, so PPO-style rat
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from posttrain import cpu
 from posttrain.config import check
+from posttrain.decoder import SUPPORTED, LeanDecoder
 from posttrain.forwards import prompt_pass
 from posttrain.ops import position_ids_from_mask
 from posttrain.sampling import StopChecker, filter_logits, inverse_cdf, mix_seed, row_uniforms
@@ -63,6 +65,17 @@ class GenerationConfig:
     max_batch_size: int = check(64, ">= 1")
     """micro-batch size limit in rows: past this the KV cache copies of each step cost more
     than batching saves on a CPU"""
+    lean_decoder: bool = True
+    """decode Llama-architecture models on the CPU with posttrain's lean step
+    (`posttrain.decoder`: fused products, a KV cache allocated once); false, or another model:
+    the model's own forward"""
+    sample_dtype: Literal["model", "bfloat16"] = "model"
+    """precision of the weights that sample: "bfloat16" decodes with a bf16 copy of the policy
+    (lean decoder only) while training keeps the model's weights; the trainers then rescore the
+    samples with the policy itself and weight each token's advantage by min(pi / pi_bf16,
+    sampler_weight_cap) (truncated importance sampling)"""
+    sampler_weight_cap: float = check(2.0, "> 0")
+    """cap on the importance weight pi / pi_sampler of a token sampled with sample_dtype"""
 
 
 @dataclass
@@ -87,6 +100,7 @@ class Rollout:
     seconds: float = 0.0
     tool_mask: torch.Tensor | None = None  # (B, T) 1 on tokens a tool inserted (None: no tools)
     tool_calls: list[list[ToolCall]] | None = None  # (B,) the calls each completion made
+    exact_logp: bool = True  # False: logp is a lower-precision copy's (gen.sample_dtype)
 
     @property
     def policy_mask(self) -> torch.Tensor:
@@ -173,34 +187,6 @@ class _Decoded:
     calls: list[list[ToolCall]]  # (B,)
 
 
-def _sample(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    cfg: GenerationConfig,
-    eos_ids: list[int],
-    pad_id: int,
-    stopper: StopChecker,
-    row_seeds: list[int] | None = None,
-    groups: list[int] | None = None,
-    tools: ToolRunner | None = None,
-) -> _Decoded:
-    """`_decode_loop` with the model's fp32 CPU linear layers on oneDNN-reordered weights."""
-    with torch.no_grad(), cpu.packed_linears(model):
-        return _decode_loop(
-            model,
-            input_ids,
-            attention_mask,
-            cfg,
-            eos_ids,
-            pad_id,
-            stopper,
-            row_seeds,
-            groups,
-            tools,
-        )
-
-
 def _decode_loop(
     model: Any,
     input_ids: torch.Tensor,
@@ -212,8 +198,9 @@ def _decode_loop(
     row_seeds: list[int] | None = None,
     groups: list[int] | None = None,
     tools: ToolRunner | None = None,
+    lean: LeanDecoder | None = None,
 ) -> _Decoded:
-    """Decode up to max_new_tokens for a left-padded batch.
+    """Decode up to max_new_tokens for a left-padded batch (no grad).
     With row_seeds (B,), row b samples from its own generator (`sampling.row_uniforms`). With groups (B,),
     rows of one group hold the same prompt: it is pre-filled once and its KV cache repeated.
     With tools, a row that closes a call reads the result's tokens, one per step, in place of
@@ -243,6 +230,8 @@ def _decode_loop(
         logits = logits[inv]  # (B, V)
         attention_mask = attention_mask[inv]
     pos = position_ids_from_mask(attention_mask)[:, -1:]
+    if lean is not None:
+        lean.load(past, attention_mask, cfg.max_new_tokens)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     reasons = ["length"] * B
     ids_steps: list[torch.Tensor] = []
@@ -297,8 +286,11 @@ def _decode_loop(
                         reasons[i] = "stop"
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         pos = pos + 1
+        if lean is not None:
+            logits = lean.step(nxt, pos)
+            continue
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(
             input_ids=nxt[:, None],
             attention_mask=attention_mask,
@@ -410,32 +402,37 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        for batch in batches:
-            p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
-            dec = _sample(
-                model,
-                p_ids.to(device),
-                p_mask.to(device),
-                cfg,
-                eos_ids,
-                pad,
-                stopper,
-                [row_seeds[i] for i in batch] if row_seeds is not None else None,
-                [rows[i] for i in batch],
-                ToolRunner(tools, tokenizer, len(batch)) if tools is not None else None,
-            )
-            for j, i in enumerate(batch):
-                results[i] = (
-                    row_ids[i],
-                    dec.ids[j].cpu(),
-                    dec.mask[j].cpu(),
-                    dec.logp[j].cpu(),
-                    dec.reasons[j],
-                    dec.tool_mask[j].cpu(),
-                    dec.calls[j],
+        lean = _lean_decoder(model, cfg, min(len(rows), max(len(b) for b in batches)))
+        # the model's forward runs the prefill (and the decode steps without the lean decoder)
+        kernels = cpu.packed_linears(model) if lean is None else contextlib.nullcontext()
+        with torch.no_grad(), kernels:
+            for batch in batches:
+                p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
+                dec = _decode_loop(
+                    model,
+                    p_ids.to(device),
+                    p_mask.to(device),
+                    cfg,
+                    eos_ids,
+                    pad,
+                    stopper,
+                    [row_seeds[i] for i in batch] if row_seeds is not None else None,
+                    [rows[i] for i in batch],
+                    ToolRunner(tools, tokenizer, len(batch)) if tools is not None else None,
+                    lean,
                 )
-            if bar is not None:
-                bar.update(len(batch))
+                for j, i in enumerate(batch):
+                    results[i] = (
+                        row_ids[i],
+                        dec.ids[j].cpu(),
+                        dec.mask[j].cpu(),
+                        dec.logp[j].cpu(),
+                        dec.reasons[j],
+                        dec.tool_mask[j].cpu(),
+                        dec.calls[j],
+                    )
+                if bar is not None:
+                    bar.update(len(batch))
     finally:
         if bar is not None:
             bar.close()
@@ -463,7 +460,21 @@ def generate(
         seconds=time.perf_counter() - t0,
         tool_mask=tool_mask.to(device) if tools is not None else None,
         tool_calls=[results[i][6] for i in range(len(rows))] if tools is not None else None,
+        exact_logp=cfg.sample_dtype == "model",
     )
+
+
+def _lean_decoder(model: Any, cfg: GenerationConfig, rows: int) -> LeanDecoder | None:
+    """The lean decoder for this call (None: decode through the model's forward)."""
+    dtype = torch.bfloat16 if cfg.sample_dtype == "bfloat16" else None
+    lean = LeanDecoder.build(model, dtype, rows) if cfg.lean_decoder else None
+    if lean is None and dtype is not None:
+        raise ValueError(
+            "gen.sample_dtype=bfloat16 needs the lean decoder, which applies to "
+            f"{'/'.join(SUPPORTED)}-architecture models on the CPU with gen.lean_decoder=true; "
+            "this model samples through its own forward: set gen.sample_dtype=model"
+        )
+    return lean
 
 
 def generate_sequential(

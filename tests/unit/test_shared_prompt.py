@@ -76,11 +76,14 @@ def test_shared_prompt_one_completion_token(tiny):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperature):
-    """`rollout._sample` with groups (prompt pre-filled once, KV cache repeated) gives the tokens of
-    the per-row pre-fill, greedy and seeded, and log-probs equal to float noise."""
-    from posttrain.rollout import GenerationConfig, _pad_left, _sample
+def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperature, lean):
+    """`rollout._decode_loop` with groups (prompt pre-filled once, KV cache repeated) gives the
+    tokens of the per-row pre-fill, greedy and seeded, and log-probs equal to float noise; with
+    the lean decoder and with the model's forward."""
+    from posttrain.decoder import LeanDecoder
+    from posttrain.rollout import GenerationConfig, _decode_loop, _pad_left
     from posttrain.sampling import StopChecker as _StopChecker
 
     model, tok = tiny
@@ -90,8 +93,11 @@ def test_sampler_prefills_each_prompt_once_with_the_same_result(tiny, temperatur
     cfg = GenerationConfig(max_new_tokens=12, temperature=temperature)
     args = (model, ids, mask, cfg, [tok.eos_token_id], tok.pad_token_id, _StopChecker(tok, []))
     seeds = [11, 12, 13, 21, 22, 23]
-    plain = _sample(*args, seeds)
-    shared = _sample(*args, seeds, groups)
+    with torch.no_grad():
+        dec = LeanDecoder.build(model) if lean else None
+        assert (dec is not None) == lean
+        plain = _decode_loop(*args, seeds, lean=dec)
+        shared = _decode_loop(*args, seeds, groups, lean=dec)
     assert torch.equal(plain.ids, shared.ids) and torch.equal(plain.mask, shared.mask)
     torch.testing.assert_close(plain.logp, shared.logp, atol=1e-5, rtol=1e-5)
     assert plain.reasons == shared.reasons

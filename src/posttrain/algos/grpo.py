@@ -52,7 +52,7 @@ from torch import Tensor
 from posttrain.advantages import group_normalized_advantages, rloo_advantages
 from posttrain.config import check
 from posttrain.forwards import completion_logits, completion_logits_shared
-from posttrain.online import Scores, micro_batches, score_rollout, take
+from posttrain.online import Scores, micro_batches, sampler_weighted, score_rollout, take
 from posttrain.online_run import (
     OnlineConfig,
     OnlineRun,
@@ -235,6 +235,7 @@ def main(cfg: Config) -> int:
         scores = score_rollout(
             model, o.ref, roll, temperature=o.gen.temperature, n_micro=cfg.optim.grad_accum,
             on_policy=on_policy, exact=cfg.exact_kl, share_prompts=cfg.share_prompts,
+            sampler_weight_cap=o.gen.sampler_weight_cap,
         )  # fmt: skip
         t2 = time.perf_counter()
         # 2. advantages from the (optionally KL-penalised) rewards
@@ -247,8 +248,8 @@ def main(cfg: Config) -> int:
         loss_mask = mask * valid[:, None]
         # 3. update epochs over shuffled minibatches; each minibatch is one optimizer step
         loss_fn = functools.partial(
-            micro_batch_loss, model, roll, adv=adv, scores=scores, loss_mask=loss_mask, cfg=cfg,
-            temperature=o.gen.temperature, normaliser=normaliser, on_policy=on_policy,
+            micro_batch_loss, model, roll, adv=sampler_weighted(adv, scores), scores=scores,
+            loss_mask=loss_mask, cfg=cfg, temperature=o.gen.temperature, normaliser=normaliser, on_policy=on_policy,
         )  # fmt: skip
         totals = o.update(
             model, loss_fn, loss_mask, epochs=cfg.update_epochs,

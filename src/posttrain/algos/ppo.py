@@ -43,7 +43,14 @@ import torch
 
 from posttrain.advantages import gae
 from posttrain.config import ConfigError, OptimConfig, Renamed, check
-from posttrain.online import MicroBatch, micro_batches, score_rollout, take, whiten_over_processes
+from posttrain.online import (
+    MicroBatch,
+    micro_batches,
+    sampler_weighted,
+    score_rollout,
+    take,
+    whiten_over_processes,
+)
 from posttrain.online_run import OnlineConfig, OnlineRun, rollout_metrics, sample_records
 from posttrain.ops import (
     KL_ESTIMATORS,
@@ -327,7 +334,7 @@ def main(cfg: Config) -> int:
         n_fwd = math.ceil(B / cfg.forward_batch_size)
         s = score_rollout(
             ac, o.ref, roll, temperature=o.gen.temperature, n_micro=n_fwd, on_policy=on_policy,
-            forward=ac,
+            forward=ac, sampler_weight_cap=o.gen.sampler_weight_cap,
         )  # fmt: skip
         outputs = None
         if on_policy:  # the training forward, before the advantages that its values give
@@ -357,8 +364,9 @@ def main(cfg: Config) -> int:
         # on policy: old_logp / old_values are the training forward's, detached (None here)
         loss_fn = functools.partial(
             _micro_loss, ac, roll, old_logp=None if on_policy else s.old_logp,
-            old_values=None if on_policy else s.values, adv=adv, returns=returns, mask=mask, cfg=cfg,
-            temperature=o.gen.temperature, outputs=outputs, normaliser=normaliser,
+            old_values=None if on_policy else s.values, adv=sampler_weighted(adv, s),
+            returns=returns, mask=mask, cfg=cfg, temperature=o.gen.temperature, outputs=outputs,
+            normaliser=normaliser,
         )  # fmt: skip
         totals = o.update(
             ac, loss_fn, mask, epochs=cfg.update_epochs,

@@ -38,7 +38,7 @@ from torch import Tensor
 from posttrain.advantages import MovingAverageBaseline, batch_mean_baseline
 from posttrain.config import check
 from posttrain.forwards import completion_logits_shared
-from posttrain.online import gather_rows, score_rollout, take
+from posttrain.online import gather_rows, sampler_weighted, score_rollout, take
 from posttrain.online_run import (
     OnlineConfig,
     OnlineRun,
@@ -82,11 +82,14 @@ def reinforce_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """REINFORCE loss, the per-sequence sum over completion tokens, averaged over sequences.
 
-    logp, mask, ref_logp: (B, T); adv: (B,) = r - b, treated as a constant.
+    logp, mask, ref_logp: (B, T); adv: (B,) = r - b, treated as a constant, or (B, T) per token
+    (importance-weighted by `online.sampler_weighted`: -sum_t m_it adv_it logp_it).
       loss = mean_i [ -adv_i * sum_t m_it logp_it + kl_coef * sum_t m_it k(logp_it, ref_logp_it) ]
     """
-    seq_logp = masked_sum(logp, mask, dim=1)  # (B,)
-    pg = -adv.detach() * seq_logp  # (B,)
+    if adv.dim() == 1:
+        pg = -adv.detach() * masked_sum(logp, mask, dim=1)  # (B,)
+    else:
+        pg = -masked_sum(adv.detach() * logp, mask, dim=1)  # (B,)
     metrics = {"loss/policy": pg.mean().detach()}
     loss_seq = pg
     if ref_logp is not None and kl_coef:
@@ -129,6 +132,7 @@ def main(cfg: Config) -> int:
         scores = score_rollout(
             model, o.ref, roll, temperature=o.gen.temperature, n_micro=cfg.optim.grad_accum,
             on_policy=not (cfg.exact_kl and o.ref is not None), exact=cfg.exact_kl,
+            sampler_weight_cap=o.gen.sampler_weight_cap,
         )  # fmt: skip
         t2 = time.perf_counter()
         # 2. advantages: (penalised) reward minus baseline, 0 for skipped samples
@@ -150,8 +154,8 @@ def main(cfg: Config) -> int:
 
         # 3. one optimizer step over grad_accum micro-batches
         loss_fn = functools.partial(
-            micro_batch_loss, model, roll, adv=adv, ref_logp=scores.ref_logp, loss_mask=loss_mask,
-            cfg=cfg, temperature=o.gen.temperature,
+            micro_batch_loss, model, roll, adv=sampler_weighted(adv, scores),
+            ref_logp=scores.ref_logp, loss_mask=loss_mask, cfg=cfg, temperature=o.gen.temperature,
         )  # fmt: skip
         totals = o.update(
             model, loss_fn, loss_mask, epochs=1, minibatches=lambda order: [order],
