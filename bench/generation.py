@@ -25,6 +25,7 @@ assumed to carry a full batch). "bound" says which side of the roofline the deco
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -73,6 +74,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--tool-rows", default="true", choices=["true", "false"])
     ap.add_argument(
+        "--sample-dtypes",
+        default="model",
+        help="gen.sample_dtype of each batched row set: model (the model's weights), bfloat16 "
+        "(a bf16 copy samples; its limit is the bf16 one); e.g. model,bfloat16",
+    )
+    ap.add_argument(
+        "--lean",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gen.lean_decoder: posttrain's lean decode step (default); --no-lean: the model's "
+        "forward",
+    )
+    ap.add_argument(
         "--onednn",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -101,43 +115,54 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype, onednn=args.onednn)
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
-    cfg = GenerationConfig(chat=True, temperature=0.7, max_new_tokens=args.new_tokens)
+    cfg = GenerationConfig(chat=True, temperature=0.7, max_new_tokens=args.new_tokens,
+                           lean_decoder=args.lean)  # fmt: skip
     generate(model, tok, prompts[:2], cfg, batch_size=2)  # warm-up
 
     rows = []
     base = None
-    for bs in [int(b) for b in args.batches.split(",")]:
-        torch.manual_seed(0)
-        t0 = time.perf_counter()
-        roll = generate(model, tok, prompts, cfg, batch_size=bs)
-        secs = time.perf_counter() - t0
-        tps = roll.num_tokens / secs
-        if bs == 1:
-            base = tps
-        rows.append((bs, roll.num_tokens, secs, tps, roll))
+    fp32_tps: dict[int, float] = {}
+    for sample_dtype in args.sample_dtypes.split(","):
+        c = dataclasses.replace(cfg, sample_dtype=sample_dtype)
+        for bs in [int(b) for b in args.batches.split(",")]:
+            if bs == 1 and sample_dtype != "model":
+                continue  # the sequential base runs once
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            roll = generate(model, tok, prompts, c, batch_size=bs)
+            secs = time.perf_counter() - t0
+            tps = roll.num_tokens / secs
+            if bs == 1:
+                base = tps
+            if sample_dtype == "model":
+                fp32_tps[bs] = tps
+            rows.append((bs, roll.num_tokens, secs, tps, roll, sample_dtype))
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, model {args.model}"
     )
-    print(f"{args.prompts} chat prompts, {args.new_tokens} new tokens max, temperature 0.7\n")
+    print(f"{args.prompts} chat prompts, {args.new_tokens} new tokens max, temperature 0.7, "
+          f"{'lean decoder' if args.lean else 'the model forward'}\n")  # fmt: skip
     dtype = str(model.dtype).removeprefix("torch.")
     counts = model_counts(model.config)
     if peaks is not None and dtype not in ("float32", "bfloat16"):
         print(f"(no limits: peaks are measured for float32 and bfloat16, not {dtype})")
         peaks = None
-    head = "| mode | batch | tokens | seconds | tokens/s | x sequential |"
-    rule = "|---|---:|---:|---:|---:|---:|"
+    head = "| mode | sampler | batch | tokens | seconds | tokens/s | x sequential | x model |"
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|"
     if peaks is not None:
         head += " limit tokens/s | % of limit | bound |"
         rule += "---:|---:|---|"
     print(head)
     print(rule)
-    for bs, n, secs, tps, roll in rows:
+    for bs, n, secs, tps, roll, sample_dtype in rows:
         mode = "sequential" if bs == 1 else "batched"
         ratio = f"{tps / base:.1f}" if base else "-"
-        line = f"| {mode} | {bs} | {n} | {secs:.1f} | {tps:.1f} | {ratio} |"
+        sampler = dtype if sample_dtype == "model" else sample_dtype
+        vs = f"{tps / fp32_tps[bs]:.2f}" if sample_dtype != "model" and bs in fp32_tps else "-"
+        line = f"| {mode} | {sampler} | {bs} | {n} | {secs:.1f} | {tps:.1f} | {ratio} | {vs} |"
         if peaks is not None:
-            limit, bound = row_limit(peaks, counts, roll, bs, dtype)
+            limit, bound = row_limit(peaks, counts, roll, bs, sampler)
             line += f" {limit:.1f} | {pct_of_limit(tps, limit)} | {bound} |"
         print(line)
     if args.tool_rows == "true":

@@ -241,7 +241,7 @@ def _decode_loop(
     history: list[list[int]] = [[] for _ in range(B)]
     keep_history = bool(stopper.stops) or tools is not None
     for step in range(cfg.max_new_tokens):
-        scaled = logits / temp
+        scaled = logits / temp if temp != 1.0 else logits
         logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
         if not sampled:
             nxt = scaled.argmax(-1)

@@ -35,9 +35,14 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     probs (B, V) >= 0, u (B,) in [0, 1) -> (B,). Zero-probability tokens are never picked."""
     cdf = probs.double().cumsum(-1)  # (B, V)
     nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    # u x total can round up to the total: stay on the last token with probability > 0
-    last = (probs > 0).long().cumsum(-1).argmax(-1)
-    return torch.minimum(nxt, last)
+    # The first index whose cdf exceeds the draw has probability > 0, unless there is none:
+    # u x total rounded up to the total (index V). Such a row takes the last token with
+    # probability > 0 (a rare case: the scan runs only then).
+    over = nxt >= probs.shape[-1]
+    if bool(over.any()):
+        last = (probs > 0).long().cumsum(-1).argmax(-1)
+        nxt = torch.where(over, last, nxt)
+    return nxt
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
