@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-latest gpu-check lint bench clean
+.PHONY: setup demo test test-latest gpu-check lint bench bench-trl112-venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -66,14 +66,30 @@ gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 timeout 200 $(PY) -m pytest -q -p no:cacheprovider -rs tests/gpu
 	HF_HUB_OFFLINE=1 timeout 90 $(PY) bench/gpu_bench.py --seconds 60
 
+# make bench-trl112-venv: TRL 1.12.0, the last release with PPOTrainer (trl.experimental.ppo), in
+# its own venv for the bench's ppo rows (bench/trl_compare.py runs their TRL side with its python;
+# it needs no posttrain). torch is installed first and named again in the second install, so pip
+# never swaps it for another build; the other libraries are pinned to the versions that posttrain's
+# venv has here, so that only TRL differs between the two sides.
+TRL112_VENV := bench/.venv-trl112
+TRL112_STAMP := $(TRL112_VENV)/.installed
+TRL112_PINS ?= trl==1.12.0 transformers==5.25.0 accelerate==1.16.0 datasets==5.2.0 peft==0.21.2
+$(TRL112_STAMP): Makefile
+	$(PYTHON) -m venv $(TRL112_VENV)
+	$(TRL112_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(TRL112_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(TRL112_PINS)
+	touch $(TRL112_STAMP)
+
+bench-trl112-venv: $(TRL112_STAMP)
+
 # make bench: generation throughput (sequential vs batched), then posttrain next to TRL.
 # TRL is installed with --no-deps: its dependencies (transformers, accelerate, datasets, ...) are
 # already posttrain's, and pip must not move the pinned torch/transformers. Pass BENCH_ARGS to
 # choose, e.g. make bench BENCH_ARGS="--workloads grpo,rloo --dtype bfloat16".
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: $(STAMP) $(TRL112_STAMP)
 	$(PY) bench/generation.py
 	$(PY) bench/trl_compare.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) runs
+	rm -rf $(VENV) $(LATEST_VENV) $(TRL112_VENV) runs

@@ -36,9 +36,19 @@ the step's log line all count, on both sides. The table gives the median over th
 posttrain runs through its CLI in-process (`posttrain.cli.main`), unchanged; the child only wraps
 `Run.log` (the end of a step) and `rollout.generate` (generation time and tokens) to time them. TRL
 runs its trainers (SFTTrainer, DPOTrainer, GRPOTrainer, RLOOTrainer) with a TrainerCallback at each
-step end, and its generation (`_generate_single_turn`) wrapped the same way. TRL has no REINFORCE
-and no PPO any more (1.12 was the last with PPOTrainer), so those rows compare against TRL's RLOO at
-the same generated token count and say nothing about PPO against PPO.
+step end, and its generation (`_generate_single_turn`) wrapped the same way.
+
+PPO against PPO (the `ppo` and `ppo_plain` rows): TRL dropped PPOTrainer after 1.12, so the TRL side
+of these rows runs TRL 1.12.0's `trl.experimental.ppo.PPOTrainer` from its own virtual environment,
+`bench/.venv-trl112` (`make bench-trl112-venv`; the harness refuses these rows without it). That
+child needs no posttrain: the parent resolves the model directory and writes the prompt texts for
+it. Both sides get the same prompts in the same order (TRL's shuffled DataLoader is patched to the
+file's order), 8 prompts x 1 completion, fp32, a separate value model (posttrain `critic=separate`:
+a copy of the policy with a scalar head; TRL: an AutoModelForSequenceClassification on the same
+weights) and the same reward model (the policy's weights with a seeded scalar head, saved once by
+the parent: posttrain reads it as `reward.components=model:<dir>`, TRL as `reward_model`).
+TRL has no REINFORCE any more: the reinforce rows (not in the default list) compare against TRL's
+RLOO at the same generated token count and say nothing about REINFORCE against REINFORCE.
 Both sides: fp32 (or bf16 autocast with --dtype bfloat16), no gradient checkpointing (TRL's
 default is on), CPU, the same threads.
 """
@@ -76,6 +86,7 @@ from limits import (  # noqa: E402
 from workloads import (  # noqa: E402
     COMMON,
     DEFAULT_WORKLOADS,
+    TRL_ENVS,
     WORKLOADS,
     Workload,
     dpo_rows,
@@ -135,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--reward-model", help=argparse.SUPPRESS)  # ppo: the shared reward model's dir
+    ap.add_argument("--prompts", help=argparse.SUPPRESS)  # ppo, TRL side: the prompt texts (JSON)
     args = ap.parse_args(argv)
     if args.warmup < 1:
         ap.error("--warmup must be at least 1: a step is timed from the end of the one before")
@@ -256,7 +269,8 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
         "--optim.warmup_steps=0",
         "--optim.schedule=constant",
         "--optim.weight_decay=0",
-        "--optim.max_grad_norm=1.0",
+        # TRL 1.12's PPOTrainer never clips the gradient: nor does posttrain's side of its row
+        f"--optim.max_grad_norm={0 if w.kind == 'ppo' else 1.0}",
         "--optim.grad_accum=1",
         f"--run.out_dir={tmp / 'runs'}",
         f"--run.threads={args.threads}",
@@ -283,6 +297,8 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
                 "--loss_type=dpo", "--reference=precomputed", f"--batch_size={w.batch}",
                 f"--max_steps={total}", f"--eval_batch_size={w.batch}"]  # fmt: skip
     reward = f"--reward.components=python:{HERE / 'workloads.py'}:posttrain_reward"
+    if w.kind == "ppo":  # the reward model that TRL's PPOTrainer gets too (make_reward_model)
+        reward = f"--reward.components=model:{args.reward_model}"
     online = [*common, "--task.name=unit_conversion", reward, f"--gen.max_new_tokens={w.new_tokens}",
               "--gen.temperature=1.0", "--gen.top_k=0", "--gen.top_p=1.0", "--gen.stop=[]",
               f"--gen.chat={str(not w.plain).lower()}", f"--steps={total}", "--eval_limit=0",
@@ -294,10 +310,14 @@ def posttrain_argv(w: Workload, args: argparse.Namespace, tok: Any, tmp: Path) -
     if w.kind == "reinforce":
         return ["reinforce", *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
                 f"--kl_coef={w.kl}", "--baseline=moving_average"]  # fmt: skip
-    if w.kind == "ppo":
+    if w.kind == "ppo":  # TRL 1.12 PPOConfig's settings, each named (see run_trl_ppo)
         return ["ppo", *online, f"--batch_size={w.batch // w.group}", f"--samples_per_prompt={w.group}",
                 "--num_minibatches=1", "--update_epochs=1", f"--kl_coef={w.kl}",
-                f"--forward_batch_size={w.batch}"]  # fmt: skip
+                "--kl_controller=fixed", "--kl_estimator=k1", "--ref=copy", "--critic=separate",
+                "--whiten_advantages=true", "--whiten_rewards=false", "--vf_coef=0.1",
+                "--ent_coef=0", "--clip_range=0.2", "--clip_range_value=0.2", "--gamma=1.0",
+                "--lam=0.95", "--loss_reduction=token_mean", f"--forward_batch_size={w.batch}",
+                f"--reward.batch_size={w.batch}"]  # fmt: skip
     raise ValueError(f"no posttrain command for workload kind {w.kind!r}")
 
 
@@ -444,11 +464,30 @@ def trl_common(w: Workload, args: argparse.Namespace, tmp: Path) -> dict[str, An
     )
 
 
+def step_end_callback(rec: Recorder) -> Any:
+    """A TrainerCallback that tells the recorder of each step end and log line."""
+    from transformers import TrainerCallback
+
+    class StepEnd(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            rec.step_end()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            rec.logged(state.global_step, logs or {})
+
+    return StepEnd()
+
+
 def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None:
     import torch
+    import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    rec.extra["trl_version"] = trl.__version__
+    if w.kind == "ppo":
+        run_trl_ppo(w, args, rec, tmp)
+        return
     path = model_dir(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
@@ -464,14 +503,6 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
 
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-
-    class StepEnd(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            rec.step_end()
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            rec.logged(state.global_step, logs or {})
-
     common = trl_common(w, args, tmp)
     n_rows = max(rec.total * w.batch, 16)
     if w.kind == "sft":
@@ -482,7 +513,7 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
         )
         trainer: Any = SFTTrainer(model=model, args=cfg, processing_class=tok,
                                   train_dataset=Dataset.from_list(sft_rows(tok, n_rows, w.plain)),
-                                  peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+                                  peft_config=peft_config, callbacks=[step_end_callback(rec)])  # fmt: skip
     elif w.kind == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -492,7 +523,7 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
                         precompute_ref_log_probs=True, precompute_ref_batch_size=w.batch)  # fmt: skip
         trainer = DPOTrainer(model=model, args=cfg, processing_class=tok,
                              train_dataset=Dataset.from_list(dpo_rows(tok, n_rows, w.plain)),
-                             peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+                             peft_config=peft_config, callbacks=[step_end_callback(rec)])  # fmt: skip
     else:
         from workloads import trl_reward
 
@@ -507,14 +538,14 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
             cfg = GRPOConfig(**common, **online, loss_type="grpo", scale_rewards="group")
             trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg,
                                   processing_class=tok, train_dataset=data,
-                                  peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
-        else:  # rloo, and TRL's stand-in for reinforce and ppo
+                                  peft_config=peft_config, callbacks=[step_end_callback(rec)])  # fmt: skip
+        else:  # rloo, and TRL's stand-in for reinforce
             from trl import RLOOConfig, RLOOTrainer
 
             cfg = RLOOConfig(**common, **online)
             trainer = RLOOTrainer(model=model, reward_funcs=trl_reward, args=cfg,
                                   processing_class=tok, train_dataset=data,
-                                  peft_config=peft_config, callbacks=[StepEnd()])  # fmt: skip
+                                  peft_config=peft_config, callbacks=[step_end_callback(rec)])  # fmt: skip
         orig = trainer._generate_single_turn
 
         def timed(*a: Any, **k: Any) -> Any:
@@ -525,6 +556,72 @@ def run_trl(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> 
             return out
 
         trainer._generate_single_turn = timed
+    rec.extra["trl_optim"] = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+    trainer.train()
+    raise SystemExit(f"TRL {w.trl} ended before {rec.total} steps")
+
+
+def run_trl_ppo(w: Workload, args: argparse.Namespace, rec: Recorder, tmp: Path) -> None:
+    """TRL 1.12's PPOTrainer (`trl.experimental.ppo`, run from bench/.venv-trl112), set as
+    posttrain's side of the row (posttrain_argv): the prompts of --prompts in their order, one
+    completion each, a reference copy, the value model and the reward model from --reward-model."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as ppo_module
+
+    path, rm = model_dir(args.model), args.reward_model
+    # the reward model's tokenizer: the policy's, with the pad token that make_reward_model chose
+    # (TRL's PPO finds padding by id; prompts are left-padded, as its examples do)
+    tok = AutoTokenizer.from_pretrained(rm)
+    tok.padding_side = "left"
+    prompts = json.loads(Path(args.prompts).read_text())
+    data = Dataset.from_list(
+        [{"input_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    )
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(
+        rm, num_labels=1, dtype=torch.float32
+    )
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        rm, num_labels=1, dtype=torch.float32
+    )
+    rec.count_tokens(policy)
+    rec.count_tokens(getattr(value, value.base_model_prefix))  # the critic's trunk
+
+    loader = ppo_module.DataLoader
+
+    def in_order(*a: Any, **k: Any) -> Any:  # PPOTrainer hard-codes shuffle=True
+        k["shuffle"] = False
+        return loader(*a, **k)
+
+    ppo_module.DataLoader = in_order
+    sample = ppo_module.batch_generation
+
+    def timed(model: Any, queries: Any, *a: Any, **k: Any) -> Any:
+        t0 = time.perf_counter()
+        out = sample(model, queries, *a, **k)
+        comp = out[0][:, queries.shape[1] :]
+        is_eos = comp == tok.eos_token_id  # tokens up to and including the first EOS
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, comp.shape[1])
+        rec.generated(int(first.sum()), time.perf_counter() - t0)
+        return out
+
+    ppo_module.batch_generation = timed
+    cfg = PPOConfig(
+        **trl_common(w, args, tmp), total_episodes=len(prompts), num_ppo_epochs=1,
+        num_mini_batches=1, local_rollout_forward_batch_size=w.batch,
+        response_length=w.new_tokens, stop_token="eos", temperature=1.0, kl_coef=w.trl_kl,
+        kl_estimator="k1", whiten_rewards=False, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+        gamma=1.0, lam=0.95, missing_eos_penalty=None, num_sample_generations=0,
+    )  # fmt: skip
+    trainer = PPOTrainer(
+        args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+        value_model=value, train_dataset=data, eval_dataset=data,
+        callbacks=[step_end_callback(rec)],
+    )  # fmt: skip
     rec.extra["trl_optim"] = str(getattr(trainer.args.optim, "value", trainer.args.optim))
     trainer.train()
     raise SystemExit(f"TRL {w.trl} ended before {rec.total} steps")
@@ -617,16 +714,112 @@ def wait_for_quiet(args: argparse.Namespace) -> float:
     return load
 
 
+def trl_python(w: Workload, bench_dir: Path | None = None) -> Path | None:
+    """The Python that runs w's TRL side: the harness's own, or the one of its TRL_ENVS virtual
+    environment under bench_dir (default: bench/; None when that environment is not built)."""
+    if not w.trl_env:
+        return Path(sys.executable)
+    py = (bench_dir or HERE) / TRL_ENVS[w.trl_env][0] / "bin" / "python"
+    return py if py.is_file() else None
+
+
+def missing_trl_envs(
+    names: list[str], sides: list[str], bench_dir: Path | None = None
+) -> str | None:
+    """Why these rows cannot run their TRL side (a TRL_ENVS environment is not built), or None."""
+    if "trl" not in sides:
+        return None
+    bench_dir = bench_dir or HERE
+    missing: dict[str, list[str]] = {}
+    for name in names:
+        w = WORKLOADS[name]
+        if w.trl_env and trl_python(w, bench_dir) is None:
+            missing.setdefault(w.trl_env, []).append(name)
+    lines = []
+    for env, rows in missing.items():
+        venv, version, make = TRL_ENVS[env]
+        lines.append(
+            f"{', '.join(rows)}: the TRL side runs TRL {version} from {bench_dir / venv}, which "
+            f"is missing. Build it with `{make}`, or leave these rows out, or run --sides posttrain."
+        )
+    return "\n".join(lines) or None
+
+
+def ppo_pad_token(tok: Any, prompts: list[str]) -> str:
+    """A pad token for TRL 1.12's PPOTrainer, which tells padding by token id (`ids != pad`) in
+    the prompts and the completions: not the EOS, whose mask would hide each completion's end,
+    and no token of the prompts (SmolLM2 pads with <|im_end|>, which ends every chat turn)."""
+    used = {i for p in prompts for i in tok(p, add_special_tokens=False)["input_ids"]}
+    for i in [tok.pad_token_id, 0, *tok.all_special_ids]:
+        if i is not None and i != tok.eos_token_id and i not in used:
+            return tok.convert_ids_to_tokens(i)
+    raise ValueError("no token id left to pad with: every special token occurs in the prompts")
+
+
+def online_prompts(tok: Any, n: int, plain: bool) -> list[str]:
+    """The first n prompts of the online rows as text: the question alone (plain) or the
+    chat-templated system + user turns with the assistant's turn open."""
+    if plain:
+        return plain_prompts(n)
+    return [
+        tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
+        for m in prompt_messages(n)
+    ]
+
+
+def make_reward_model(model_path: str, out: Path, prompts: list[str]) -> Path:
+    """The ppo rows' reward model, saved once to out for both sides: the policy's weights with a
+    scalar head (AutoModelForSequenceClassification, num_labels 1, seeded), and its tokenizer
+    padding with `ppo_pad_token`. TRL's side also builds its value model from it."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tok.pad_token = ppo_pad_token(tok, prompts)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, num_labels=1, dtype=torch.float32
+    )
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def child_inputs(w: Workload, args: argparse.Namespace, tmp: Path) -> list[str]:
+    """What the parent prepares for a child: for ppo, the shared reward model and the prompt texts
+    (so that the TRL 1.12 child, which has no posttrain, reads the same prompts)."""
+    if w.kind != "ppo":
+        return []
+    from transformers import AutoTokenizer
+
+    path = model_dir(args.model)
+    n = max((args.warmup + args.steps) * w.batch, 16)
+    tok = AutoTokenizer.from_pretrained(path)
+    prompts = online_prompts(tok, n, w.plain)
+    reward = make_reward_model(path, tmp / "ppo-reward-model",
+                               online_prompts(tok, n, False) + plain_prompts(n))  # fmt: skip
+    file = tmp / f"{w.name}-prompts.json"
+    file.write_text(json.dumps(prompts))
+    return ["--reward-model", str(reward), "--prompts", str(file)]
+
+
 def run_child(
     side: str, w: Workload, args: argparse.Namespace, tmp: Path, rnd: int = 0
 ) -> dict[str, Any]:
     result = tmp / f"{w.name}-{side}-{time.monotonic_ns()}.json"
     log = result.with_suffix(".log")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--workload", w.name,
-           "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup),
+    python = trl_python(w) if side == "trl" else Path(sys.executable)
+    if python is None:
+        return {"side": side, "workload": w.name, "round": rnd, "error": "no venv"}
+    # the model directory resolved here: a TRL_ENVS child cannot import posttrain to find it
+    cmd = [str(python), str(Path(__file__).resolve()), "--child", side, "--workload", w.name,
+           "--model", model_dir(args.model), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--threads", str(args.threads), "--dtype", args.dtype, "--result", str(result),
            "--workdir", str(result.with_suffix("")), "--max-length", str(args.max_length),
-           f"--posttrain-args={args.posttrain_args}"]  # fmt: skip
+           f"--posttrain-args={args.posttrain_args}", *child_inputs(w, args, tmp)]  # fmt: skip
     env = {
         **os.environ,
         "OMP_NUM_THREADS": str(args.threads),
@@ -729,7 +922,8 @@ def summarize(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, 
         if "steps" not in cur:  # the first result of this side that ran (a failed round's goes)
             cur = out[key] = {"steps": [], "tok": 0, "sec": 0.0, "rss": 0.0, "rounds": {},
                               "load": 0.0, "padded": [], "real": [],
-                              "first": r.get("first_step", {})}  # fmt: skip
+                              "first": r.get("first_step", {}),
+                              "version": r.get("trl_version")}  # fmt: skip
         cur["steps"] += r["step_seconds"]
         cur["rounds"][r.get("round", 0)] = statistics.median(r["step_seconds"])
         cur["tok"] += r["gen_tokens"]
@@ -778,13 +972,16 @@ def row_limit(
       tokens of the two sides, so work one side saves (a shared prompt) counts as saved;
     - online rows add sampling: the prompts' prefill (`forward_flops`) and one decode step per new
       token at `decode_step_seconds` (max of bytes / bandwidth and FLOPs / peak) for the whole
-      batch, plus one scoring forward for the reference's log-probs when the KL is on.
+      batch, plus one scoring forward for the reference's log-probs when the KL is on;
+    - ppo: the policy and the value model each train on every sequence (the real tokens count
+      both; the value model is counted with an output head, so this part of the limit is a little
+      high), and the reward model adds one scoring forward.
     Attention is counted over the causal half of each row's length (padded width / rows)."""
     have = [v for v in sides if v.get("real_step")]
     if not have:
         return None
     real = min(v["real_step"] for v in have)
-    rows = w.batch * (2 if w.kind == "dpo" else 1)
+    rows = w.batch * (2 if w.kind in ("dpo", "ppo") else 1)
     ctx = causal_context(int(min(v["padded_step"] for v in have) / rows))
     seconds = train_limit_seconds(peaks, train_flops(counts, int(real), ctx), dtype)
     if w.lora:
@@ -793,12 +990,13 @@ def row_limit(
     if w.kind in ("sft", "dpo") or not gen:
         return seconds
     new = statistics.mean(gen)  # sampled tokens per step
+    seq = real / 2 if w.kind == "ppo" else real  # the tokens of the sampled sequences
     seconds += rollout_seconds(
-        peaks, counts, prompt_tokens=int(max(real - new, 0)), prompt_attn_context=ctx,
-        new_tokens=new, batch=w.batch, context_len=real / w.batch, dtype=dtype,
+        peaks, counts, prompt_tokens=int(max(seq - new, 0)), prompt_attn_context=ctx,
+        new_tokens=new, batch=w.batch, context_len=seq / w.batch, dtype=dtype,
     )[0]  # fmt: skip
-    if w.kl:
-        seconds += train_limit_seconds(peaks, forward_flops(counts, int(real), ctx), dtype)
+    scoring = int(bool(w.kl)) + int(w.kind == "ppo")  # reference, reward model
+    seconds += scoring * train_limit_seconds(peaks, forward_flops(counts, int(seq), ctx), dtype)
     return seconds
 
 
@@ -840,8 +1038,9 @@ def table(
             speed = "refused: unequal work"
         else:
             speed = f"{statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+        trl_side = f"{w.trl} (TRL {t['version']})" if t.get("version") else w.trl
         lines.append(
-            f"| {name} | {w.trl} | {pe or _fmt(ps, '.3f')} | {te or _fmt(ts, '.3f')} | {speed} "
+            f"| {name} | {trl_side} | {pe or _fmt(ps, '.3f')} | {te or _fmt(ts, '.3f')} | {speed} "
             f"| {len(ratios)} | {check} "
             f"| {_fmt(p.get('padded_step'), '.0f')}/{_fmt(p.get('real_step'), '.0f')} "
             f"| {_fmt(t.get('padded_step'), '.0f')}/{_fmt(t.get('real_step'), '.0f')} "
@@ -872,7 +1071,12 @@ def table(
 
 def parent(args: argparse.Namespace) -> int:
     sides = args.sides.split(",")
-    if "trl" in sides:
+    names = args.workloads.split(",")
+    missing = missing_trl_envs(names, sides)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    if "trl" in sides and any(not WORKLOADS[n].trl_env for n in names):
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -882,7 +1086,6 @@ def parent(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    names = args.workloads.split(",")
     info = machine_info(args)
     results: list[dict[str, Any]] = []
     limits = None

@@ -44,8 +44,18 @@ class Workload:
     every row) instead of chat-templated ones"""
     notes: str = ""
     """hyper-parameters and differences, printed next to the row"""
+    trl_env: str = ""
+    """the TRL side runs in this environment of TRL_ENVS instead of the harness's own ("": the
+    TRL installed next to posttrain)"""
     extra: dict[str, Any] = field(default_factory=dict)
 
+
+# TRL releases that the harness's TRL side needs and that cannot live next to posttrain's TRL:
+# name -> (virtual environment under bench/, the TRL it holds, the command that builds it).
+# PPOTrainer left TRL after 1.12 (trl.experimental.ppo there), so the ppo rows run 1.12.
+TRL_ENVS: dict[str, tuple[str, str, str]] = {
+    "trl112": (".venv-trl112", "1.12.0", "make bench-trl112-venv"),
+}
 
 WORKLOADS: dict[str, Workload] = {
     w.name: w
@@ -110,17 +120,6 @@ WORKLOADS: dict[str, Workload] = {
             "(TRL has no REINFORCE); 32 new tok, T=1, lr 1e-6",
         ),
         Workload(
-            "ppo",
-            "ppo",
-            "RLOOTrainer",
-            lr=1e-6,
-            group=1,
-            kl=0.2,
-            trl_kl=0.05,
-            notes="posttrain PPO 8 prompts x 1, value head, KL 0.2 (ref copy), 1 epoch x 1 minibatch vs TRL RLOO "
-            "2 x 4 beta 0.05 (ref copy; TRL has no PPO); 32 new tok, T=1, lr 1e-6",
-        ),
-        Workload(
             "reinforce_2x4",
             "reinforce",
             "RLOOTrainer",
@@ -130,16 +129,20 @@ WORKLOADS: dict[str, Workload] = {
             "baseline, no KL vs TRL RLOO 2 x 4 beta 0 (TRL has no REINFORCE); 32 new tok, T=1, lr 1e-6",
         ),
         Workload(
-            "ppo_2x4",
             "ppo",
-            "RLOOTrainer",
+            "ppo",
+            "PPOTrainer",
             lr=1e-6,
-            group=4,
-            kl=0.2,
+            group=1,
+            kl=0.05,
             trl_kl=0.05,
-            notes="posttrain PPO 2 prompts x 4 (the prompts and completions of TRL's RLOO), value head, KL 0.2 "
-            "(ref copy), 1 epoch x 1 minibatch vs TRL RLOO 2 x 4 beta 0.05 (ref copy; TRL has no PPO); 32 new "
-            "tok, T=1, lr 1e-6",
+            trl_env="trl112",
+            notes="PPO vs TRL 1.12.0's PPOTrainer (trl.experimental.ppo, in bench/.venv-trl112): full, 8 "
+            "prompts x 1, 32 new tok (stop at EOS), T=1, k1 KL 0.05 fixed in the reward (ref copy), GAE "
+            "gamma 1 lam 0.95, whitened advantages, clip 0.2, value clip 0.2, vf 0.1, a separate value "
+            "model (a copy of the policy + scalar head) and one reward model (SmolLM2 + scalar head, the "
+            "same saved weights) on both sides, 1 epoch x 1 minibatch, no grad clip (TRL's PPO has "
+            "none), lr 1e-6",
         ),
         Workload(
             "generate",
@@ -154,7 +157,7 @@ WORKLOADS: dict[str, Workload] = {
 
 # The plain-prompt rows: the chat rows' settings on the question alone (no chat template, so no
 # system prompt shared by every row).
-for _base in ("sft_full", "dpo_full", "grpo", "rloo"):
+for _base in ("sft_full", "dpo_full", "grpo", "rloo", "ppo"):
     WORKLOADS[f"{_base}_plain"] = replace(
         WORKLOADS[_base],
         name=f"{_base}_plain",
@@ -173,10 +176,8 @@ DEFAULT_WORKLOADS = [
     "dpo_full_plain",
     "grpo_plain",
     "rloo_plain",
-    "reinforce",
     "ppo",
-    "reinforce_2x4",
-    "ppo_2x4",
+    "ppo_plain",
 ]
 
 

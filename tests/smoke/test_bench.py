@@ -117,12 +117,13 @@ def test_posttrain_side_alone(capsys, tiny_dir):
 
 
 def test_posttrain_online_rows_under_bf16(capsys, tiny_dir):
-    """grpo (shared prompts, no scoring forward) and ppo 2 x 4 (one forward per rollout) through the
-    harness's flags, with --dtype bfloat16 (posttrain's --run.autocast=bfloat16)."""
-    rc, out = _run(capsys, tiny_dir, "grpo,ppo_2x4", "posttrain", "--dtype", "bfloat16")
+    """grpo (shared prompts, no scoring forward) and ppo (a separate value model, the reward model
+    that the parent saves) through the harness's flags, with --dtype bfloat16 (posttrain's
+    --run.autocast=bfloat16)."""
+    rc, out = _run(capsys, tiny_dir, "grpo,ppo", "posttrain", "--dtype", "bfloat16")
     assert rc == 0, out
     rows = _rows(out)
-    assert set(rows) == {"grpo", "ppo_2x4"}
+    assert set(rows) == {"grpo", "ppo"}
     assert all(float(cells[2]) > 0 for cells in rows.values())
     assert float(rows["grpo"][10].split("/")[0]) > 0  # generation tokens/s
 
@@ -181,3 +182,18 @@ def test_row_limit_by_hand():
     out = trl_compare.table(trl_compare.summarize(res), ["sft_full"], "m", 128,
                             (peaks, counts, "float32"))  # fmt: skip
     assert _rows(out)["sft_full"][14] == "50%/25%"
+
+
+@pytest.mark.skipif(
+    trl_compare.trl_python(trl_compare.WORKLOADS["ppo"]) is None,
+    reason="TRL 1.12's venv is not built (make bench-trl112-venv)",
+)
+def test_ppo_against_trl_112_ppo(capsys, tiny_dir):
+    """The ppo row's TRL side runs TRL 1.12's PPOTrainer from bench/.venv-trl112; both sides train
+    a separate value model (the tokens of two training forwards per sequence)."""
+    rc, out = _run(capsys, tiny_dir, "ppo", "posttrain,trl")
+    assert rc == 0, out
+    cells = _rows(out)["ppo"]
+    assert cells[1] == "PPOTrainer (TRL 1.12.0)"
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[5] == "1"
+    assert all(float(x) > 0 for x in cells[10].split("/"))  # generation tokens/s
