@@ -18,7 +18,8 @@ MLP); logits agree with the model's forward up to float summation order (tests c
 LoRA (peft) policies decode on their merged weights W + scale * B @ A, taken when the decoder is
 built, so an adapter that is disabled (`disable_adapter()`) or not active is left out exactly as
 peft's forward leaves it out. Anything else (another architecture, DoRA, quantized or custom
-layers, a GPU) returns None from `LeanDecoder.build` and samples through the model's forward.
+layers, a GPU, CPU autocast on: `run.autocast`) returns None from `LeanDecoder.build` and samples
+through the model's forward.
 
 `dtype` decodes with a copy of the weights in another precision (bfloat16 rollouts): activations
 and the cache in that dtype, logits returned in fp32.
@@ -46,12 +47,10 @@ SUPPORTED = ("llama",)
 class _Layer:
     """One block's weights as the decoder multiplies by them (oneDNN-reordered or plain copies)."""
 
-    norm1: torch.Tensor  # (E,) RMSNorm weight before attention
     qkv: torch.Tensor  # ((H + 2 Hkv) D, E): q (scaled by D^-0.5), k, v stacked; q, k interleaved
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # (E, H D)
     o_bias: torch.Tensor | None
-    norm2: torch.Tensor  # (E,) RMSNorm weight before the MLP
     gate: torch.Tensor  # (I, E)
     gate_bias: torch.Tensor | None
     up: torch.Tensor  # (I, E)
@@ -106,12 +105,11 @@ def _heads(t: torch.Tensor | None, n: int, D: int, scale: float = 1.0) -> torch.
 class LeanDecoder:
     """Decode steps of one Llama-architecture model with its weights frozen at `build` time."""
 
-    def __init__(self, lm: nn.Module, layers: list[_Layer], final_norm: torch.Tensor,
-                 head: torch.Tensor, onednn: bool, dtype: torch.dtype):  # fmt: skip
+    def __init__(self, lm: nn.Module, layers: list[_Layer], head: torch.Tensor, onednn: bool,
+                 dtype: torch.dtype):  # fmt: skip
         cfg = lm.config
         self.lm = lm
         self.layers = layers
-        self.final_norm = final_norm
         self.head = head  # (V, E)
         self.onednn = onednn
         self.dtype = dtype
@@ -121,8 +119,8 @@ class LeanDecoder:
         self.D = getattr(cfg, "head_dim", None) or self.E // self.H
         self.eps = cfg.rms_norm_eps
         self.rotary = lm.model.rotary_emb
-        self.keys: list[torch.Tensor] = []  # per layer (B Hkv, C, D), rotary pairs interleaved
-        self.values: list[torch.Tensor] = []  # per layer (B Hkv, C, D)
+        self.keys: list[torch.Tensor] = []  # per layer (B, Hkv, C, D), rotary pairs interleaved
+        self.values: list[torch.Tensor] = []  # per layer (B, Hkv, C, D)
         self.bias = torch.empty(0)  # (B Hkv, 1, C) 0 where a row attends, dtype's min elsewhere
         self.length = 0  # cache columns filled
 
@@ -148,6 +146,8 @@ class LeanDecoder:
         p = next(lm.parameters())
         if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.bfloat16):
             return None
+        if torch.is_autocast_enabled("cpu"):  # run.autocast: the model's forward, autocast as
+            return None  # the training forward that rescores the samples
         dtype = dtype or p.dtype
         # oneDNN where the model's layers were switched to it (run.onednn), and for bf16
         onednn = cpu.available() and (
@@ -171,18 +171,19 @@ class LeanDecoder:
                 (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = parts
                 q = (_heads(wq, H, D, D**-0.5), _heads(bq, H, D, D**-0.5))
                 qkv, qkv_bias = _stack([q, (_heads(wk, Hkv, D), _heads(bk, Hkv, D)), (wv, bv)])
+                # each RMSNorm's weight multiplies the input columns of the products it feeds
+                n1, n2 = (n.weight.detach()[None] for n in norms)
                 layers.append(
-                    _Layer(norm1=norms[0].weight.detach().to(dtype), qkv=pack(qkv),
-                           qkv_bias=_cast(qkv_bias, dtype), o=pack(wo), o_bias=_cast(bo, dtype),
-                           norm2=norms[1].weight.detach().to(dtype), gate=pack(wg),
-                           gate_bias=_cast(bg, dtype), up=pack(wu), up_bias=_cast(bu, dtype),
-                           down=pack(wd), down_bias=_cast(bd, dtype))
+                    _Layer(qkv=pack(qkv * n1), qkv_bias=_cast(qkv_bias, dtype), o=pack(wo),
+                           o_bias=_cast(bo, dtype), gate=pack(wg * n2), gate_bias=_cast(bg, dtype),
+                           up=pack(wu * n2), up_bias=_cast(bu, dtype), down=pack(wd),
+                           down_bias=_cast(bd, dtype))
                 )  # fmt: skip
             head = _weight(head_layer)
             if head is None or head[1] is not None:
                 return None
-            final_norm = inner.norm.weight.detach().to(dtype)
-            return cls(lm, layers, final_norm, pack(head[0]), onednn, dtype)
+            head_weight = pack(head[0] * inner.norm.weight.detach()[None])
+            return cls(lm, layers, head_weight, onednn, dtype)
 
     def load(self, cache: Any, attention_mask: torch.Tensor, new_tokens: int) -> None:
         """Take over a prefilled transformers cache: its keys and values (B, Hkv, K, D) per layer
@@ -194,8 +195,8 @@ class LeanDecoder:
         for i in range(len(self.layers)):
             layer = cache.layers[i]
             for src, dst in ((layer.keys[..., pairs], self.keys), (layer.values, self.values)):
-                buf = torch.empty(B * self.Hkv, C, self.D, dtype=self.dtype)
-                buf[:, :K] = src.reshape(B * self.Hkv, K, self.D)
+                buf = torch.empty(B, self.Hkv, C, self.D, dtype=self.dtype)
+                buf[:, :, :K] = src
                 dst.append(buf)
         bias = torch.full((B, C), torch.finfo(self.dtype).min, dtype=self.dtype)
         bias[:, :K].masked_fill_(attention_mask.bool(), 0.0)
@@ -213,26 +214,32 @@ class LeanDecoder:
         rope = torch.complex(cos[..., : D // 2].float(), sin[..., : D // 2].float())  # (B, 1, D/2)
         self.bias[:, :, t] = 0.0
         bias = self.bias[:, :, : t + 1]  # (B Hkv, 1, t+1)
+        C = self.keys[0].shape[2]
         for i, L in enumerate(self.layers):
-            h = F.rms_norm(x, (self.E,), L.norm1, self.eps)
-            qkv = self._mm(h, L.qkv, L.qkv_bias)  # (B, (H + 2 Hkv) D)
+            qkv = self._mm(self._norm(x), L.qkv, L.qkv_bias)  # (B, (H + 2 Hkv) D)
             qk = qkv[:, :nqk].view(B, H + Hkv, D // 2, 2)
             if self.dtype != torch.float32:
                 qk = qk.float()
             qk = torch.view_as_real(torch.view_as_complex(qk) * rope).to(self.dtype)  # rotated
-            self.keys[i].select(1, t).copy_(qk[:, H:].reshape(B * Hkv, D))
-            self.values[i].select(1, t).copy_(qkv[:, nqk:].reshape(B * Hkv, D))
+            self.keys[i].select(2, t).copy_(qk[:, H:].view(B, Hkv, D))
+            self.values[i].select(2, t).copy_(qkv[:, nqk:].view(B, Hkv, D))
             q = qk[:, :H].reshape(B * Hkv, H // Hkv, D)  # each key/value head's query heads
-            k = self.keys[i][:, : t + 1]  # (B Hkv, t+1, D)
+            k = self.keys[i].view(B * Hkv, C, D)[:, : t + 1]  # (B Hkv, t+1, D)
+            v = self.values[i].view(B * Hkv, C, D)[:, : t + 1]
             att = torch.softmax(torch.baddbmm(bias, q, k.transpose(1, 2)), dim=-1)
-            o = torch.bmm(att, self.values[i][:, : t + 1]).view(B, H * D)
+            o = torch.bmm(att, v).view(B, H * D)
             x = self._mm_add(o, x, L.o, L.o_bias)
-            h = F.rms_norm(x, (self.E,), L.norm2, self.eps)
+            h = self._norm(x)
             gate = self._mm_silu(h, L.gate, L.gate_bias)  # (B, I)
             x = self._mm_add(self._mm_mul(h, gate, L.up, L.up_bias), x, L.down, L.down_bias)
         self.length = t + 1
-        h = F.rms_norm(x, (self.E,), self.final_norm, self.eps)
-        return self._mm(h, self.head, None).float()  # (B, V)
+        return self._mm(self._norm(x), self.head, None).float()  # (B, V)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its weight (folded into the next product): x / sqrt(mean(x^2) + eps),
+        the mean in fp32."""
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (B, 1)
+        return x * n.square_().mul_(1 / self.E).add_(self.eps).rsqrt_().to(x.dtype)
 
     # x @ w^T + b, and with an elementwise op fused (oneDNN's post-ops; torch's kernels otherwise)
     def _mm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

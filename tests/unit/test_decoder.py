@@ -200,3 +200,13 @@ def test_lean_decoder_on_the_fixture_model(tiny):
     model, tok = tiny
     assert LeanDecoder.build(model) is not None
     assert LeanDecoder.build(build_model(tok).to(torch.float64)) is None  # float64: its forward
+
+
+def test_autocast_samples_through_the_model_forward(tiny):
+    """Under CPU autocast (run.autocast=bfloat16) the model's forward samples, autocast like the
+    training forward that rescores it."""
+    model, tok = tiny
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert LeanDecoder.build(model) is None
+        roll = generate(model, tok, PROMPTS[:2], GenerationConfig(max_new_tokens=4))
+    assert roll.exact_logp and len(roll) == 2
