@@ -75,6 +75,24 @@ def test_inverse_cdf_by_hand():
     assert _inverse_cdf(tail_zero, torch.tensor([1.0], dtype=torch.float64)).tolist() == [1]
 
 
+def test_blocked_inverse_cdf_equals_the_plain_scan():
+    """The two-level search picks what one cumsum over the vocabulary picks: across block
+    edges, with a vocabulary that is not a multiple of the block, whole blocks of zeros (top-k)
+    and draws at 0 and rounded up to 1."""
+    from posttrain.sampling import _scan
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 1000, generator=g) ** 4
+    probs[:8, 100:700] = 0.0  # empty blocks inside
+    probs[8:16, 900:] = 0.0  # an empty tail
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    u[0], u[1], u[8], u[9] = 0.0, 1.0, 1.0, 0.999999999
+    for block in (7, 64, 256):
+        picked = _inverse_cdf(probs, u, block=block)
+        assert torch.equal(picked, _scan(probs, u))
+        assert bool((probs.gather(1, picked[:, None]) > 0).all())
+
+
 def test_seeded_draws_follow_the_distribution():
     """20,000 rows, one seed each (consecutive prompt seeds, as PromptStream gives): token
     frequencies within 0.015 of [0.2, 0, 0.5, 0.3] (4 standard errors is ~0.014)."""
