@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -72,6 +72,13 @@ class GenOverrides:
     """prompts keep their last this many tokens (unset: the task's default)"""
     token_budget: int | None = check(None, ">= 1")
     """generation micro-batch limit in tokens (unset: the task's default)"""
+    lean_decoder: bool | None = None
+    """decode with posttrain's lean step (Llama-architecture models on a CPU; unset: on)"""
+    sample_dtype: Literal["model", "bfloat16"] | None = None
+    """bfloat16: a bf16 copy of the policy samples; the policy rescores the samples and each
+    token's advantage is weighted by min(pi / pi_bf16, sampler_weight_cap) (unset: model)"""
+    sampler_weight_cap: float | None = check(None, "> 0")
+    """cap on the importance weight of a token the bf16 copy sampled (unset: 2)"""
 
 
 def resolve_generation(

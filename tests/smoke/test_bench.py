@@ -197,3 +197,19 @@ def test_ppo_against_trl_112_ppo(capsys, tiny_dir):
     assert cells[1] == "PPOTrainer (TRL 1.12.0)"
     assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[5] == "1"
     assert all(float(x) > 0 for x in cells[10].split("/"))  # generation tokens/s
+
+
+def test_profile_decoder_runs(capsys, tiny_dir, monkeypatch):
+    """bench/profile_decoder.py prints a row per rows x dtype on the tiny model (no timing checked:
+    the products' share is only a difference of two medians)."""
+    spec = importlib.util.spec_from_file_location("profile_decoder", BENCH / "profile_decoder.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["profile_decoder.py", "--model", str(tiny_dir), "--threads", "1", "--rows", "2,3",
+            "--dtypes", "float32,bfloat16", "--prompt-tokens", "5", "--steps", "3"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1:3] for r in rows[1:]] == [
+        [" 2 ", " float32 "], [" 2 ", " bfloat16 "], [" 3 ", " float32 "], [" 3 ", " bfloat16 "]
+    ]  # fmt: skip

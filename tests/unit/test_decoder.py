@@ -210,3 +210,19 @@ def test_autocast_samples_through_the_model_forward(tiny):
         assert LeanDecoder.build(model) is None
         roll = generate(model, tok, PROMPTS[:2], GenerationConfig(max_new_tokens=4))
     assert roll.exact_logp and len(roll) == 2
+
+
+def test_training_commands_take_the_sampler_keys(tiny_dir, tmp_path):
+    """grpo's [gen] section takes sample_dtype and sampler_weight_cap (resolved onto the task's
+    generation settings) and lean_decoder; a bad value names the key."""
+    from posttrain.algos.grpo import Config
+    from posttrain.config import ConfigError, load_config
+    from posttrain.online import GenOverrides, resolve_generation
+
+    cfg = load_config(Config, None, [f"--model={tiny_dir}", "--gen.sample_dtype=bfloat16",
+                                     "--gen.sampler_weight_cap=3", "--gen.lean_decoder=false"])  # fmt: skip
+    gen = resolve_generation(GenerationConfig(), cfg.gen, n=2)
+    assert (gen.sample_dtype, gen.sampler_weight_cap, gen.lean_decoder) == ("bfloat16", 3.0, False)
+    assert resolve_generation(GenerationConfig(), GenOverrides(), n=1).sample_dtype == "model"
+    with pytest.raises(ConfigError, match="gen.sample_dtype"):
+        load_config(Config, None, [f"--model={tiny_dir}", "--gen.sample_dtype=float16"])
