@@ -20,6 +20,7 @@ FLOPs (each is O(hidden) per token against O(hidden^2) for the matmuls).
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable
@@ -137,6 +138,13 @@ class ModelCounts:
     """num_attention_heads * head_dim: the width of queries (= hidden in most models)."""
     kv_width: int
     """num_key_value_heads * head_dim: the width of each of K and V in the cache."""
+    head_params: int = 0
+    """Weights of the LM head (vocab * hidden), part of matmul_params."""
+
+    def headless(self) -> ModelCounts:
+        """The same trunk with a scalar head instead of the LM head (a value or reward model)."""
+        return dataclasses.replace(self, matmul_params=self.matmul_params - self.head_params,
+                                   head_params=0)  # fmt: skip
 
 
 def model_counts(config: Any) -> ModelCounts:
@@ -169,6 +177,7 @@ def model_counts(config: Any) -> ModelCounts:
         hidden=h,
         attn_width=q,
         kv_width=kv,
+        head_params=head,
     )
 
 

@@ -974,8 +974,8 @@ def row_limit(
       token at `decode_step_seconds` (max of bytes / bandwidth and FLOPs / peak) for the whole
       batch, plus one scoring forward for the reference's log-probs when the KL is on;
     - ppo: the policy and the value model each train on every sequence (the real tokens count
-      both; the value model is counted with an output head, so this part of the limit is a little
-      high), and the reward model adds one scoring forward.
+      both, half each; the value model without the LM head: its head is a scalar), and the reward
+      model (a scalar head too) adds one scoring forward.
     Attention is counted over the causal half of each row's length (padded width / rows)."""
     have = [v for v in sides if v.get("real_step")]
     if not have:
@@ -983,7 +983,13 @@ def row_limit(
     real = min(v["real_step"] for v in have)
     rows = w.batch * (2 if w.kind in ("dpo", "ppo") else 1)
     ctx = causal_context(int(min(v["padded_step"] for v in have) / rows))
-    seconds = train_limit_seconds(peaks, train_flops(counts, int(real), ctx), dtype)
+    if w.kind == "ppo":  # half the tokens through the policy, half through the value model
+        flops = train_flops(counts, int(real / 2), ctx) + train_flops(
+            counts.headless(), int(real / 2), ctx
+        )
+    else:
+        flops = train_flops(counts, int(real), ctx)
+    seconds = train_limit_seconds(peaks, flops, dtype)
     if w.lora:
         seconds *= 2 / 3
     gen = [v["tok_step"] for v in have if v.get("tok_step")]
@@ -995,9 +1001,10 @@ def row_limit(
         peaks, counts, prompt_tokens=int(max(seq - new, 0)), prompt_attn_context=ctx,
         new_tokens=new, batch=w.batch, context_len=seq / w.batch, dtype=dtype,
     )[0]  # fmt: skip
-    scoring = int(bool(w.kl)) + int(w.kind == "ppo")  # reference, reward model
-    seconds += scoring * train_limit_seconds(peaks, forward_flops(counts, int(seq), ctx), dtype)
-    return seconds
+    scoring = forward_flops(counts, int(seq), ctx) if w.kl else 0.0  # the reference
+    if w.kind == "ppo":  # the reward model
+        scoring += forward_flops(counts.headless(), int(seq), ctx)
+    return seconds + train_limit_seconds(peaks, scoring, dtype)
 
 
 def table(

@@ -60,6 +60,7 @@ def test_model_counts_by_hand(tiny_config):
     c = model_counts(tiny_config)
     assert (c.matmul_params, c.norm_params, c.total_params) == (5632, 80, 5712)
     assert (c.layers, c.hidden, c.attn_width, c.kv_width) == (2, 16, 16, 8)
+    assert c.head_params == 1024 and c.headless().matmul_params == 5632 - 1024  # vocab 64 x 16
 
 
 def test_untied_head_adds_its_weights_to_the_total_only(tiny_config):

@@ -120,15 +120,21 @@ def test_pad_token_is_neither_eos_nor_in_the_prompts():
 def test_ppo_row_limit_by_hand():
     """ppo: the real tokens count the policy's and the value model's training forwards (2 per
     sequence token); the sampled sequences are half of them; the reference and the reward model
-    each add one forward over the sequences."""
+    each add one forward over the sequences. The value and reward models have a scalar head: no
+    LM head (here 160 of the 1000 matmul weights) in their FLOPs."""
     peaks = Peaks(fp32_gflops=100.0, bf16_gflops=200.0, read_gbs=10.0, cpu="test", threads=1)
     counts = ModelCounts(matmul_params=1000, total_params=1100, norm_params=100, layers=2,
-                         hidden=16, attn_width=16, kv_width=8)  # fmt: skip
+                         hidden=16, attn_width=16, kv_width=8, head_params=160)  # fmt: skip
+    trunk = ModelCounts(matmul_params=840, total_params=1100, norm_params=100, layers=2,
+                        hidden=16, attn_width=16, kv_width=8)  # fmt: skip
+    assert counts.headless() == trunk
     side = {"real_step": 1600.0, "padded_step": 1760.0, "tok_step": 200.0}
     ctx = trl_compare.causal_context(1760 // 16)  # 16 rows: 8 sequences x 2 models
-    want = train_limit_seconds(peaks, train_flops(counts, 1600, ctx), "float32")
+    want = train_limit_seconds(peaks, train_flops(counts, 800, ctx), "float32")
+    want += train_limit_seconds(peaks, train_flops(trunk, 800, ctx), "float32")
     want += rollout_seconds(peaks, counts, prompt_tokens=600, prompt_attn_context=ctx,
                             new_tokens=200.0, batch=8, context_len=100.0, dtype="float32")[0]  # fmt: skip
-    want += 2 * train_limit_seconds(peaks, forward_flops(counts, 800, ctx), "float32")
+    want += train_limit_seconds(peaks, forward_flops(counts, 800, ctx), "float32")
+    want += train_limit_seconds(peaks, forward_flops(trunk, 800, ctx), "float32")
     got = trl_compare.row_limit(PPO, [side, side], peaks, counts, "float32")
     assert got == pytest.approx(want)
