@@ -67,11 +67,15 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 def _weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(effective weight, bias) of a plain nn.Linear or a peft LoRA Linear as its forward would
-    apply them now (active, enabled, unmerged adapters added); None for anything else."""
+    apply them now (active, enabled, unmerged adapters added); None for anything else, a weight
+    that is not a plain tensor (a sharded DTensor) or not of the layer's shape (a flat shard)
+    included."""
     if type(layer) is nn.Linear:
+        if not _whole(layer):
+            return None
         return layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
     base = getattr(layer, "base_layer", None)
-    if type(base) is not nn.Linear or not hasattr(layer, "get_delta_weight"):
+    if type(base) is not nn.Linear or not hasattr(layer, "get_delta_weight") or not _whole(base):
         return None
     if type(layer).__name__ != "Linear" or not type(layer).__module__.startswith(
         "peft.tuners.lora"
@@ -263,6 +267,15 @@ class LeanDecoder:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, w, b, "add")
         return F.linear(x, w, b) + other
+
+
+def _whole(layer: nn.Linear) -> bool:
+    """The layer's weight is a plain (unsharded) tensor of (out_features, in_features)."""
+    w = layer.weight
+    return type(w) in (torch.Tensor, nn.Parameter) and tuple(w.shape) == (
+        layer.out_features,
+        layer.in_features,
+    )
 
 
 def _stack(parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, Any]:

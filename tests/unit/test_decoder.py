@@ -226,3 +226,12 @@ def test_training_commands_take_the_sampler_keys(tiny_dir, tmp_path):
     assert resolve_generation(GenerationConfig(), GenOverrides(), n=1).sample_dtype == "model"
     with pytest.raises(ConfigError, match="gen.sample_dtype"):
         load_config(Config, None, [f"--model={tiny_dir}", "--gen.sample_dtype=float16"])
+
+
+def test_sharded_or_odd_weights_use_the_model_forward():
+    """A weight that is not the layer's whole (out, in) tensor (a flat FSDP shard) or not a plain
+    tensor: no lean decoder."""
+    model = _llama(96)
+    layer = model.model.layers[1].mlp.down_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().flatten()[:100])
+    assert LeanDecoder.build(model) is None
