@@ -8,7 +8,8 @@ the output head).
 For each row count N it times one pass of x (N, in) @ W^T over all 211 weights, best of
 `--repeats`, in milliseconds: `F.linear` (torch's default), oneDNN on the plain weight (what
 `posttrain.cpu.use_onednn` runs in training forwards) and oneDNN on weights reordered once
-(what `posttrain.cpu.packed_linears` runs while sampling), and how long the reordering takes.
+(what `posttrain.cpu.packed_linears` runs), oneDNN and MKL's packed GEMM on weights laid out
+for N rows (what `posttrain.decoder` runs while sampling), and how long the reordering takes.
 It also prints the largest difference between the kernels' outputs, relative to the output's
 scale: both are fp32 and differ in summation order only.
 """
@@ -58,9 +59,10 @@ def main() -> None:
     mb = sum(w.numel() for w in weights) * 4 / 2**20
     print(f"{len(weights)} weights, {mb:.0f} MB fp32, {args.threads} threads; "
           f"reordering them for oneDNN took {reorder_ms:.0f} ms\n")  # fmt: skip
-    print("| rows | torch F.linear (MKL) ms | oneDNN plain weight ms | oneDNN reordered ms "
-          "| speed-up plain | speed-up reordered | max rel. difference |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| rows | torch F.linear (MKL) ms | MKL packed for the rows ms | oneDNN plain weight ms "
+          "| oneDNN reordered ms | oneDNN reordered for the rows ms | speed-up plain "
+          "| speed-up reordered | max rel. difference |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
         for n in [int(r) for r in args.rows.split(",")]:
             xs = {i: torch.randn(n, i) for i in {i for _, i in SHAPES}}
@@ -69,15 +71,23 @@ def main() -> None:
                 "plain": [(xs[w.shape[1]], w, onednn) for w in weights],
                 "reordered": [(xs[w.shape[1]], p, onednn) for w, p in zip(weights, packed)],
             }
+            # the layouts chosen for this row count (what posttrain.decoder uses while sampling)
+            sized = [torch.ops.mkldnn._reorder_linear_weight(w, n) for w in weights]
+            runs["sized"] = [(xs[w.shape[1]], p, onednn) for w, p in zip(weights, sized)]
+            mkl = [(w, torch.ops.mkl._mkl_reorder_linear_weight(w, n)) for w in weights]
+            runs["mkl"] = [
+                (xs[w.shape[1]], (w, p), lambda x, wp, n=n: torch.ops.mkl._mkl_linear(x, wp[1], wp[0], None, n))
+                for w, p in mkl
+            ]  # fmt: skip
             ms = {k: best_ms(calls, args.repeats) for k, calls in runs.items()}
+            del sized, mkl, runs["sized"], runs["mkl"]
             diff = max(
                 float((onednn(x, p) - F.linear(x, w)).abs().max() / F.linear(x, w).abs().max())
                 for (x, w, _), (_, p, _) in zip(runs["torch"][:7], runs["reordered"][:7])
             )
             t, pl, pk = ms["torch"], ms["plain"], ms["reordered"]
-            print(
-                f"| {n} | {t:.1f} | {pl:.1f} | {pk:.1f} | {t / pl:.2f} | {t / pk:.2f} | {diff:.1e} |"
-            )
+            print(f"| {n} | {t:.1f} | {ms['mkl']:.1f} | {pl:.1f} | {pk:.1f} | {ms['sized']:.1f} "
+                  f"| {t / pl:.2f} | {t / pk:.2f} | {diff:.1e} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -983,12 +983,10 @@ def row_limit(
     real = min(v["real_step"] for v in have)
     rows = w.batch * (2 if w.kind in ("dpo", "ppo") else 1)
     ctx = causal_context(int(min(v["padded_step"] for v in have) / rows))
-    if w.kind == "ppo":  # half the tokens through the policy, half through the value model
-        flops = train_flops(counts, int(real / 2), ctx) + train_flops(
-            counts.headless(), int(real / 2), ctx
-        )
-    else:
-        flops = train_flops(counts, int(real), ctx)
+    seq = real / 2 if w.kind == "ppo" else real  # the tokens of the sampled sequences
+    flops = train_flops(counts, int(seq), ctx)
+    if w.kind == "ppo":  # the value model trains on the same sequences
+        flops += train_flops(counts.headless(), int(seq), ctx)
     seconds = train_limit_seconds(peaks, flops, dtype)
     if w.lora:
         seconds *= 2 / 3
@@ -996,7 +994,6 @@ def row_limit(
     if w.kind in ("sft", "dpo") or not gen:
         return seconds
     new = statistics.mean(gen)  # sampled tokens per step
-    seq = real / 2 if w.kind == "ppo" else real  # the tokens of the sampled sequences
     seconds += rollout_seconds(
         peaks, counts, prompt_tokens=int(max(seq - new, 0)), prompt_attn_context=ctx,
         new_tokens=new, batch=w.batch, context_len=seq / w.batch, dtype=dtype,

@@ -49,7 +49,9 @@ def available() -> bool:
     )
 
 
-def _mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x (..., in) @ weight (out, in)^T + bias, weight plain or reordered by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -106,7 +108,7 @@ def _packed_forward(m: nn.Linear, packed: torch.Tensor, previous: Any) -> Any:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() and _plain(x, m):
-            return _mm(x, packed, m.bias)
+            return onednn_linear(x, packed, m.bias)
         return previous(x) if previous is not None else F.linear(x, m.weight, m.bias)
 
     return forward
@@ -120,7 +122,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
-        return _mm(x, w, b)
+        return onednn_linear(x, w, b)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -128,7 +130,7 @@ class _Linear(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm(g2, w.t()).view(*grad.shape[:-1], w.shape[1])  # (..., in)
+            gx = onednn_linear(g2, w.t()).view(*grad.shape[:-1], w.shape[1])  # (..., in)
         if ctx.needs_input_grad[1]:
             gw = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -142,7 +144,7 @@ def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
     if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
         return _Linear.apply(x, self.weight, self.bias)
-    return _mm(x, self.weight, self.bias)
+    return onednn_linear(x, self.weight, self.bias)
 
 
 def switched(m: nn.Module) -> bool:

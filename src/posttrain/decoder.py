@@ -93,6 +93,13 @@ def _weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None
     return weight, None if base.bias is None else base.bias.detach()
 
 
+def _heads_of(cfg: Any) -> tuple[int, int, int]:
+    """(query heads H, key/value heads Hkv, head size D) of a Llama config."""
+    H = cfg.num_attention_heads
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    return H, Hkv, getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+
+
 def _interleave(D: int) -> torch.Tensor:
     """Index (D,) that reorders a head's rotary halves [x_0..x_{D/2-1}, y_0..y_{D/2-1}] into pairs
     [x_0, y_0, x_1, y_1, ...]: each pair then rotates as one complex number."""
@@ -118,9 +125,7 @@ class LeanDecoder:
         self.onednn = onednn
         self.dtype = dtype
         self.E = cfg.hidden_size
-        self.H = cfg.num_attention_heads
-        self.Hkv = getattr(cfg, "num_key_value_heads", None) or self.H
-        self.D = getattr(cfg, "head_dim", None) or self.E // self.H
+        self.H, self.Hkv, self.D = _heads_of(cfg)
         self.eps = cfg.rms_norm_eps
         self.rotary = lm.model.rotary_emb
         self.keys: list[torch.Tensor] = []  # per layer (B, Hkv, C, D), rotary pairs interleaved
@@ -158,9 +163,7 @@ class LeanDecoder:
             dtype == torch.bfloat16 or any(cpu.switched(m) for m in lm.modules())
         )
         pack = _packer(onednn, dtype, rows)
-        H = cfg.num_attention_heads
-        Hkv = getattr(cfg, "num_key_value_heads", None) or H
-        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+        H, Hkv, D = _heads_of(cfg)
         names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         layers = []
         with torch.no_grad():  # LoRA's delta weights would otherwise record a graph
@@ -247,9 +250,7 @@ class LeanDecoder:
 
     # x @ w^T + b, and with an elementwise op fused (oneDNN's post-ops; torch's kernels otherwise)
     def _mm(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-        return F.linear(x, w, b)
+        return cpu.onednn_linear(x, w, b) if self.onednn else F.linear(x, w, b)
 
     def _mm_silu(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.onednn:
