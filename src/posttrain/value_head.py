@@ -105,18 +105,48 @@ class ActorCritic(nn.Module):
             if temperature != 1.0:
                 logits = logits / temperature
             return logits, self.value_head(hidden)  # (B, T, V), (B, T)
+        if self.critic is not None:
+            return (
+                self.policy_logits(input_ids, attention_mask, n_completion, temperature),
+                self.critic_values(input_ids, attention_mask, n_completion),
+            )
         out = _trunk_forward(self.policy, input_ids, attention_mask, n_completion + 1)
-        logits = out.logits[:, :-1]  # (B, T, V): position t predicts token t + 1
-        if temperature != 1.0:
-            logits = logits / temperature
+        logits = _completion_logits(out.logits, temperature)
+        return logits, self._values(out.hidden_states[-1], n_completion)
+
+    def policy_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        n_completion: int,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """The policy's half of `forward` with a separate critic: logits (B, T, V)."""
+        out = _trunk_forward(self.policy, input_ids, attention_mask, n_completion + 1)
+        return _completion_logits(out.logits, temperature)
+
+    def critic_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
+    ) -> torch.Tensor:
+        """The separate critic's half of `forward`: values (B, T). Run apart from the policy's
+        half, its graph can be freed by a backward before the policy's forward (PPO's
+        one-update step does that on one process: one model's activations at a time)."""
         if self.critic is None:
-            hidden = out.hidden_states[-1]
-        else:
-            # the critic's own logits are never used: keep one position
-            hidden = _trunk_forward(self.critic, input_ids, attention_mask, 1).hidden_states[-1]
+            raise ValueError("critic_values needs a separate critic (ppo --critic=separate)")
+        # the critic's own logits are never used: keep one position
+        hidden = _trunk_forward(self.critic, input_ids, attention_mask, 1).hidden_states[-1]
+        return self._values(hidden, n_completion)
+
+    def _values(self, hidden: torch.Tensor, n_completion: int) -> torch.Tensor:
         # the hidden state that predicts completion token t is the state before token t
-        values = self.value_head(hidden[:, -(n_completion + 1) : -1])  # (B, T)
-        return logits, values
+        return self.value_head(hidden[:, -(n_completion + 1) : -1])  # (B, T)
+
+
+def _completion_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T + 1, V) logits of the last T + 1 positions -> (B, T, V): position t predicts
+    completion token t (the last position predicts past the sequence), divided by temperature."""
+    logits = logits[:, :-1]
+    return logits / temperature if temperature != 1.0 else logits
 
 
 def save_value_head(head: ValueHead, folder: str | Path) -> Path:

@@ -369,3 +369,58 @@ def test_fixed_reduction_micro_batch_1x4_equals_4x1(tiny):
 
     assert close(accumulated(6), grad(torch.arange(4), 6))
     assert not close(accumulated(None), grad(torch.arange(4), None))  # the micro-batch's width
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "fixed"])
+def test_critic_first_gives_the_one_backward_gradients(tiny_dir, reduction):
+    """One-update PPO with a separate critic on one process backwards the value loss before the
+    policy's forward (`_critic_first`, to hold one model's activations at a time). Its two
+    backwards give every parameter the gradient of the one backward of policy_loss + vf_coef *
+    value_loss, and minibatch_loss logs the same losses."""
+    from accelerate import Accelerator
+
+    from posttrain.algos.ppo import _critic_first, minibatch_loss
+    from posttrain.models import load_model
+    from posttrain.online import take
+    from posttrain.rollout import generate
+    from posttrain.value_head import prepare_critic
+
+    policy, tok = load_model(str(tiny_dir))
+    critic = prepare_critic(load_model(str(tiny_dir))[0])
+    with torch.no_grad():
+        critic.model.norm.weight.mul_(1.5)  # the critic differs from the policy
+    head = ValueHead(hidden_size(policy))
+    torch.nn.init.normal_(head.summary.weight, std=0.1)
+    ac = ActorCritic(policy, head, critic).eval()
+    torch.manual_seed(0)
+    prompts = ["hello", "The quick brown fox", "Paris", "This film is"]
+    roll = generate(policy, tok, prompts, GenerationConfig(max_new_tokens=6, temperature=1.0))
+    B = len(roll)
+    mask = roll.policy_mask.float()
+    adv = torch.randn(mask.shape) * mask
+    returns = torch.randn(mask.shape) * mask
+    cfg = Config(vf_coef=0.3, loss_reduction=reduction)
+    acc = Accelerator(cpu=True)
+
+    def grads() -> dict[str, torch.Tensor]:
+        out = {n: p.grad.clone() for n, p in ac.named_parameters() if p.grad is not None}
+        ac.zero_grad(set_to_none=True)
+        return out
+
+    mb = take(roll, torch.arange(B), adv=adv, returns=returns, loss_mask=mask)
+    loss, m1 = minibatch_loss(ac, mb, cfg, 0.7, normaliser=6)
+    loss.backward()
+    one = grads()
+    values = ac.critic_values(mb.input_ids, mb.attention_mask, mb.T)
+    outputs = _critic_first(acc, ac, roll, values, returns, mask, cfg, 0.7, 6)
+    assert ac.critic.model.norm.weight.grad is not None  # the value loss went back already
+    assert ac.policy.model.norm.weight.grad is None
+    loss, m2 = minibatch_loss(ac, mb, cfg, 0.7, outputs, normaliser=6)
+    loss.backward()
+    two = grads()
+    assert one.keys() == two.keys()
+    assert any(n.startswith("critic.") for n in one) and any(n.startswith("policy.") for n in one)
+    for n in one:
+        assert torch.allclose(one[n], two[n], rtol=1e-5, atol=1e-7), n
+    for k in m1:
+        assert torch.allclose(m1[k], m2[k], rtol=1e-5, atol=1e-7), k

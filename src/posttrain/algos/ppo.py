@@ -45,9 +45,11 @@ from posttrain.advantages import gae
 from posttrain.config import ConfigError, OptimConfig, Renamed, check
 from posttrain.online import (
     MicroBatch,
+    accumulation_weight,
     micro_batches,
     sampler_weighted,
     score_rollout,
+    step_tokens,
     take,
     whiten_over_processes,
 )
@@ -323,6 +325,10 @@ def main(cfg: Config) -> int:
     # one update from one forward per rollout: that forward's values give the advantages and its
     # logits the loss (no scoring forward of the policy; ratio 1 and value clip inactive exactly)
     on_policy = updates_per_step == 1 and cfg.optim.grad_accum == 1
+    # ... and with a separate critic on one process, the critic's forward and its value loss's
+    # backward before the policy's forward: the peak holds one model's activations, not both
+    # (under DDP/FSDP both forwards go through the prepared module, and its one backward)
+    critic_first = on_policy and critic is not None and acc.num_processes == 1
     kl_ctl = kl_controller(cfg)
     modules = {"policy": policy, "value_head": head} | ({"critic": critic} if critic else {})
     ac = o.prepare(ac, modules, updates_per_step, kl_ctl=kl_ctl)
@@ -339,12 +345,13 @@ def main(cfg: Config) -> int:
         outputs = None
         if on_policy:  # the training forward, before the advantages that its values give
             whole = take(roll, torch.arange(B))  # each prompt (and their common start) run once
-            outputs = ac(whole.input_ids, whole.attention_mask, whole.T, o.gen.temperature, whole.groups)  # fmt: skip
-            t, m_ = whole.T, whole.mask
+            if critic_first:  # the critic alone now, the policy after its backward (below)
+                values = acc.unwrap_model(ac).critic_values(whole.input_ids, whole.attention_mask, whole.T)  # fmt: skip
+            else:
+                outputs = ac(whole.input_ids, whole.attention_mask, whole.T, o.gen.temperature, whole.groups)  # fmt: skip
+                values = outputs[1]
             s.values = torch.zeros_like(roll.completion_mask)
-            s.values[:, :t] = outputs[1].detach().float() * m_
-            s.entropy = torch.zeros_like(roll.completion_mask)
-            s.entropy[:, :t] = entropy_from_logits(outputs[0].detach()) * m_
+            s.values[:, : whole.T] = values.detach().float() * whole.mask
         valid = out.valid.to(acc.device)
         # (B, T) the sampled tokens (tool results left out), skipped rows left out
         mask = roll.policy_mask.float() * valid[:, None]
@@ -359,6 +366,11 @@ def main(cfg: Config) -> int:
         adv, returns = gae(rewards, s.values, mask, gamma=cfg.gamma, lam=cfg.lam)
         if cfg.whiten_advantages:  # over every process's tokens, as on one process
             adv = whiten_over_processes(acc, adv, mask)
+        if critic_first:
+            outputs = _critic_first(acc, ac, roll, values, returns, mask, cfg, o.gen.temperature, normaliser)  # fmt: skip
+        if on_policy:
+            s.entropy = torch.zeros_like(roll.completion_mask)
+            s.entropy[:, : whole.T] = entropy_from_logits(outputs[0].detach()) * whole.mask
         t3 = time.perf_counter()
         # 4. update epochs over shuffled minibatches, each one optimizer step
         # on policy: old_logp / old_values are the training forward's, detached (None here)
@@ -397,6 +409,29 @@ def main(cfg: Config) -> int:
             critic.save_pretrained(str(folder / "critic"))
 
     return o.finish(save_extra)
+
+
+def _critic_first(
+    acc: Any, ac: Any, roll: Any, values: torch.Tensor, returns: torch.Tensor,
+    mask: torch.Tensor, cfg: Config, temperature: float, normaliser: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One-update PPO with a separate critic, in two backwards: the value loss of `values` (the
+    critic's forward over all rows, with grad) times vf_coef now, which frees the critic's graph,
+    then the policy's forward. Returns (logits, values detached) for `minibatch_loss`, whose value
+    term then carries no gradient: the sum of the two backwards is the one backward of
+    policy_loss + vf_coef * value_loss (the two models share no parameter), the logged losses
+    are the same."""
+    whole = take(roll, torch.arange(len(roll)), returns=returns, loss_mask=mask)
+    red = {"reduction": cfg.loss_reduction, "normaliser": normaliser}
+    vf, _ = value_loss(values, values.detach(), whole.returns, whole.loss_mask, clip_range_value=cfg.clip_range_value, **red)  # fmt: skip
+    w = accumulation_weight(
+        whole.loss_mask, cfg.loss_reduction, step_rows=len(roll),
+        step_tokens=step_tokens(acc, whole.loss_mask),
+    )  # fmt: skip
+    acc.backward(cfg.vf_coef * vf * w)
+    model = acc.unwrap_model(ac)
+    logits = model.policy_logits(whole.input_ids, whole.attention_mask, whole.T, temperature)
+    return logits, values.detach()
 
 
 def _micro_loss(
