@@ -5,7 +5,10 @@
 
 Prints a markdown table of generated tokens per second and the ratio to sequential. Both sides use
 posttrain.rollout (the same sampler), so the ratio measures batching with left padding and the KV
-cache, nothing else. Run it on a quiet machine: a busy core skews the numbers.
+cache, nothing else. Run it on a quiet machine: a busy core skews the numbers. `--batching
+continuous,micro` adds rows that decode micro-batch after micro-batch (`gen.continuous_batching`
+false) next to the default continuous batch, where a finished row's slot takes the next prompt:
+they differ where completions end at different lengths (`--new-tokens 256`: most end at EOS).
 
 A second table ("with tools") decodes unit-conversion questions after two worked examples that
 call the calculator (`<calc>...</calc>`), at the largest batch, once without tools and once with
@@ -87,6 +90,13 @@ def main() -> None:
         "forward",
     )
     ap.add_argument(
+        "--batching",
+        default="continuous",
+        help="gen.continuous_batching of each batched row set: continuous (a finished row's "
+        "slot takes the next prompt), micro (micro-batch after micro-batch); e.g. "
+        "continuous,micro",
+    )
+    ap.add_argument(
         "--onednn",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -121,22 +131,27 @@ def main() -> None:
 
     rows = []
     base = None
-    fp32_tps: dict[int, float] = {}
-    for sample_dtype in args.sample_dtypes.split(","):
-        c = dataclasses.replace(cfg, sample_dtype=sample_dtype)
-        for bs in [int(b) for b in args.batches.split(",")]:
-            if bs == 1 and sample_dtype != "model":
-                continue  # the sequential base runs once
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
-            roll = generate(model, tok, prompts, c, batch_size=bs)
-            secs = time.perf_counter() - t0
-            tps = roll.num_tokens / secs
-            if bs == 1:
-                base = tps
-            if sample_dtype == "model":
-                fp32_tps[bs] = tps
-            rows.append((bs, roll.num_tokens, secs, tps, roll, sample_dtype))
+    fp32_tps: dict[tuple[int, str], float] = {}
+    for batching in args.batching.split(","):
+        if batching not in ("continuous", "micro"):
+            raise SystemExit(f"--batching takes continuous and/or micro, not {batching!r}")
+        for sample_dtype in args.sample_dtypes.split(","):
+            c = dataclasses.replace(
+                cfg, sample_dtype=sample_dtype, continuous_batching=batching == "continuous"
+            )
+            for bs in [int(b) for b in args.batches.split(",")]:
+                if bs == 1 and (sample_dtype != "model" or base is not None):
+                    continue  # the sequential base runs once
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                roll = generate(model, tok, prompts, c, batch_size=bs)
+                secs = time.perf_counter() - t0
+                tps = roll.num_tokens / secs
+                if bs == 1:
+                    base = tps
+                if sample_dtype == "model":
+                    fp32_tps[bs, batching] = tps
+                rows.append((bs, roll.num_tokens, secs, tps, roll, sample_dtype, batching))
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {args.threads} threads, {args.dtype}, model {args.model}"
@@ -155,11 +170,12 @@ def main() -> None:
         rule += "---:|---:|---|"
     print(head)
     print(rule)
-    for bs, n, secs, tps, roll, sample_dtype in rows:
-        mode = "sequential" if bs == 1 else "batched"
+    for bs, n, secs, tps, roll, sample_dtype, batching in rows:
+        mode = "sequential" if bs == 1 else f"batched, {batching}"
         ratio = f"{tps / base:.1f}" if base else "-"
         sampler = dtype if sample_dtype == "model" else sample_dtype
-        vs = f"{tps / fp32_tps[bs]:.2f}" if sample_dtype != "model" and bs in fp32_tps else "-"
+        fp32 = fp32_tps.get((bs, batching))
+        vs = f"{tps / fp32:.2f}" if sample_dtype != "model" and fp32 else "-"
         line = f"| {mode} | {sampler} | {bs} | {n} | {secs:.1f} | {tps:.1f} | {ratio} | {vs} |"
         if peaks is not None:
             limit, bound = row_limit(peaks, counts, roll, bs, sampler)

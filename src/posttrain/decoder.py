@@ -210,6 +210,45 @@ class LeanDecoder:
         self.bias = bias.repeat_interleave(self.Hkv, 0)[:, None]  # (B Hkv, 1, C)
         self.length = K
 
+    @property
+    def capacity(self) -> int:
+        """Cache columns allocated (C)."""
+        return self.keys[0].shape[2]
+
+    def place(self, slot: int, cache: Any, row: int, attention_mask: torch.Tensor) -> None:
+        """Refill `slot` with row `row` of a prefilled transformers cache, attention_mask (K,) its
+        columns: its p cached positions go to the last p filled columns [length - p, length) and
+        the slot attends to nothing else (the columns a finished row left are masked out). Where
+        fewer than p columns are filled, the filled count first jumps to p (the skipped columns
+        masked for every row). Positions travel with the keys (rotary applied at the prefill),
+        so the columns a row sits in do not change its attention."""
+        cols = attention_mask.bool().nonzero().flatten()
+        p = len(cols)
+        if p > self.length:
+            if p >= self.capacity:
+                raise ValueError(f"a prompt of {p} tokens does not fit a cache of {self.capacity}")
+            self.bias[:, :, self.length : p] = torch.finfo(self.dtype).min
+            for buf in (*self.keys, *self.values):  # masked, but 0 x NaN is NaN: no garbage
+                buf[:, :, self.length : p] = 0.0
+            self.length = p
+        t = self.length
+        pairs = _interleave(self.D)
+        for i, layer in enumerate(cache.layers):
+            self.keys[i][slot, :, t - p : t] = layer.keys[row][:, cols][..., pairs]
+            self.values[i][slot, :, t - p : t] = layer.values[row][:, cols]
+        bias = self.bias.view(-1, self.Hkv, 1, self.capacity)[slot]  # (Hkv, 1, C) of the slot
+        bias.fill_(torch.finfo(self.dtype).min)
+        bias[..., t - p : t] = 0.0
+
+    def compact(self, first: int) -> None:
+        """Drop the cache columns [0, first), which no row attends to any more: the filled
+        columns move to the front, and `length` shrinks by `first`."""
+        L = self.length
+        for buf in (*self.keys, *self.values):
+            buf[:, :, : L - first] = buf[:, :, first:L].clone()
+        self.bias[..., : L - first] = self.bias[..., first:L].clone()
+        self.length = L - first
+
     @torch.no_grad()
     def step(self, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One token per row: ids (B,), position_ids (B, 1) -> next-token logits (B, V) in fp32.

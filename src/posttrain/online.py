@@ -74,6 +74,9 @@ class GenOverrides:
     """generation micro-batch limit in tokens (unset: the task's default)"""
     lean_decoder: bool | None = None
     """decode with posttrain's lean step (Llama-architecture models on a CPU; unset: on)"""
+    continuous_batching: bool | None = None
+    """lean decoder, more rows than one micro-batch: a finished row's slot takes the next row
+    (unset: on)"""
     sample_dtype: Literal["model", "bfloat16"] | None = None
     """bfloat16: a bf16 copy of the policy samples; the policy rescores the samples and each
     token's advantage is weighted by min(pi / pi_bf16, sampler_weight_cap) (unset: model)"""

@@ -6,6 +6,13 @@ tokens)), left-padded so that generation starts at the same column for every row
 token by token with the model's KV cache. Sampling: greedy (temperature 0), temperature, top-k,
 top-p; stops at EOS (the tokenizer's and the model's) and at stop strings.
 
+With the lean decoder (`posttrain.decoder`, Llama models on a CPU) and more rows than one
+micro-batch holds, the rows decode as one continuous batch instead (`_stream_decode`,
+`continuous_batching`; not with tools): as many
+slots as the largest micro-batch (or batch_size), and a row that ends hands its slot to the next
+row at once (its prompt prefilled into the slot's cache), so that no step decodes for rows that
+have already finished. A row's tokens are the same either way.
+
 Seeded sampling (`generate(..., seeds=)`, one seed per prompt): row j of prompt i draws its random
 numbers from its own generator seeded with mix_seed(seeds[i], j), one uniform per token, and picks
 the token by inverting the cumulative distribution. Its tokens then do not depend on the other rows
@@ -62,14 +69,19 @@ class GenerationConfig:
     max_prompt_tokens: int = check(1024, ">= 1")
     """prompts longer than this keep their last tokens"""
     token_budget: int = check(32768, ">= 1")
-    """micro-batch size limit in tokens (rows x (prompt + max_new_tokens)); bounds memory"""
+    """micro-batch size limit in tokens (rows x (prompt + max_new_tokens)); bounds memory (the
+    continuous batch of the lean decoder: its slots x (longest prompt + max_new_tokens))"""
     max_batch_size: int = check(64, ">= 1")
-    """micro-batch size limit in rows: past this the KV cache copies of each step cost more
-    than batching saves on a CPU"""
+    """micro-batch size limit in rows (and slots of the lean decoder's continuous batch): past
+    this the KV cache copies of each step cost more than batching saves on a CPU"""
     lean_decoder: bool = True
     """decode Llama-architecture models on the CPU with posttrain's lean step
     (`posttrain.decoder`: fused products, a KV cache allocated once); false, or another model:
     the model's own forward"""
+    continuous_batching: bool = True
+    """with the lean decoder and more rows than one micro-batch: one continuous batch whose
+    finished rows hand their slot to the next row (no steps for rows already done); false:
+    micro-batch after micro-batch, each until its longest row ends. The same tokens either way"""
     sample_dtype: Literal["model", "bfloat16"] = "model"
     """precision of the weights that sample: "bfloat16" decodes with a bf16 copy of the policy
     (lean decoder only) while training keeps the model's weights; the trainers then rescore the
@@ -311,6 +323,141 @@ def _decode_loop(
     )
 
 
+def _prefill(
+    model: Any, rows: list[list[int]], groups: list[int], pad_id: int, device: Any
+) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad and prefill some prompts, each group (the n samples of a prompt) once ->
+    (the cache, its attention mask (G, K), the last position's logits (G, V) in fp32, each row's
+    index in the cache (B,))."""
+    uniq, inv = torch.unique(torch.tensor(groups), return_inverse=True)
+    first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(len(rows)))
+    ids, mask = _pad_left([rows[i] for i in first.tolist()], pad_id)
+    out, mask = prompt_pass(model, ids.to(device), mask.to(device))
+    return out.cache, mask, out.logits[:, -1].float(), inv.to(device)
+
+
+def _stream_decode(
+    model: Any,
+    lean: LeanDecoder,
+    row_ids: list[list[int]],
+    order: list[int],
+    slots: int,
+    cfg: GenerationConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    stopper: StopChecker,
+    row_seeds: list[int] | None,
+    groups: list[int],
+    on_done: Any = None,
+) -> dict[int, tuple]:
+    """Decode rows `order` (indices into row_ids) through `slots` rows of the lean decoder,
+    continuously: a row that ends frees its slot, and the next row in `order` is prefilled into
+    it at once, so every step carries a full batch until the rows run out (decoding micro-batch
+    after micro-batch instead runs each until its longest row ends, its finished rows idle).
+
+    A row's tokens do not depend on which slot or step it decodes in: with row_seeds it draws
+    its i-th token from the i-th uniform of its own generator, and its attention sees its own
+    prompt and tokens only (`LeanDecoder.place`). Returns {row: (ids (T,), mask (T,), logp (T,),
+    finish reason, tool mask (T,), calls)} as `generate` collects them."""
+    device = next(model.parameters()).device
+    sampled = cfg.temperature > 0
+    temp = cfg.temperature if sampled else 1.0
+    new = cfg.max_new_tokens
+    eos = set(eos_ids)
+    queue = list(reversed(order))  # pop() takes the next row
+    S = min(slots, len(order))
+    uniforms = {}
+    if sampled and row_seeds is not None:
+        u = row_uniforms([row_seeds[i] for i in order], new)  # (rows, new)
+        uniforms = {r: u[j] for j, r in enumerate(order)}
+    # the first S rows: one prefill, the cache taken over with room for the rows that follow
+    # (the longest prompt and its tokens, plus slack so that old columns are dropped rarely)
+    first_rows = [queue.pop() for _ in range(S)]
+    longest = max(len(row_ids[i]) for i in order)
+    cache, mask, logits, inv = _prefill(
+        model, [row_ids[i] for i in first_rows], [groups[i] for i in first_rows], pad_id, device
+    )
+    cache.batch_select_indices(inv)
+    mask, logits = mask[inv], logits[inv]  # (S, K), (S, V)
+    K = mask.shape[1]
+    lean.load(cache, mask, max(longest, K) - K + new + max(16, new // 4))
+    del cache
+    slot_row: list[int | None] = list(first_rows)
+    start = mask.long().argmax(1).tolist()  # each slot's first attended column
+    pos = position_ids_from_mask(mask)[:, -1:].clone()  # (S, 1) position of each slot's last token
+    toks: list[list[int]] = [[] for _ in range(S)]
+    lps: list[list[float]] = [[] for _ in range(S)]
+    results: dict[int, tuple] = {}
+    while any(r is not None for r in slot_row):
+        scaled = logits / temp if temp != 1.0 else logits
+        logp_all = torch.log_softmax(scaled, dim=-1)  # (S, V)
+        if not sampled:
+            nxt = scaled.argmax(-1)
+        else:
+            if cfg.top_k > 0 or cfg.top_p < 1.0:
+                probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+            else:
+                probs = logp_all.exp()
+            if uniforms:
+                u = torch.tensor([
+                    float(uniforms[r][len(toks[s])]) if r is not None else 0.5
+                    for s, r in enumerate(slot_row)
+                ], dtype=torch.float64)  # fmt: skip
+            else:
+                u = torch.rand(S, dtype=torch.float64)
+            nxt = inverse_cdf(probs, u.to(device))
+        tokens = nxt.tolist()
+        lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1).tolist()
+        for s, r in enumerate(slot_row):
+            if r is None:
+                continue
+            toks[s].append(tokens[s])
+            lps[s].append(lp[s])
+            reason = None
+            if tokens[s] in eos:
+                reason = "eos"
+            elif stopper.stops and stopper.hit(toks[s]):
+                reason = "stop"
+            elif len(toks[s]) == new:
+                reason = "length"
+            if reason is not None:
+                n = len(toks[s])
+                results[r] = (
+                    row_ids[r], torch.tensor(toks[s]), torch.ones(n), torch.tensor(lps[s]),
+                    reason, torch.zeros(n), [],
+                )  # fmt: skip
+                slot_row[s] = None
+                if on_done is not None:
+                    on_done()
+        free = [s for s, r in enumerate(slot_row) if r is None]
+        if len(free) == S and not queue:
+            break
+        if len(free) < S:  # the rows still going read their tokens
+            if lean.length == lean.capacity:
+                cut = min(start[s] for s, r in enumerate(slot_row) if r is not None)
+                lean.compact(cut)
+                start = [x - cut for x in start]
+            pos = pos + 1
+            nxt = torch.where(
+                torch.tensor([r is None for r in slot_row], device=device), pad_id, nxt
+            )
+            logits = lean.step(nxt, pos)
+        if free and queue:  # refill: the next rows' prompts into the free slots
+            rows = [queue.pop() for _ in range(min(len(free), len(queue)))]
+            cache, mask, new_logits, inv = _prefill(
+                model, [row_ids[i] for i in rows], [groups[i] for i in rows], pad_id, device
+            )
+            last = position_ids_from_mask(mask)[:, -1]  # (G,)
+            for s, r, g in zip(free, rows, inv.tolist()):
+                lean.place(s, cache, g, mask[g])
+                slot_row[s] = r
+                toks[s], lps[s] = [], []
+                start[s] = lean.length - int(mask[g].sum())
+                pos[s, 0] = last[g]
+                logits[s] = new_logits[g]
+    return results
+
+
 def _pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -406,8 +553,20 @@ def generate(
         lean = _lean_decoder(model, cfg, max(len(b) for b in batches))
         # the model's forward runs the prefill (and the decode steps without the lean decoder)
         kernels = cpu.packed_linears(model) if lean is None else contextlib.nullcontext()
+        # more rows than one micro-batch, lean decoder, no tools: one continuous batch
+        stream = cfg.continuous_batching and lean is not None and tools is None
+        stream = stream and len(batches) > 1
         with torch.no_grad(), kernels:
-            for batch in batches:
+            if stream:
+                width = max(len(r) for r in row_ids) + cfg.max_new_tokens
+                slots = batch_size or min(
+                    max(len(b) for b in batches), max(1, cfg.token_budget // width)
+                )
+                results = _stream_decode(
+                    model, lean, row_ids, [i for b in batches for i in b], slots, cfg, eos_ids,
+                    pad, stopper, row_seeds, rows, on_done=bar.update if bar is not None else None,
+                )  # fmt: skip
+            for batch in [] if stream else batches:
                 p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
                 dec = _decode_loop(
                     model,

@@ -213,3 +213,24 @@ def test_profile_decoder_runs(capsys, tiny_dir, monkeypatch):
     assert [r.split("|")[1:3] for r in rows[1:]] == [
         [" 2 ", " float32 "], [" 2 ", " bfloat16 "], [" 3 ", " float32 "], [" 3 ", " bfloat16 "]
     ]  # fmt: skip
+
+
+def test_generation_bench_rows(capsys, tiny_dir, monkeypatch):
+    """bench/generation.py on the tiny model: the sequential base once, then a row per batching
+    x batch size, each with the tokens it sampled and its tokens/s."""
+    spec = importlib.util.spec_from_file_location("generation_bench", BENCH / "generation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["generation.py", "--model", str(tiny_dir), "--threads", "1", "--prompts", "5",
+            "--new-tokens", "4", "--batches", "1,2", "--batching", "continuous,micro",
+            "--tool-rows", "false", "--no-limits"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in r.split("|")[1:-1]] for r in rows[1:]]
+    assert [c[:3] for c in cells] == [
+        ["sequential", "float32", "1"],
+        ["batched, continuous", "float32", "2"],
+        ["batched, micro", "float32", "2"],
+    ]
+    assert all(int(c[3]) > 0 and float(c[5]) > 0 for c in cells)  # tokens, tokens/s

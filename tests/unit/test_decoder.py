@@ -3,6 +3,8 @@ with their importance correction (`online.score_rollout`, `online.sampler_weight
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import build_model
@@ -214,15 +216,17 @@ def test_autocast_samples_through_the_model_forward(tiny):
 
 def test_training_commands_take_the_sampler_keys(tiny_dir, tmp_path):
     """grpo's [gen] section takes sample_dtype and sampler_weight_cap (resolved onto the task's
-    generation settings) and lean_decoder; a bad value names the key."""
+    generation settings), lean_decoder and continuous_batching; a bad value names the key."""
     from posttrain.algos.grpo import Config
     from posttrain.config import ConfigError, load_config
     from posttrain.online import GenOverrides, resolve_generation
 
     cfg = load_config(Config, None, [f"--model={tiny_dir}", "--gen.sample_dtype=bfloat16",
-                                     "--gen.sampler_weight_cap=3", "--gen.lean_decoder=false"])  # fmt: skip
+                                     "--gen.sampler_weight_cap=3", "--gen.lean_decoder=false",
+                                     "--gen.continuous_batching=false"])  # fmt: skip
     gen = resolve_generation(GenerationConfig(), cfg.gen, n=2)
     assert (gen.sample_dtype, gen.sampler_weight_cap, gen.lean_decoder) == ("bfloat16", 3.0, False)
+    assert not gen.continuous_batching
     assert resolve_generation(GenerationConfig(), GenOverrides(), n=1).sample_dtype == "model"
     with pytest.raises(ConfigError, match="gen.sample_dtype"):
         load_config(Config, None, [f"--model={tiny_dir}", "--gen.sample_dtype=float16"])
@@ -235,3 +239,105 @@ def test_sharded_or_odd_weights_use_the_model_forward():
     layer = model.model.layers[1].mlp.down_proj
     layer.weight = torch.nn.Parameter(layer.weight.detach().flatten()[:100])
     assert LeanDecoder.build(model) is None
+
+
+STREAM_PROMPTS = [
+    "hi", "The movie", "How many grams are in a pound", "Paris",
+    "Convert 3 feet to inches. It is a long prompt with many words in it, longer than the rest",
+    "a", "The quick brown fox jumps over", "ok", "What is", "Tell me a story about a cat", "x",
+    "Seven",
+]  # fmt: skip
+
+
+def _count_calls(monkeypatch, name: str) -> list[int]:
+    calls = [0]
+    orig = getattr(LeanDecoder, name)
+
+    def counted(self, *a, **k):
+        calls[0] += 1
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(LeanDecoder, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_equals_micro_batches(tiny, monkeypatch, temperature):
+    """More rows than slots: the lean decoder refills a finished row's slot with the next row
+    (`rollout._stream_decode`). Short prompts first and long ones later (a prompt longer than the
+    filled columns), more steps than the cache has columns (old columns dropped): the same
+    tokens, log-probs and finish reasons as micro-batches through the model's forward."""
+    model, tok = tiny
+    compactions = _count_calls(monkeypatch, "compact")
+    kw = dict(max_new_tokens=12, temperature=temperature)
+    seeds = list(range(len(STREAM_PROMPTS)))
+    stream = generate(model, tok, STREAM_PROMPTS, GenerationConfig(**kw), seeds=seeds, batch_size=2)
+    plain = generate(model, tok, STREAM_PROMPTS, GenerationConfig(**kw, lean_decoder=False),
+                     seeds=seeds, batch_size=2)  # fmt: skip
+    assert compactions[0] >= 1
+    assert torch.equal(stream.completion_ids, plain.completion_ids)
+    assert torch.equal(stream.completion_mask, plain.completion_mask)
+    assert stream.finish_reasons == plain.finish_reasons
+    assert stream.completions == plain.completions
+    torch.testing.assert_close(stream.logp, plain.logp, atol=1e-5, rtol=1e-4)
+
+
+def test_continuous_batching_keeps_every_step_full(tiny, monkeypatch):
+    """Rows that end early (a stop string) hand their slot on: fewer decode steps than
+    micro-batches that each run until their longest row ends, and the same rows."""
+    model, tok = tiny
+    steps = _count_calls(monkeypatch, "step")
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, stop=["e"], n=2)
+    seeds = list(range(len(STREAM_PROMPTS)))
+    stream = generate(model, tok, STREAM_PROMPTS, cfg, seeds=seeds, batch_size=3)
+    plain = generate(model, tok, STREAM_PROMPTS, dataclasses.replace(cfg, lean_decoder=False),
+                     seeds=seeds, batch_size=3)  # fmt: skip
+    assert stream.completions == plain.completions and stream.finish_reasons == plain.finish_reasons
+    lengths = plain.completion_mask.sum(1).long().tolist()
+    assert len(set(lengths)) > 2 and "stop" in plain.finish_reasons  # rows end at many lengths
+    # micro-batches of 3 rows: each decodes (its longest row - 1) steps after the prefill
+    micro = sum(max(lengths[i : i + 3]) - 1 for i in range(0, len(lengths), 3))
+    assert steps[0] < micro
+    assert steps[0] >= (sum(lengths) - len(lengths)) / 3  # at most 3 rows a step
+
+
+def test_place_and_compact_keep_the_logits():
+    """Columns no row needs are dropped (`compact`) and a new row is placed into a finished row's
+    slot (`place`) mid-rollout: the new row and the row that carries on both get the logits the
+    model's forward gives their own sequences."""
+    model = _llama(64)
+    dec = LeanDecoder.build(model)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # row 1's prompt starts at column 2
+    seq1 = ids[1:, 2:]
+    with torch.no_grad():
+        out, cache_mask = prompt_pass(model, ids, mask)
+        dec.load(out.cache, cache_mask, 8)
+        for buf in (*dec.keys, *dec.values):
+            buf[:, :, 6:] = float("nan")
+        pos = position_ids_from_mask(cache_mask)[:, -1:]
+        tok = out.logits[:, -1].argmax(-1)
+        for _ in range(3):  # 6 + 3 columns filled
+            seq1 = torch.cat([seq1, tok[1:, None]], 1)
+            pos = pos + 1
+            tok = dec.step(tok, pos).argmax(-1)
+        dec.compact(2)  # row 0 ends; nobody needs columns 0 and 1
+        assert dec.length == 7
+        for buf in (*dec.keys, *dec.values):  # past the filled columns: garbage, here NaN
+            buf[:, :, 7:] = float("nan")
+        new = torch.randint(0, 64, (1, 9))  # longer than the 7 filled columns
+        pre, pre_mask = prompt_pass(model, new, torch.ones_like(new))
+        dec.place(0, pre.cache, 0, pre_mask[0])  # the new row in slot 0, columns 0..8
+        assert dec.length == 9  # columns 7 and 8 skipped (masked) for row 1
+        tok = torch.stack([pre.logits[0, -1].argmax(), tok[1]])
+        pos[0, 0] = 8
+        for _ in range(3):
+            new = torch.cat([new, tok[:1, None]], 1)
+            seq1 = torch.cat([seq1, tok[1:, None]], 1)
+            pos = pos + 1
+            logits = dec.step(tok, pos)
+            torch.testing.assert_close(logits[0], model(input_ids=new).logits[0, -1], atol=1e-5, rtol=1e-5)  # fmt: skip
+            torch.testing.assert_close(logits[1], model(input_ids=seq1).logits[0, -1], atol=1e-5, rtol=1e-5)  # fmt: skip
+            tok = logits.argmax(-1)
