@@ -366,6 +366,7 @@ def _stream_decode(
     eos = set(eos_ids)
     queue = list(reversed(order))  # pop() takes the next row
     S = min(slots, len(order))
+    refill_at = max(1, S // 4)  # free slots that trigger a refill
     uniforms = {}
     if sampled and row_seeds is not None:
         u = row_uniforms([row_seeds[i] for i in order], new)  # (rows, new)
@@ -442,7 +443,10 @@ def _stream_decode(
                 torch.tensor([r is None for r in slot_row], device=device), pad_id, nxt
             )
             logits = lean.step(nxt, pos)
-        if free and queue:  # refill: the next rows' prompts into the free slots
+        # refill the free slots with the next rows, a quarter of the slots at a time: one
+        # prefill per freed slot would read every weight once per row (a one-row prefill costs
+        # more than a decode step), and rows that end together stay together
+        if free and queue and len(free) >= min(refill_at, len(queue)):
             rows = [queue.pop() for _ in range(min(len(free), len(queue)))]
             cache, mask, new_logits, inv = _prefill(
                 model, [row_ids[i] for i in rows], [groups[i] for i in rows], pad_id, device
