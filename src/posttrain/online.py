@@ -75,7 +75,7 @@ class GenOverrides:
     lean_decoder: bool | None = None
     """decode with posttrain's lean step (Llama-architecture models on a CPU; unset: on)"""
     continuous_batching: bool | None = None
-    """lean decoder, more rows than one micro-batch: a finished row's slot takes the next row
+    """lean decoder, more rows than one micro-batch: finished rows' slots take the next rows
     (unset: on)"""
     sample_dtype: Literal["model", "bfloat16"] | None = None
     """bfloat16: a bf16 copy of the policy samples; the policy rescores the samples and each

@@ -8,10 +8,12 @@ top-p; stops at EOS (the tokenizer's and the model's) and at stop strings.
 
 With the lean decoder (`posttrain.decoder`, Llama models on a CPU) and more rows than one
 micro-batch holds, the rows decode as one continuous batch instead (`_stream_decode`,
-`continuous_batching`; not with tools): as many
-slots as the largest micro-batch (or batch_size), and a row that ends hands its slot to the next
-row at once (its prompt prefilled into the slot's cache), so that no step decodes for rows that
-have already finished. A row's tokens are the same either way.
+`continuous_batching`; not with tools): as many slots as the largest micro-batch (or
+batch_size), and once a quarter of the slots are free, the next rows' prompts are prefilled into
+them, so that few steps decode for rows that have already finished. A row's tokens are the same
+either way. It pays where completions end at very different lengths (1.2x at 256 new tokens
+in bench/generation.py) and costs a little where most rows run to max_new_tokens (0.95x at 64:
+a refill's prefill reads every weight for a few rows), see docs/benchmarks.md.
 
 Seeded sampling (`generate(..., seeds=)`, one seed per prompt): row j of prompt i draws its random
 numbers from its own generator seeded with mix_seed(seeds[i], j), one uniform per token, and picks
@@ -80,7 +82,7 @@ class GenerationConfig:
     the model's own forward"""
     continuous_batching: bool = True
     """with the lean decoder and more rows than one micro-batch: one continuous batch whose
-    finished rows hand their slot to the next row (no steps for rows already done); false:
+    finished rows hand their slots to the next rows, a quarter of the slots at a time; false:
     micro-batch after micro-batch, each until its longest row ends. The same tokens either way"""
     sample_dtype: Literal["model", "bfloat16"] = "model"
     """precision of the weights that sample: "bfloat16" decodes with a bf16 copy of the policy
@@ -351,9 +353,10 @@ def _stream_decode(
     on_done: Any = None,
 ) -> dict[int, tuple]:
     """Decode rows `order` (indices into row_ids) through `slots` rows of the lean decoder,
-    continuously: a row that ends frees its slot, and the next row in `order` is prefilled into
-    it at once, so every step carries a full batch until the rows run out (decoding micro-batch
-    after micro-batch instead runs each until its longest row ends, its finished rows idle).
+    continuously: a row that ends frees its slot, and once a quarter of the slots are free the
+    next rows in `order` are prefilled into them, so steps carry nearly full batches until the
+    rows run out (decoding micro-batch after micro-batch instead runs each until its longest row
+    ends, its finished rows idle).
 
     A row's tokens do not depend on which slot or step it decodes in: with row_seeds it draws
     its i-th token from the i-th uniform of its own generator, and its attention sees its own
