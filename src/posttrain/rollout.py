@@ -228,22 +228,9 @@ def _decode_loop(
     if sampled and row_seeds is not None:
         uniforms = row_uniforms(row_seeds, cfg.max_new_tokens).to(device)  # (B, max_new_tokens)
     eos = torch.tensor(eos_ids, device=device)
-    temp = cfg.temperature if cfg.temperature > 0 else 1.0
-    # pre-fill each distinct prompt once (n samples of a prompt share it), and a start common to
-    # all prompts (a system prompt) once for all of them: first row of each group
-    uniq, inv = torch.unique(torch.tensor(groups or list(range(B))), return_inverse=True)
-    first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(B))
-    if len(uniq) == B:  # nothing shared: every row in its own order
-        first = torch.arange(B)
-    first = first.to(device)
-    out, attention_mask = prompt_pass(model, input_ids[first], attention_mask[first])
-    past = out.cache
-    logits = out.logits[:, -1].float()  # (G, V)
-    if len(uniq) < B:  # repeat each prompt's cache, mask and logits for its rows
-        inv = inv.to(device)
-        past.batch_select_indices(inv)
-        logits = logits[inv]  # (B, V)
-        attention_mask = attention_mask[inv]
+    past, attention_mask, logits, _ = _prefill(
+        model, input_ids, attention_mask, groups or list(range(B)), expand=True
+    )
     pos = position_ids_from_mask(attention_mask)[:, -1:]
     if lean is not None:
         lean.load(past, attention_mask, cfg.max_new_tokens)
@@ -256,19 +243,8 @@ def _decode_loop(
     history: list[list[int]] = [[] for _ in range(B)]
     keep_history = bool(stopper.stops) or tools is not None
     for step in range(cfg.max_new_tokens):
-        scaled = logits / temp if temp != 1.0 else logits
-        logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
-        if not sampled:
-            nxt = scaled.argmax(-1)
-        else:
-            if cfg.top_k > 0 or cfg.top_p < 1.0:
-                probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
-            else:  # no truncation: the sampling distribution is exp(logp_all)
-                probs = logp_all.exp()
-            # without seeds, torch's global RNG draws the uniforms (torch.multinomial took
-            # about 1 ms a row per step over a 49k vocabulary on a CPU)
-            u = uniforms[:, step] if uniforms is not None else torch.rand(B, dtype=torch.float64)
-            nxt = inverse_cdf(probs, u.to(device))
+        u = uniforms[:, step] if uniforms is not None else None
+        nxt, logp_all = _draw(logits, cfg, u)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         is_tool = torch.zeros(B, dtype=torch.bool, device=device)
         fed: list[int] = []  # rows that read a tool result's token this step
@@ -326,16 +302,51 @@ def _decode_loop(
 
 
 def _prefill(
-    model: Any, rows: list[list[int]], groups: list[int], pad_id: int, device: Any
-) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad and prefill some prompts, each group (the n samples of a prompt) once ->
-    (the cache, its attention mask (G, K), the last position's logits (G, V) in fp32, each row's
-    index in the cache (B,))."""
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, groups: list[int], *, expand: bool
+) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
+    """Prefill left-padded prompts ids, mask (B, P), each distinct prompt (the n samples of a
+    prompt are one group) once, and a start common to all of them (a system prompt) once
+    (`prompt_pass`) -> (the cache, its attention mask (G, K), the last position's logits (G, V)
+    in fp32, the index of each row's prompt in them (B,)). expand: the cache, mask and logits
+    repeated to the B rows (the index is then 0..B-1)."""
+    B = len(groups)
     uniq, inv = torch.unique(torch.tensor(groups), return_inverse=True)
-    first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(len(rows)))
-    ids, mask = _pad_left([rows[i] for i in first.tolist()], pad_id)
-    out, mask = prompt_pass(model, ids.to(device), mask.to(device))
-    return out.cache, mask, out.logits[:, -1].float(), inv.to(device)
+    if len(uniq) == B:  # nothing shared: every row in its own order
+        first, inv = torch.arange(B), torch.arange(B)
+    else:  # the first row of each group
+        first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(B))
+    device = ids.device
+    out, mask = prompt_pass(model, ids[first.to(device)], mask[first.to(device)])
+    cache, logits = out.cache, out.logits[:, -1].float()
+    if expand and len(uniq) < B:
+        inv = inv.to(device)
+        cache.batch_select_indices(inv)
+        logits, mask = logits[inv], mask[inv]  # (B, V), (B, K)
+        inv = torch.arange(B)
+    return cache, mask, logits, inv.tolist()
+
+
+def _draw(
+    logits: torch.Tensor, cfg: GenerationConfig, u: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row from its logits (B, V) -> (tokens (B,), log_softmax of the
+    logits at the sampling temperature (B, V): greedy at temperature 0 (temperature 1 for the
+    log-probs), otherwise the inverse-CDF draw of the top-k/top-p distribution with uniforms u
+    (B,) (None: torch's global RNG draws them)."""
+    sampled = cfg.temperature > 0
+    temp = cfg.temperature if sampled else 1.0
+    scaled = logits / temp if temp != 1.0 else logits
+    logp_all = torch.log_softmax(scaled, dim=-1)  # (B, V)
+    if not sampled:
+        return scaled.argmax(-1), logp_all
+    if cfg.top_k > 0 or cfg.top_p < 1.0:
+        probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
+    else:  # no truncation: the sampling distribution is exp(logp_all)
+        probs = logp_all.exp()
+    # torch.multinomial took about 1 ms a row per step over a 49k vocabulary on a CPU
+    if u is None:
+        u = torch.rand(logits.shape[0], dtype=torch.float64)
+    return inverse_cdf(probs, u.to(logits.device)), logp_all
 
 
 def _stream_decode(
@@ -363,26 +374,23 @@ def _stream_decode(
     prompt and tokens only (`LeanDecoder.place`). Returns {row: (ids (T,), mask (T,), logp (T,),
     finish reason, tool mask (T,), calls)} as `generate` collects them."""
     device = next(model.parameters()).device
-    sampled = cfg.temperature > 0
-    temp = cfg.temperature if sampled else 1.0
     new = cfg.max_new_tokens
     eos = set(eos_ids)
     queue = list(reversed(order))  # pop() takes the next row
     S = min(slots, len(order))
     refill_at = max(1, S // 4)  # free slots that trigger a refill
     uniforms = {}
-    if sampled and row_seeds is not None:
+    if cfg.temperature > 0 and row_seeds is not None:
         u = row_uniforms([row_seeds[i] for i in order], new)  # (rows, new)
         uniforms = {r: u[j] for j, r in enumerate(order)}
     # the first S rows: one prefill, the cache taken over with room for the rows that follow
     # (the longest prompt and its tokens, plus slack so that old columns are dropped rarely)
     first_rows = [queue.pop() for _ in range(S)]
     longest = max(len(row_ids[i]) for i in order)
-    cache, mask, logits, inv = _prefill(
-        model, [row_ids[i] for i in first_rows], [groups[i] for i in first_rows], pad_id, device
-    )
-    cache.batch_select_indices(inv)
-    mask, logits = mask[inv], logits[inv]  # (S, K), (S, V)
+    ids, mask = _pad_left([row_ids[i] for i in first_rows], pad_id)
+    cache, mask, logits, _ = _prefill(
+        model, ids.to(device), mask.to(device), [groups[i] for i in first_rows], expand=True
+    )  # (S, K), (S, V)
     K = mask.shape[1]
     lean.load(cache, mask, max(longest, K) - K + new + max(16, new // 4))
     del cache
@@ -393,23 +401,13 @@ def _stream_decode(
     lps: list[list[float]] = [[] for _ in range(S)]
     results: dict[int, tuple] = {}
     while any(r is not None for r in slot_row):
-        scaled = logits / temp if temp != 1.0 else logits
-        logp_all = torch.log_softmax(scaled, dim=-1)  # (S, V)
-        if not sampled:
-            nxt = scaled.argmax(-1)
-        else:
-            if cfg.top_k > 0 or cfg.top_p < 1.0:
-                probs = torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p), dim=-1)
-            else:
-                probs = logp_all.exp()
-            if uniforms:
-                u = torch.tensor([
-                    float(uniforms[r][len(toks[s])]) if r is not None else 0.5
-                    for s, r in enumerate(slot_row)
-                ], dtype=torch.float64)  # fmt: skip
-            else:
-                u = torch.rand(S, dtype=torch.float64)
-            nxt = inverse_cdf(probs, u.to(device))
+        u = None
+        if uniforms:  # each row's next uniform (idle slots draw anything)
+            u = torch.tensor([
+                float(uniforms[r][len(toks[s])]) if r is not None else 0.5
+                for s, r in enumerate(slot_row)
+            ], dtype=torch.float64)  # fmt: skip
+        nxt, logp_all = _draw(logits, cfg, u)
         tokens = nxt.tolist()
         lp = logp_all.gather(-1, nxt[:, None]).squeeze(-1).tolist()
         for s, r in enumerate(slot_row):
@@ -451,11 +449,12 @@ def _stream_decode(
         # more than a decode step), and rows that end together stay together
         if free and queue and len(free) >= min(refill_at, len(queue)):
             rows = [queue.pop() for _ in range(min(len(free), len(queue)))]
-            cache, mask, new_logits, inv = _prefill(
-                model, [row_ids[i] for i in rows], [groups[i] for i in rows], pad_id, device
+            ids, mask = _pad_left([row_ids[i] for i in rows], pad_id)
+            cache, mask, new_logits, index = _prefill(
+                model, ids.to(device), mask.to(device), [groups[i] for i in rows], expand=False
             )
             last = position_ids_from_mask(mask)[:, -1]  # (G,)
-            for s, r, g in zip(free, rows, inv.tolist()):
+            for s, r, g in zip(free, rows, index):
                 lean.place(s, cache, g, mask[g])
                 slot_row[s] = r
                 toks[s], lps[s] = [], []

@@ -412,7 +412,7 @@ def test_critic_first_gives_the_one_backward_gradients(tiny_dir, reduction):
     loss.backward()
     one = grads()
     values = ac.critic_values(mb.input_ids, mb.attention_mask, mb.T)
-    outputs = _critic_first(acc, ac, roll, values, returns, mask, cfg, 0.7, 6)
+    outputs = _critic_first(acc, ac, mb, values, returns, mask, cfg, 0.7, 6)
     assert ac.critic.model.norm.weight.grad is not None  # the value loss went back already
     assert ac.policy.model.norm.weight.grad is None
     loss, m2 = minibatch_loss(ac, mb, cfg, 0.7, outputs, normaliser=6)

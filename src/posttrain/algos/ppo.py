@@ -367,7 +367,7 @@ def main(cfg: Config) -> int:
         if cfg.whiten_advantages:  # over every process's tokens, as on one process
             adv = whiten_over_processes(acc, adv, mask)
         if critic_first:
-            outputs = _critic_first(acc, ac, roll, values, returns, mask, cfg, o.gen.temperature, normaliser)  # fmt: skip
+            outputs = _critic_first(acc, ac, whole, values, returns, mask, cfg, o.gen.temperature, normaliser)  # fmt: skip
         if on_policy:
             s.entropy = torch.zeros_like(roll.completion_mask)
             s.entropy[:, : whole.T] = entropy_from_logits(outputs[0].detach()) * whole.mask
@@ -412,22 +412,20 @@ def main(cfg: Config) -> int:
 
 
 def _critic_first(
-    acc: Any, ac: Any, roll: Any, values: torch.Tensor, returns: torch.Tensor,
+    acc: Any, ac: Any, whole: MicroBatch, values: torch.Tensor, returns: torch.Tensor,
     mask: torch.Tensor, cfg: Config, temperature: float, normaliser: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One-update PPO with a separate critic, in two backwards: the value loss of `values` (the
-    critic's forward over all rows, with grad) times vf_coef now, which frees the critic's graph,
-    then the policy's forward. Returns (logits, values detached) for `minibatch_loss`, whose value
-    term then carries no gradient: the sum of the two backwards is the one backward of
-    policy_loss + vf_coef * value_loss (the two models share no parameter), the logged losses
-    are the same."""
-    whole = take(roll, torch.arange(len(roll)), returns=returns, loss_mask=mask)
+    critic's forward over all rows of `whole`, with grad) times vf_coef now, which frees the
+    critic's graph, then the policy's forward. returns and mask (B, T) over the rollout's width.
+    Returns (logits, values detached) for `minibatch_loss`, whose value term then carries no
+    gradient: the sum of the two backwards is the one backward of policy_loss + vf_coef *
+    value_loss (the two models share no parameter), the logged losses are the same."""
+    returns, mask = returns[:, : whole.T], mask[:, : whole.T]  # as `take` cuts them
     red = {"reduction": cfg.loss_reduction, "normaliser": normaliser}
-    vf, _ = value_loss(values, values.detach(), whole.returns, whole.loss_mask, clip_range_value=cfg.clip_range_value, **red)  # fmt: skip
-    w = accumulation_weight(
-        whole.loss_mask, cfg.loss_reduction, step_rows=len(roll),
-        step_tokens=step_tokens(acc, whole.loss_mask),
-    )  # fmt: skip
+    vf, _ = value_loss(values, values.detach(), returns, mask, clip_range_value=cfg.clip_range_value, **red)  # fmt: skip
+    rows = mask.shape[0]
+    w = accumulation_weight(mask, cfg.loss_reduction, step_rows=rows, step_tokens=step_tokens(acc, mask))  # fmt: skip
     acc.backward(cfg.vf_coef * vf * w)
     model = acc.unwrap_model(ac)
     logits = model.policy_logits(whole.input_ids, whole.attention_mask, whole.T, temperature)
