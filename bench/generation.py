@@ -19,7 +19,8 @@ the loop (finding calls, running them, tokenizing results). Skip it with --tool-
 Limits (bench/limits.py; skip with --no-limits): first the matmul peaks and the memory read
 bandwidth are measured at --threads threads (a few seconds), then each batch row shows the most
 tokens/s the machine allows for the same work and the row's "% of limit". The limit's time is the
-prompts' prefill at the matmul peak plus (completion tokens / batch) decode steps, each at the
+prompts' prefill at the matmul peak (a start common to all prompts counted once, each distinct
+prompt's other tokens once: `prefill_tokens`) plus (completion tokens / batch) decode steps, each at the
 roofline max(bytes / bandwidth, FLOPs / peak) for `batch` rows whose cache holds the row's mean
 prompt length + half its mean completion length (real tokens, padding not counted; every step
 assumed to carry a full batch). "bound" says which side of the roofline the decode step is on.
@@ -187,11 +188,27 @@ def main() -> None:
         )
 
 
+def prefill_tokens(roll) -> int:
+    """Prompt tokens a prefill of the rollout's prompts must run at the least: a start common to
+    all of them (the chat template's system prompt) once, and each distinct prompt's other tokens
+    once (its n samples share them). Counting every row's whole prompt would credit the sampler
+    with work it skips."""
+    from posttrain.forwards import common_prefix
+
+    first: dict[int, int] = {}  # prompt -> its first row
+    for row, prompt in enumerate(roll.prompt_index.tolist()):
+        first.setdefault(prompt, row)
+    rows = list(first.values())
+    ids, mask = roll.prompt_ids[rows], roll.prompt_mask[rows]  # one row per distinct prompt
+    c = common_prefix(ids, mask) if len(rows) > 1 else 0
+    return c + int((mask.sum(1) - c).sum())
+
+
 def row_limit(peaks: Peaks, counts: ModelCounts, roll, batch: int, dtype: str) -> tuple[float, str]:
     """(tokens/s limit, "memory" or "compute") for one row: its sampled tokens over the fewest
-    seconds its prefill and decode steps can take (see the module docstring)."""
+    seconds its prefill (`prefill_tokens`) and decode steps can take (see the module docstring)."""
     n = len(roll)
-    prompt_tokens = int(roll.prompt_mask.sum())
+    prompt_tokens = prefill_tokens(roll)
     new_tokens = int(roll.completion_mask.sum())
     seconds, bound = rollout_seconds(
         peaks, counts, prompt_tokens=prompt_tokens,

@@ -7,6 +7,7 @@ Shapes: B rows, P prompt tokens (left-padded), T completion tokens, V vocabulary
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -82,34 +83,82 @@ def common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
     return n if bool(same.all()) else int(same.long().argmin())
 
 
+class SharedStart:
+    """A start common to the prompts (the chat template's system prompt) and its KV cache, kept
+    from one `prompt_pass` for the later ones of the same call (`rollout.generate`: micro-batches
+    and continuous-batching refills), which then skip its forward. Valid while the weights stay
+    the same: one per generate call."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None  # (c,) the kept start's tokens
+        self.cache: Any = None  # the model's cache of those c positions, one row
+
+    def keep(self, ids: torch.Tensor, cache: Any) -> None:
+        """Keep ids (c,) and a copy of their one-row cache (the caller goes on changing its own)."""
+        self.ids, self.cache = ids.clone(), copy.deepcopy(cache)
+
+    def match(self, ids: torch.Tensor, mask: torch.Tensor) -> int:
+        """How many of the kept tokens every row of ids, mask (G, P) (left-padded) starts with,
+        at most each row's length - 1 (a row keeps a token of its own)."""
+        if self.ids is None:
+            return 0
+        P = ids.shape[1]
+        lengths = mask.sum(1)  # (G,)
+        n = min(len(self.ids), int(lengths.min()) - 1)
+        if n <= 0:
+            return 0
+        cols = (P - lengths)[:, None] + torch.arange(n, device=ids.device)[None]  # (G, n)
+        same = (ids.gather(1, cols) == self.ids[:n].to(ids.device)[None]).all(0)  # (n,)
+        return n if bool(same.all()) else int(same.long().argmin())
+
+    def take(self, c: int, G: int) -> Any:
+        """A new cache of the kept start's first c positions, repeated to G rows."""
+        cache = copy.deepcopy(self.cache)
+        if c < len(self.ids):
+            cache.crop(c - len(self.ids))  # crop takes the number of positions to drop, negated
+        cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=self.ids.device))
+        return cache
+
+
 def prompt_pass(
     model: torch.nn.Module,
     ids: torch.Tensor,
     mask: torch.Tensor,
     hidden_states: bool = False,
+    start: SharedStart | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """The prompts (G, P), left-padded, through the model with the cache on -> (output at the
     last position, the attention mask (G, K) of the K cached positions).
 
     When the prompts start with the same c >= MIN_SHARED_PREFIX tokens (a shared system prompt),
     that start runs once and its cache is repeated to the G rows; each row's remaining S tokens
-    follow, left-padded, at positions c, c + 1, ... (the cache then holds c + S positions)."""
+    follow, left-padded, at positions c, c + 1, ... (the cache then holds c + S positions).
+    With `start` (no gradients), a start kept by an earlier call is reused without a forward
+    when the rows begin with at least MIN_SHARED_PREFIX of its tokens, and the first start run
+    here is kept for the calls after."""
     G, P = ids.shape
-    c = common_prefix(ids, mask) if G > 1 else 0
-    if c < MIN_SHARED_PREFIX:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    logits_to_keep=1, output_hidden_states=hidden_states, use_cache=True)  # fmt: skip
-        return out, mask
     lengths = mask.sum(1)
-    start = P - int(lengths[0])
-    pre = model(
-        input_ids=ids[:1, start : start + c],
-        position_ids=torch.arange(c, device=ids.device)[None],
-        logits_to_keep=1,
-        use_cache=True,
-    )
-    cache = pre.cache
-    cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=ids.device))
+    c, cache = 0, None
+    if start is not None:
+        c = start.match(ids, mask)
+        cache = start.take(c, G) if c >= MIN_SHARED_PREFIX else None
+    if cache is None:
+        c = common_prefix(ids, mask) if G > 1 else 0
+        if c < MIN_SHARED_PREFIX:
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        logits_to_keep=1, output_hidden_states=hidden_states, use_cache=True)  # fmt: skip
+            return out, mask
+        first = P - int(lengths[0])
+        pre = model(
+            input_ids=ids[:1, first : first + c],
+            position_ids=torch.arange(c, device=ids.device)[None],
+            logits_to_keep=1,
+            use_cache=True,
+        )
+        cache = pre.cache
+        if start is not None and start.ids is None:
+            start.keep(ids[0, first : first + c], cache)
+        cache.batch_select_indices(torch.zeros(G, dtype=torch.long, device=ids.device))
     S = int((lengths - c).max())
     own = (
         torch.arange(S, device=ids.device)[None] >= (S - (lengths - c))[:, None]

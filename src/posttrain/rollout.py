@@ -42,7 +42,7 @@ import torch
 from posttrain import cpu
 from posttrain.config import check
 from posttrain.decoder import SUPPORTED, LeanDecoder
-from posttrain.forwards import prompt_pass
+from posttrain.forwards import SharedStart, prompt_pass
 from posttrain.ops import position_ids_from_mask
 from posttrain.sampling import StopChecker, filter_logits, inverse_cdf, mix_seed, row_uniforms
 from posttrain.tools import Toolbox, ToolCall, ToolRunner
@@ -214,13 +214,15 @@ def _decode_loop(
     groups: list[int] | None = None,
     tools: ToolRunner | None = None,
     lean: LeanDecoder | None = None,
+    shared: SharedStart | None = None,
 ) -> _Decoded:
     """Decode up to max_new_tokens for a left-padded batch (no grad).
     With row_seeds (B,), row b samples from its own generator (`sampling.row_uniforms`). With groups (B,),
     rows of one group hold the same prompt: it is pre-filled once and its KV cache repeated.
     With tools, a row that closes a call reads the result's tokens, one per step, in place of
     sampling (no log-prob, marked in tool_mask); the other rows go on sampling meanwhile, so a
-    row's tokens do not depend on the others'."""
+    row's tokens do not depend on the others'. shared: a system prompt's cache kept across the
+    call's prefills (`forwards.SharedStart`)."""
     B = input_ids.shape[0]
     device = input_ids.device
     sampled = cfg.temperature > 0
@@ -229,7 +231,7 @@ def _decode_loop(
         uniforms = row_uniforms(row_seeds, cfg.max_new_tokens).to(device)  # (B, max_new_tokens)
     eos = torch.tensor(eos_ids, device=device)
     past, attention_mask, logits, _ = _prefill(
-        model, input_ids, attention_mask, groups or list(range(B)), expand=True
+        model, input_ids, attention_mask, groups or list(range(B)), expand=True, shared=shared
     )
     pos = position_ids_from_mask(attention_mask)[:, -1:]
     if lean is not None:
@@ -302,11 +304,17 @@ def _decode_loop(
 
 
 def _prefill(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, groups: list[int], *, expand: bool
+    model: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    groups: list[int],
+    *,
+    expand: bool,
+    shared: SharedStart | None = None,
 ) -> tuple[Any, torch.Tensor, torch.Tensor, list[int]]:
     """Prefill left-padded prompts ids, mask (B, P), each distinct prompt (the n samples of a
     prompt are one group) once, and a start common to all of them (a system prompt) once
-    (`prompt_pass`) -> (the cache, its attention mask (G, K), the last position's logits (G, V)
+    (`prompt_pass`; with `shared`, once per generate call) -> (the cache, its attention mask (G, K), the last position's logits (G, V)
     in fp32, the index of each row's prompt in them (B,)). expand: the cache, mask and logits
     repeated to the B rows (the index is then 0..B-1)."""
     B = len(groups)
@@ -316,7 +324,7 @@ def _prefill(
     else:  # the first row of each group
         first = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inv, torch.arange(B))
     device = ids.device
-    out, mask = prompt_pass(model, ids[first.to(device)], mask[first.to(device)])
+    out, mask = prompt_pass(model, ids[first.to(device)], mask[first.to(device)], start=shared)
     cache, logits = out.cache, out.logits[:, -1].float()
     if expand and len(uniq) < B:
         inv = inv.to(device)
@@ -362,6 +370,7 @@ def _stream_decode(
     row_seeds: list[int] | None,
     groups: list[int],
     on_done: Any = None,
+    shared: SharedStart | None = None,
 ) -> dict[int, tuple]:
     """Decode rows `order` (indices into row_ids) through `slots` rows of the lean decoder,
     continuously: a row that ends frees its slot, and once a quarter of the slots are free the
@@ -388,8 +397,9 @@ def _stream_decode(
     first_rows = [queue.pop() for _ in range(S)]
     longest = max(len(row_ids[i]) for i in order)
     ids, mask = _pad_left([row_ids[i] for i in first_rows], pad_id)
+    first_groups = [groups[i] for i in first_rows]
     cache, mask, logits, _ = _prefill(
-        model, ids.to(device), mask.to(device), [groups[i] for i in first_rows], expand=True
+        model, ids.to(device), mask.to(device), first_groups, expand=True, shared=shared
     )  # (S, K), (S, V)
     K = mask.shape[1]
     lean.load(cache, mask, max(longest, K) - K + new + max(16, new // 4))
@@ -450,8 +460,9 @@ def _stream_decode(
         if free and queue and len(free) >= min(refill_at, len(queue)):
             rows = [queue.pop() for _ in range(min(len(free), len(queue)))]
             ids, mask = _pad_left([row_ids[i] for i in rows], pad_id)
+            gs = [groups[i] for i in rows]
             cache, mask, new_logits, index = _prefill(
-                model, ids.to(device), mask.to(device), [groups[i] for i in rows], expand=False
+                model, ids.to(device), mask.to(device), gs, expand=False, shared=shared
             )
             last = position_ids_from_mask(mask)[:, -1]  # (G,)
             for s, r, g in zip(free, rows, index):
@@ -562,6 +573,8 @@ def generate(
         # more rows than one micro-batch, lean decoder, no tools: one continuous batch
         stream = cfg.continuous_batching and lean is not None and tools is None
         stream = stream and len(batches) > 1
+        # a system prompt common to the prompts runs once for the whole call, not per prefill
+        shared = SharedStart()
         with torch.no_grad(), kernels:
             if stream:
                 width = max(len(r) for r in row_ids) + cfg.max_new_tokens
@@ -571,6 +584,7 @@ def generate(
                 results = _stream_decode(
                     model, lean, row_ids, [i for b in batches for i in b], slots, cfg, eos_ids,
                     pad, stopper, row_seeds, rows, on_done=bar.update if bar is not None else None,
+                    shared=shared,
                 )  # fmt: skip
             for batch in [] if stream else batches:
                 p_ids, p_mask = _pad_left([row_ids[i] for i in batch], pad)
@@ -586,6 +600,7 @@ def generate(
                     [rows[i] for i in batch],
                     ToolRunner(tools, tokenizer, len(batch)) if tools is not None else None,
                     lean,
+                    shared,
                 )
                 for j, i in enumerate(batch):
                     results[i] = (

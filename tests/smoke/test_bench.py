@@ -234,3 +234,25 @@ def test_generation_bench_rows(capsys, tiny_dir, monkeypatch):
         ["batched, micro", "float32", "2"],
     ]
     assert all(int(c[3]) > 0 and float(c[5]) > 0 for c in cells)  # tokens, tokens/s
+
+
+def test_generation_limit_counts_a_shared_start_and_each_prompt_once():
+    """bench/generation.py's limit prefills what must be prefilled: the start common to all
+    prompts once, each distinct prompt's other tokens once (its samples share them)."""
+    import types
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("generation_bench", BENCH / "generation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    roll = types.SimpleNamespace(
+        prompt_ids=torch.tensor([[0, 5, 6, 7, 8], [5, 6, 7, 9, 10], [0, 5, 6, 7, 8]]),
+        prompt_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]),
+        prompt_index=torch.tensor([0, 1, 0]),  # rows 0 and 2: two samples of one prompt
+    )
+    # [5, 6, 7] once, then 8 and 9, 10: 3 + 1 + 2
+    assert mod.prefill_tokens(roll) == 6
+    one = types.SimpleNamespace(prompt_ids=roll.prompt_ids[:1], prompt_mask=roll.prompt_mask[:1],
+                                prompt_index=torch.tensor([0]))  # fmt: skip
+    assert mod.prefill_tokens(one) == 4

@@ -258,3 +258,78 @@ def test_sampler_runs_a_common_system_prompt_once_with_the_same_result(tiny, tem
                 == alone.completion_ids[j][m].tolist()
             )
             torch.testing.assert_close(both.logp[r][: int(m.sum())], alone.logp[j][m], atol=1e-4, rtol=1e-4)  # fmt: skip
+
+
+def test_a_kept_system_prompt_is_reused_by_later_prefills(tiny):
+    """`forwards.SharedStart`: the first prompt_pass keeps its common start; later passes (other
+    prompts, one row, a start shared only in part) reuse its cache without running it and give
+    the logits of a pass without it; prompts that do not share it take the plain pass."""
+    from posttrain.forwards import MIN_SHARED_PREFIX, SharedStart, prompt_pass
+
+    model, tok = tiny
+    system = "system: You convert units. Be concise. Write the final number inside answer tags. "
+
+    def batch(texts):
+        rows = [tok(t)["input_ids"] for t in texts]
+        P = max(len(r) for r in rows)
+        ids = torch.tensor([[tok.pad_token_id] * (P - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (P - len(r)) + [1] * len(r) for r in rows])
+        return ids, mask
+
+    calls = {"n": 0}
+    hook = model.register_forward_pre_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+    start = SharedStart()
+    cases = [  # texts, forwards with the kept start, whether it is reused
+        ([system + "How many grams per 6 kg?", system + "hi"], 2, False),  # keeps it
+        ([system + "Convert 3 feet to inches.", system + "What is 2 m in cm?"], 1, True),
+        ([system + "one row"], 1, True),
+        (
+            ["system: You convert units. Be brief.", "system: You convert units. Be kind, ok?"],
+            1,
+            True,
+        ),
+        (["hello world", "Convert 3 feet to inches."], 1, False),  # shares nothing
+    ]
+    with torch.no_grad():
+        for texts, n_calls, reused in cases:
+            ids, mask = batch(texts)
+            calls["n"] = 0
+            out, full = prompt_pass(model, ids, mask, start=start)
+            assert calls["n"] == n_calls, texts
+            want, want_mask = prompt_pass(model, ids, mask)  # without the kept start
+            torch.testing.assert_close(out.logits[:, -1], want.logits[:, -1], atol=1e-5, rtol=1e-5)
+            if reused:
+                c = start.match(ids, mask)
+                assert MIN_SHARED_PREFIX <= c <= len(start.ids)
+                assert full.shape[1] == c + int((mask.sum(1) - c).max())
+    hook.remove()
+    assert len(start.ids) >= len(tok(system)["input_ids"]) - 1
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_generate_runs_a_common_system_prompt_once_per_call(tiny, continuous):
+    """Micro-batches and continuous-batching refills share one pass of the system prompt per
+    generate call; the tokens are those of prompts sampled one by one."""
+    from posttrain.rollout import GenerationConfig, generate
+
+    model, tok = tiny
+    system = "system: You convert units. Be concise. Write the final number inside answer tags. "
+    questions = ["How many grams per 6 kg?", "Convert 3 feet to inches.", "hi", "2 m in cm?", "x"]
+    prompts = [system + q for q in questions]
+    starts = {"n": 0}
+
+    def count(module, args, kwargs):  # a one-row pass from position 0: the system prompt's
+        pos = kwargs.get("position_ids")
+        if pos is not None and pos.shape[0] == 1 and int(pos[0, 0]) == 0 and pos.shape[1] > 1:
+            starts["n"] += 1
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    cfg = GenerationConfig(temperature=1.0, max_new_tokens=6, continuous_batching=continuous)
+    out = generate(model, tok, prompts, cfg, seeds=list(range(5)), batch_size=2)
+    hook.remove()
+    assert starts["n"] == 1
+    for i, p in enumerate(prompts):
+        alone = generate(model, tok, [p], cfg, seeds=[i])
+        m = alone.completion_mask[0].bool()
+        assert out.completion_ids[i][: int(m.sum())].tolist() == alone.completion_ids[0][m].tolist()
+        torch.testing.assert_close(out.logp[i][: int(m.sum())], alone.logp[0][m], atol=1e-4, rtol=1e-4)  # fmt: skip
