@@ -335,7 +335,8 @@ def _packer(onednn: bool, dtype: torch.dtype, rows: int | None) -> Any:
     `dtype`, never sharing storage with the model (its weights may change after the build)."""
 
     def pack(w: torch.Tensor) -> torch.Tensor:
-        w = w.to(dtype, copy=True).contiguous()
-        return torch.ops.mkldnn._reorder_linear_weight(w, rows) if onednn else w
+        if onednn:  # the reordered weight is a new (opaque) tensor: no copy needed before it
+            return torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous(), rows)
+        return w.to(dtype, copy=True).contiguous()
 
     return pack
