@@ -11,7 +11,10 @@ For each row count N it times one pass of x (N, in) @ W^T over all 211 weights, 
 (what `posttrain.cpu.packed_linears` runs), oneDNN and MKL's packed GEMM on weights laid out
 for N rows (what `posttrain.decoder` runs while sampling), and how long the reordering takes.
 It also prints the largest difference between the kernels' outputs, relative to the output's
-scale: both are fp32 and differ in summation order only.
+scale: both are fp32 and differ in summation order only. `--inductor` adds torch.compile's CPU
+GEMM (inductor with frozen weights and `max-autotune`, which generates its own micro-kernels
+and picks between them and oneDNN/MKL by timing them; it compiles for each row count, about a
+minute each on 2 cores).
 """
 
 from __future__ import annotations
@@ -43,11 +46,34 @@ def best_ms(calls: list, repeats: int) -> float:
     return min(times[1:]) * 1000
 
 
+def inductor_ms(weights: list[torch.Tensor], n: int, repeats: int) -> float:
+    """Best ms of one pass over all weights for n rows through torch.compile (inductor, frozen
+    weights, max-autotune)."""
+    import torch._inductor.config as inductor_config
+
+    class Linears(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ws = torch.nn.ParameterList(torch.nn.Parameter(w, False) for w in weights)
+
+        def forward(self, x: torch.Tensor, wide: torch.Tensor) -> list[torch.Tensor]:
+            return [F.linear(x if w.shape[1] == x.shape[1] else wide, w) for w in self.ws]
+
+    x, wide = torch.randn(n, SHAPES[0][1]), torch.randn(n, SHAPES[-1][1])
+    with torch.no_grad(), inductor_config.patch(freezing=True):
+        compiled = torch.compile(Linears().eval(), mode="max-autotune")
+        compiled(x, wide)  # compiles
+        return best_ms([(x, wide, compiled)], repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="8,256,410")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--inductor", action="store_true", help="add torch.compile's GEMM (slow to compile)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -61,8 +87,8 @@ def main() -> None:
           f"reordering them for oneDNN took {reorder_ms:.0f} ms\n")  # fmt: skip
     print("| rows | torch F.linear (MKL) ms | MKL packed for the rows ms | oneDNN plain weight ms "
           "| oneDNN reordered ms | oneDNN reordered for the rows ms | speed-up plain "
-          "| speed-up reordered | max rel. difference |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| speed-up reordered | max rel. difference | inductor ms |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with torch.no_grad():
         for n in [int(r) for r in args.rows.split(",")]:
             xs = {i: torch.randn(n, i) for i in {i for _, i in SHAPES}}
@@ -86,8 +112,9 @@ def main() -> None:
                 for (x, w, _), (_, p, _) in zip(runs["torch"][:7], runs["reordered"][:7])
             )
             t, pl, pk = ms["torch"], ms["plain"], ms["reordered"]
+            ind = f"{inductor_ms(weights, n, args.repeats):.1f}" if args.inductor else "-"
             print(f"| {n} | {t:.1f} | {ms['mkl']:.1f} | {pl:.1f} | {pk:.1f} | {ms['sized']:.1f} "
-                  f"| {t / pl:.2f} | {t / pk:.2f} | {diff:.1e} |")  # fmt: skip
+                  f"| {t / pl:.2f} | {t / pk:.2f} | {diff:.1e} | {ind} |")  # fmt: skip
 
 
 if __name__ == "__main__":
