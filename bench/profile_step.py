@@ -2,11 +2,13 @@
 training forward, backward, optimizer.
 
     python bench/profile_step.py grpo --steps 3                 # embedded default, 1 thread, fp32
-    python bench/profile_step.py ppo_2x4 --steps 3 --dtype bfloat16
+    python bench/profile_step.py ppo_plain --steps 4 --threads 2  # the harness's ppo_plain row
+    python bench/profile_step.py ppo --steps 3 --dtype bfloat16
     python bench/profile_step.py grpo --threads 2 --run.onednn=false --run.reuse_memory=false
 
-Runs posttrain's command with the arguments bench/trl_compare.py gives it (`posttrain_argv`), in
-this process, with timers wrapped around the functions each phase runs, and prints every step's
+Runs posttrain's command with the arguments, prompts and prompt order bench/trl_compare.py gives
+its posttrain child (`posttrain_argv`, `same_order`, `plain_stream`; for ppo the reward model it
+builds), in this process, with timers wrapped around the functions each phase runs, and prints every step's
 phases (indented ones are inside the phase above them) with the system seconds and page faults
 each spent. Other `--section.key=value` arguments go to the command. Step 1 includes warm-up costs (the first
 optimizer step allocates AdamW's state). For comparing phases within one run: on a shared CPU the
@@ -50,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     import posttrain.algos.grpo as grpo
     import posttrain.algos.ppo as ppo
     import posttrain.algos.reinforce as reinforce
+    import posttrain.decoder as decoder
     import posttrain.online as online
+    import posttrain.online_run as online_run
     import posttrain.rollout as rollout
     import posttrain.value_head as value_head
     from posttrain.cli import main as cli_main
@@ -77,24 +81,31 @@ def main(argv: list[str] | None = None) -> int:
 
         setattr(owner, name, timed)
 
-    wrap(rollout, "_sample", "generation (decode loop, pre-fill included)")
+    # what each phase runs (indented: inside the phase above)
+    wrap(online_run.OnlineRun, "sample", "sampling + reward")
+    wrap(online_run, "generate", "  generation (whole call)")
+    wrap(decoder.LeanDecoder, "build", "    lean decoder build (weights reordered)")
+    wrap(rollout, "_prefill", "    prefill")
+    wrap(decoder.LeanDecoder, "step", "    decode steps")
+    wrap(rollout, "_draw", "    draw")
     wrap(online.Reference, "logits", "reference forward")
     for m in (grpo, reinforce, ppo):
         if hasattr(m, "score_rollout"):
-            wrap(m, "score_rollout", "scoring pass (reference + policy no-grad)")
+            wrap(m, "score_rollout", "scoring pass (reference, policy no-grad where needed)")
         for n in ("completion_logits", "completion_logits_shared"):
             if hasattr(m, n):
                 wrap(m, n, "policy forward (training)")
-        if hasattr(m, "clip_and_step"):
-            wrap(m, "clip_and_step", "optimizer (clip + AdamW)")
     for n in ("exact_kl", "entropy_from_logits"):
         wrap(online, n, "  exact KL / entropy over (B, T, V)")
-    wrap(value_head.ActorCritic, "forward", "policy+value forward (ppo)")
+    wrap(value_head.ActorCritic, "forward", "policy+value forward (ppo, one backward)")
+    wrap(value_head.ActorCritic, "critic_values", "value model forward (ppo)")
+    wrap(value_head.ActorCritic, "policy_logits", "policy forward (ppo)")
     wrap(accelerate.Accelerator, "backward", "backward")
-    # ppo imports clip_and_step inside main: wrap it at its source too
+    # imported by name where they run: wrap them at their source and where they were imported
     import posttrain.train as train
 
-    wrap(train, "clip_and_step", "optimizer (clip + AdamW)")
+    for owner in (train, online_run):
+        wrap(owner, "clip_and_step", "optimizer (clip + AdamW)")
     orig_log = Run.log
 
     def log(self: Run, step: int, metrics: dict[str, Any], echo: bool = True) -> dict[str, Any]:
@@ -107,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
 
     Run.log = log  # type: ignore[method-assign]
     w = WORKLOADS[a.workload]
+    tc.same_order()  # the prompts and their order of the harness's posttrain child
+    if w.plain:
+        tc.plain_stream()
     tok = load_tokenizer(tc.model_dir(a.model))
     with tempfile.TemporaryDirectory() as tmp:
+        extra = tc.child_inputs(w, args, Path(tmp))  # ppo: the reward model the harness builds
+        if extra:
+            args.reward_model = extra[extra.index("--reward-model") + 1]
         cli_main(tc.posttrain_argv(w, args, tok, Path(tmp)) + overrides)
     for step in sorted(phases):
         print(f"step {step}")

@@ -256,3 +256,29 @@ def test_generation_limit_counts_a_shared_start_and_each_prompt_once():
     one = types.SimpleNamespace(prompt_ids=roll.prompt_ids[:1], prompt_mask=roll.prompt_mask[:1],
                                 prompt_index=torch.tensor([0]))  # fmt: skip
     assert mod.prefill_tokens(one) == 4
+
+
+@pytest.mark.parametrize("workload", ["ppo_plain", "grpo"])
+def test_profile_step_times_each_phase(tiny_dir, workload):
+    """bench/profile_step.py runs the harness's posttrain command (its prompts, order and, for
+    ppo, reward model) with a timer on each phase, and every phase it names is one the step ran
+    (a renamed function would leave its phase out; a missing one fails here)."""
+    import os
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "profile_step.py"), workload, "--model", str(tiny_dir),
+         "--steps", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    phases = {ln.strip().split("  ")[0] for ln in out.stdout.splitlines() if ln.startswith("  ")}
+    want = {"sampling + reward", "generation (whole call)", "decode steps", "prefill",
+            "lean decoder build (weights reordered)", "backward", "optimizer (clip + AdamW)",
+            "STEP (end to end)"}  # fmt: skip
+    if workload == "ppo_plain":
+        want |= {"value model forward (ppo)", "policy forward (ppo)"}
+    else:
+        want |= {"policy forward (training)"}
+    assert want <= phases, sorted(phases)
