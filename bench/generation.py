@@ -99,10 +99,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--onednn",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fp32 linear layers on oneDNN, as posttrain's commands sample (run.onednn, on by "
-        "default); --no-onednn: torch's default kernels",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="fp32 linear layers' kernel, as posttrain's commands choose it (run.onednn): auto "
+        "(oneDNN where it measures faster, the default), true (oneDNN), false (torch's)",
     )
     ap.add_argument(
         "--limits",
@@ -124,7 +124,9 @@ def main() -> None:
             f"fp32, {peaks.bf16_gflops:.0f} GFLOP/s bf16; memory read {peaks.read_gbs:.1f} GB/s"
         )
     torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model, dtype=args.dtype, onednn=args.onednn)
+    model, tok = load_model(
+        args.model, dtype=args.dtype, onednn={"true": True, "false": False}.get(args.onednn, "auto")
+    )
     prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
     cfg = GenerationConfig(chat=True, temperature=0.7, max_new_tokens=args.new_tokens,
                            lean_decoder=args.lean)  # fmt: skip

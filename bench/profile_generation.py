@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rows", type=int, default=25, help="operators to print")
-    ap.add_argument("--onednn", action=argparse.BooleanOptionalAction, default=True,
-                    help="fp32 linear layers on oneDNN, as posttrain's commands sample")  # fmt: skip
+    ap.add_argument("--onednn", choices=["auto", "true", "false"], default="auto",
+                    help="fp32 linear layers' kernel, as posttrain's commands choose it (run.onednn)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -40,7 +40,9 @@ def main() -> None:
     from posttrain.models import load_model
     from posttrain.rollout import GenerationConfig, generate
 
-    model, tok = load_model(args.model, onednn=args.onednn)
+    model, tok = load_model(
+        args.model, onednn={"true": True, "false": False}.get(args.onednn, "auto")
+    )
     prompts = prompt_messages(args.prompts)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                            n=args.n, chat=True, stop=[])  # fmt: skip

@@ -239,8 +239,8 @@ class RunConfig:
     """show progress bars"""
     autocast: Literal["no", "bfloat16"] = "no"
     """bfloat16: run the command under torch.autocast (bf16 matmuls, fp32 weights and optimizer; ~1.5x faster on a CPU with bf16 support)"""
-    onednn: bool = True
-    """fp32 linear layers on the CPU through oneDNN instead of MKL (1.1-2x faster matmuls where measured, see posttrain/cpu.py); false: torch's default kernels"""
+    onednn: bool | Literal["auto"] = "auto"
+    """fp32 linear layers on the CPU through oneDNN instead of torch's kernel (MKL): auto chooses by timing both on the model's own shapes on this machine, for training and for decoding separately (printed; cached in the cache directory's kernels.json, see posttrain/cpu.py); true: oneDNN for both; false: torch's kernels"""
     reuse_memory: bool = True
     """keep memory torch frees inside the process (glibc heap, no trimming) instead of paying ~1 GB of fresh page faults per training step; false: glibc's defaults"""
 

@@ -13,6 +13,13 @@ included: peft builds them from `nn.Linear`):
   torch's kernel, which measured faster for it. Only models whose caller asks are switched: the
   policy when `run.onednn` is on (`train.load_policy(..., onednn=)`, `models.load_model(...,
   onednn=)`); teachers, evaluators and reward models keep torch's kernels.
+- `use_kernels(model, "auto")` (`run.onednn = "auto"`, the default) chooses by measurement on
+  the machine at hand: it times torch's kernel against oneDNN on the model's own weight shapes,
+  once for a training step's rows (forward product and input gradient) and once for a decode
+  step's 8 rows (oneDNN on reordered weights, as the lean decoder runs them), and uses oneDNN
+  for each only where it is faster. The choice is printed (`KernelChoice.describe`) and cached
+  per CPU model, torch version, threads and shapes in `kernels.json` of posttrain's cache
+  directory; `run.onednn = true / false` forces it.
 - `packed_linears(model)`: a context for no-grad inference (the sampler's decode loop) on the
   layers `use_onednn` switched. Every such weight is reordered once on entry (about 0.25 s for the
   135M default model) and the copies are dropped on exit, so the weights may change between two
@@ -30,9 +37,15 @@ blocks from its heap and keep what is freed (`run.reuse_memory`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
+import platform
 import sys
+import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,7 +101,7 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
     if available():
         with torch.no_grad():
             for m in model.modules():
-                if _eligible(m) and switched(m):
+                if _eligible(m) and m.__dict__.get("_posttrain_decode_onednn", switched(m)):
                     packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
                     previous = m.__dict__.get("forward")
                     patched.append((m, previous))
@@ -151,6 +164,182 @@ def switched(m: nn.Module) -> bool:
     """Whether `use_onednn` switched this layer."""
     forward = m.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _onednn_forward
+
+
+TRAIN_ROWS = 256
+"""rows of the training products `measure_kernels` times (a step's micro-batch runs 300-1000)"""
+DECODE_ROWS = 8
+"""rows of the decode products it times (the sampler's usual micro-batch)"""
+MIN_GAIN = 1.03
+"""oneDNN is chosen where it is at least this much faster (a tie keeps torch's kernel)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel a model's fp32 CPU linear products run, and the measurement behind it: torch's
+    ms over oneDNN's ms for the model's layers at `TRAIN_ROWS` (forward + input gradient) and at
+    `DECODE_ROWS` (on weights reordered for them)."""
+
+    train: bool
+    decode: bool
+    train_speedup: float
+    decode_speedup: float
+    cached: bool = False
+
+    def describe(self) -> str:
+        def side(on: bool, x: float, what: str) -> str:
+            kernel = "oneDNN" if on else "torch's kernel"
+            return f"{what} on {kernel} (oneDNN {x:.2f}x torch's)"
+
+        src = "cached measurement" if self.cached else "measured now"
+        return (
+            f"kernels: {side(self.train, self.train_speedup, 'training products')}, "
+            f"{side(self.decode, self.decode_speedup, 'decode steps')} [{src}; "
+            "--run.onednn=true/false forces]"
+        )
+
+
+def decide(train_speedup: float, decode_speedup: float, cached: bool = False) -> KernelChoice:
+    """oneDNN for each use where it measured at least MIN_GAIN x faster than torch's kernel."""
+    return KernelChoice(
+        train_speedup >= MIN_GAIN, decode_speedup >= MIN_GAIN, train_speedup, decode_speedup, cached
+    )
+
+
+def _best_ms(fn: Callable[..., Any], *args: Any, repeats: int = 3) -> float:
+    fn(*args)  # warm-up: oneDNN builds its primitive on the first call of a shape
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - t)
+    return min(times) * 1000
+
+
+def _torch_train(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> None:
+    F.linear(x, w)  # the forward product
+    g.mm(w)  # the input's gradient, as autograd runs it
+
+
+def _onednn_train(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> None:
+    onednn_linear(x, w)
+    onednn_linear(g, w.t())  # as `_Linear.backward` runs it
+
+
+def _shapes(model: nn.Module) -> dict[tuple[int, int], tuple[torch.Tensor, int]]:
+    """(out, in) -> (one eligible layer's weight of that shape, how many layers have it)."""
+    found: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    for m in model.modules():
+        if _eligible(m):
+            w = m.weight.detach()
+            shape = (int(w.shape[0]), int(w.shape[1]))
+            found[shape] = (found.get(shape, (w, 0))[0], found.get(shape, (w, 0))[1] + 1)
+    return found
+
+
+def _timings(shapes: dict[tuple[int, int], tuple[torch.Tensor, int]]) -> tuple[float, float]:
+    """(training speed-up, decode speed-up) of oneDNN over torch's kernel on these weights, each
+    shape's time weighted by its number of layers. Training leaves out the shapes with more
+    than 8192 outputs (an output head: it runs on a step's completion tokens only, and timing it
+    at TRAIN_ROWS would cost most of the measurement)."""
+    gen = torch.Generator().manual_seed(0)
+    t_torch = t_dnn = d_torch = d_dnn = 0.0
+    with torch.no_grad():
+        for (out_f, in_f), (w, n) in shapes.items():
+            if out_f <= 8192:
+                x = torch.randn(TRAIN_ROWS, in_f, generator=gen)
+                g = torch.randn(TRAIN_ROWS, out_f, generator=gen)
+                t_torch += n * _best_ms(_torch_train, x, w, g)
+                t_dnn += n * _best_ms(_onednn_train, x, w, g)
+            x = torch.randn(DECODE_ROWS, in_f, generator=gen)
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, DECODE_ROWS)
+            d_torch += n * _best_ms(F.linear, x, w)
+            d_dnn += n * _best_ms(onednn_linear, x, packed)
+    return (t_torch / t_dnn if t_dnn else 1.0), (d_torch / d_dnn if d_dnn else 1.0)
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("POSTTRAIN_CACHE") or os.path.join(Path.home(), ".cache", "posttrain")
+    return Path(root) / "kernels.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+_CHOICES: dict[str, KernelChoice] = {}  # this process's choices by cache key
+
+
+def measure_kernels(model: nn.Module) -> KernelChoice:
+    """Choose oneDNN or torch's kernel for the model's fp32 CPU linear layers by timing both on
+    its weight shapes (`_timings`, well under a second for a 135M model), for training and for
+    decoding. Remembered per CPU model, torch version, threads and shapes, in this process and
+    in `kernels.json` of the cache directory ($POSTTRAIN_CACHE or ~/.cache/posttrain)."""
+    shapes = _shapes(model)
+    dims = sorted(f"{o}x{i}:{n}" for (o, i), (_, n) in shapes.items())
+    key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {' '.join(dims)}"  # fmt: skip
+    if key in _CHOICES:
+        return dataclasses.replace(_CHOICES[key], cached=True)
+    path = _cache_file()
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        saved = {}
+    if key in saved:
+        choice = decide(*saved[key], cached=True)
+    else:
+        choice = decide(*_timings(shapes))
+        saved[key] = [choice.train_speedup, choice.decode_speedup]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(saved, indent=1))
+            tmp.replace(path)  # atomic: a concurrent run reads the old or the new file
+        except OSError:
+            pass  # a read-only cache: measure again next time
+    _CHOICES[key] = choice
+    return choice
+
+
+def use_kernels(model: nn.Module, onednn: bool | str) -> KernelChoice | None:
+    """Apply `run.onednn` to a model: True switches its fp32 CPU linear layers to oneDNN for
+    training and decoding, False leaves torch's kernels, "auto" measures (`measure_kernels`) and
+    switches each use where oneDNN won, printing the choice. Returns the choice ("auto" on a
+    model with eligible layers) or None."""
+    if onednn is True or onednn is False:
+        if onednn:
+            use_onednn(model)
+        return None
+    if onednn != "auto":
+        raise ValueError(f"run.onednn must be true, false or 'auto', not {onednn!r}")
+    if not available() or not any(_eligible(m) for m in model.modules()):
+        return None
+    first = not _CHOICES
+    choice = measure_kernels(model)
+    if choice.train:
+        use_onednn(model)
+    for m in model.modules():  # what the lean decoder reads (`decodes_onednn`)
+        if _eligible(m):
+            m._posttrain_decode_onednn = choice.decode  # type: ignore[attr-defined]
+    if first or not choice.cached:
+        print(choice.describe(), flush=True)
+    return choice
+
+
+def decodes_onednn(model: nn.Module) -> bool:
+    """Whether decode steps of this model run oneDNN: as `use_kernels` chose for its layers, or
+    (layers it never saw) where `use_onednn` switched them."""
+    for m in model.modules():
+        flag = m.__dict__.get("_posttrain_decode_onednn")
+        if flag is not None:
+            return bool(flag)
+    return any(switched(m) for m in model.modules())
 
 
 def use_onednn(model: nn.Module) -> int:

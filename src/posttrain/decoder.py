@@ -6,8 +6,8 @@ One decode step of a 135M-parameter model at 8 rows multiplies by about 0.5 GB o
 `torch.cat`, key/value heads repeated for grouped-query attention, masks rebuilt every step) took
 as long again. `LeanDecoder` freezes the model's weights for one rollout and runs the step with:
 - q, k and v as one product and gate and up as one (fewer, larger matrix products), on weights
-  reordered once for oneDNN when the model's linear layers were switched to it (`cpu.use_onednn`,
-  `run.onednn`), otherwise torch's own kernel on the plain copies;
+  reordered once for oneDNN where `run.onednn` chose oneDNN for decoding (`cpu.decodes_onednn`:
+  true, or "auto" where it measured faster), otherwise torch's own kernel on the plain copies;
 - a KV cache allocated once for the whole rollout (prompt + max_new_tokens columns) and written
   in place, so a step copies nothing it has copied before;
 - grouped-query attention as batched products of each key/value head with its group of query
@@ -158,10 +158,8 @@ class LeanDecoder:
         if torch.is_autocast_enabled("cpu"):  # run.autocast: the model's forward, autocast as
             return None  # the training forward that rescores the samples
         dtype = dtype or p.dtype
-        # oneDNN where the model's layers were switched to it (run.onednn), and for bf16
-        onednn = cpu.available() and (
-            dtype == torch.bfloat16 or any(cpu.switched(m) for m in lm.modules())
-        )
+        # oneDNN where run.onednn chose it for decoding (`cpu.decodes_onednn`), and for bf16
+        onednn = cpu.available() and (dtype == torch.bfloat16 or cpu.decodes_onednn(lm))
         pack = _packer(onednn, dtype, rows)
         H, Hkv, D = _heads_of(cfg)
         names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

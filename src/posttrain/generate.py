@@ -97,7 +97,7 @@ def main(cfg: Config) -> int:
 
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    model, tok = load_model(cfg.model, onednn=True)
+    model, tok = load_model(cfg.model, onednn="auto")
     show = cfg.progress and (len(prompts) * cfg.gen.n > 8 or cfg.output is not None)
     tools = Toolbox.from_config(cfg.tools)
     roll = generate(model, tok, prompts, cfg.gen, progress=show, tools=tools)

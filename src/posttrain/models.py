@@ -273,13 +273,13 @@ def load_model(
     *,
     dtype: str | None = None,
     device: str | None = None,
-    onednn: bool = False,
+    onednn: bool | str = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) in eval mode on the chosen device and dtype.
 
-    onednn: switch its fp32 CPU linear layers to oneDNN (`cpu.use_onednn`), as a run does for the
-    policy it samples from and trains (`run.onednn`); off for teachers, evaluators and reward
-    models, which keep torch's kernels."""
+    onednn: switch its fp32 CPU linear layers to oneDNN (True), or where oneDNN measures faster
+    ("auto", `cpu.use_kernels`), as a run does for the policy it samples from and trains
+    (`run.onednn`); off for teachers, evaluators and reward models, which keep torch's kernels."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -340,8 +340,7 @@ def load_model(
         model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=False)
     model.to(dev)
     model.eval()
-    if onednn:
-        cpu.use_onednn(model)
+    cpu.use_kernels(model, onednn)
     return model, tok
 
 

@@ -117,11 +117,12 @@ def load_policy(
     lora: LoraConfig,
     device: torch.device | None = None,
     *,
-    onednn: bool = False,
+    onednn: bool | str = False,
 ):
     """The trainable policy: full weights, or a fresh/loaded LoRA adapter (only it trains).
 
-    onednn: its fp32 CPU linear layers, the adapter's included, run on oneDNN (`run.onednn`)."""
+    onednn: its fp32 CPU linear layers, the adapter's included, run on oneDNN: True, False or
+    "auto" (`run.onednn`, `cpu.use_kernels`)."""
     from posttrain.models import apply_lora, check_adapter, load_model
 
     if lora.enabled and model_cfg.adapter:
@@ -135,8 +136,7 @@ def load_policy(
         model, tok = load_model(model_cfg, device=str(device) if device else None)
         if lora.enabled:
             model = apply_lora(model, lora)
-    if onednn:
-        cpu.use_onednn(model)  # after the adapter: its new layers too
+    cpu.use_kernels(model, onednn)  # after the adapter: its new layers too
     model.train()
     return model, tok
 

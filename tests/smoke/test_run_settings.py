@@ -72,12 +72,15 @@ def _cfg(tiny_dir, tmp_path, *extra):
 
 
 @pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN linear")
-def test_python_main_applies_the_run_settings(tiny_dir, tmp_path, spies):
+def test_python_main_applies_the_run_settings(tiny_dir, tmp_path, spies, monkeypatch):
+    monkeypatch.setattr(cpu, "_CHOICES", {})  # run.onednn=auto measures: say oneDNN won
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_timings", lambda shapes: (1.5, 2.0))
     torch.set_num_threads(1)
     cfg = _cfg(tiny_dir, tmp_path, "--run.threads=2", "--run.autocast=bfloat16")
     assert distill.main(cfg) == 0  # no CLI in between
     assert spies["threads"] == 2 and spies["autocast"] is True
-    assert _switched(spies["policy"]) > 0  # run.onednn defaults to true: the policy runs oneDNN
+    assert _switched(spies["policy"]) > 0  # run.onednn=auto (the default), oneDNN measured faster
     teacher = spies["teachers"][-1]  # loaded after the policy (whose load_model comes first)
     assert teacher is not spies["policy"] and _switched(teacher) == 0  # torch's kernels
     # nothing outlives the run

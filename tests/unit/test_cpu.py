@@ -111,3 +111,101 @@ def test_reuse_freed_memory_applies_on_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert cpu.reuse_freed_memory() is True
+
+
+def test_the_choice_follows_the_measured_speed_ups():
+    """oneDNN for a use only where it measured at least MIN_GAIN x torch's kernel."""
+    c = cpu.decide(1.2, 0.9)
+    assert (c.train, c.decode) == (True, False)
+    c = cpu.decide(cpu.MIN_GAIN - 0.01, 2.0)
+    assert (c.train, c.decode) == (False, True)
+    text = c.describe()
+    assert (
+        "training products on torch's kernel" in text
+        and "decode steps on oneDNN (oneDNN 2.00x" in text
+    )
+
+
+@pytest.fixture()
+def fresh_choice(monkeypatch, tmp_path):
+    """An empty kernel-choice cache (in the process and on disk, under tmp_path) and a fake
+    measurement: set `speedups` to what _timings should return; `calls` counts measurements."""
+    monkeypatch.setattr(cpu, "_CHOICES", {})
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    state = {"speedups": (1.5, 2.0), "calls": 0}
+
+    def timings(shapes):
+        state["calls"] += 1
+        assert shapes  # the model's own (out, in) shapes with their layer counts
+        return state["speedups"]
+
+    monkeypatch.setattr(cpu, "_timings", timings)
+    return state
+
+
+@pytest.mark.parametrize("speedups", [(1.5, 2.0), (0.8, 2.0), (1.5, 0.8), (0.8, 0.8)])
+def test_auto_switches_training_and_decoding_as_measured(tiny_dir, fresh_choice, capsys, speedups):
+    """run.onednn=auto: the policy's layers run oneDNN in training only where it won, the lean
+    decoder and the packed no-grad path only where it won at decode rows, and the choice is
+    printed."""
+    from posttrain.decoder import LeanDecoder
+    from posttrain.models import load_model
+
+    fresh_choice["speedups"] = speedups
+    model, _ = load_model(str(tiny_dir), onednn="auto")
+    train, decode = (x >= cpu.MIN_GAIN for x in speedups)
+    n = sum(cpu.switched(m) for m in model.modules())
+    assert (n > 0) == train
+    assert cpu.decodes_onednn(model) == decode
+    assert LeanDecoder.build(model).onednn == decode
+    with cpu.packed_linears(model) as packed:
+        assert (packed > 0) == decode
+    assert "kernels: training products on " + ("oneDNN" if train else "torch's kernel") in capsys.readouterr().out  # fmt: skip
+    # a deep copy (the reference policy) keeps the choice
+    assert cpu.decodes_onednn(copy.deepcopy(model)) == decode
+
+
+def test_auto_measures_once_per_machine_and_shapes(tiny_dir, fresh_choice, tmp_path):
+    """The choice is measured once: later loads in the process reuse it, a new process reads
+    kernels.json (keyed by CPU, torch version, threads and shapes), and an unreadable file is
+    measured again."""
+    import json
+
+    from posttrain.models import load_model
+
+    load_model(str(tiny_dir), onednn="auto")
+    load_model(str(tiny_dir), onednn="auto")
+    assert fresh_choice["calls"] == 1
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    (key,) = saved
+    assert f"{torch.get_num_threads()} threads" in key and saved[key] == [1.5, 2.0]
+    cpu._CHOICES.clear()  # a new process
+    fresh_choice["speedups"] = (0.5, 0.5)  # would flip the choice if measured again
+    model, _ = load_model(str(tiny_dir), onednn="auto")
+    assert fresh_choice["calls"] == 1 and cpu.decodes_onednn(model)
+    cpu._CHOICES.clear()
+    (tmp_path / "kernels.json").write_text("{not json")
+    model, _ = load_model(str(tiny_dir), onednn="auto")
+    assert fresh_choice["calls"] == 2 and not cpu.decodes_onednn(model)
+
+
+def test_true_and_false_force_the_kernels(tiny_dir, fresh_choice):
+    from posttrain.models import load_model
+
+    fresh_choice["speedups"] = (0.5, 0.5)
+    on, _ = load_model(str(tiny_dir), onednn=True)
+    off, _ = load_model(str(tiny_dir), onednn=False)
+    assert fresh_choice["calls"] == 0  # nothing measured
+    assert cpu.decodes_onednn(on) and any(cpu.switched(m) for m in on.modules())
+    assert not cpu.decodes_onednn(off) and not any(cpu.switched(m) for m in off.modules())
+    with pytest.raises(ValueError, match="true, false or 'auto'"):
+        cpu.use_kernels(off, "fast")
+
+
+def test_measured_speed_ups_are_positive_ratios(tiny_dir):
+    """The real measurement on the tiny model's shapes: two finite positive ratios."""
+    from posttrain.models import load_model
+
+    model, _ = load_model(str(tiny_dir))
+    train, decode = cpu._timings(cpu._shapes(model))
+    assert 0 < train < 100 and 0 < decode < 100
