@@ -165,6 +165,18 @@ def tiny(tiny_dir):
     return load_model(str(tiny_dir))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_choices_in_tmp(tmp_path_factory):
+    """run.onednn=auto keeps its measurements in the session's tmp directory, not in the user's
+    cache (the tiny models' shapes would fill it)."""
+    from posttrain import cpu
+
+    path = tmp_path_factory.mktemp("kernels") / "kernels.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_cache_file", lambda: path)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     import torch

@@ -128,10 +128,10 @@ def test_the_choice_follows_the_measured_speed_ups():
 
 @pytest.fixture()
 def fresh_choice(monkeypatch, tmp_path):
-    """An empty kernel-choice cache (in the process and on disk, under tmp_path) and a fake
+    """An empty kernel-choice cache (in the process and on disk, tmp_path/kernels.json) and a fake
     measurement: set `speedups` to what _timings should return; `calls` counts measurements."""
     monkeypatch.setattr(cpu, "_CHOICES", {})
-    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu, "_cache_file", lambda: tmp_path / "kernels.json")
     state = {"speedups": (1.5, 2.0), "calls": 0}
 
     def timings(shapes):
