@@ -168,12 +168,10 @@ def tiny(tiny_dir):
 @pytest.fixture(autouse=True, scope="session")
 def _kernel_choices_in_tmp(tmp_path_factory):
     """run.onednn=auto keeps its measurements in the session's tmp directory, not in the user's
-    cache (the tiny models' shapes would fill it)."""
-    from posttrain import cpu
-
+    cache (the tiny models' shapes would fill it); commands run in subprocesses share it."""
     path = tmp_path_factory.mktemp("kernels") / "kernels.json"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu, "_cache_file", lambda: path)
+        mp.setenv("POSTTRAIN_KERNEL_CACHE", str(path))
         yield
 
 

@@ -19,7 +19,9 @@ included: peft builds them from `nn.Linear`):
   step's 8 rows (oneDNN on reordered weights, as the lean decoder runs them), and uses oneDNN
   for each only where it is faster. The choice is printed (`KernelChoice.describe`) and cached
   per CPU model, torch version, threads and shapes in `kernels.json` of posttrain's cache
-  directory; `run.onednn = true / false` forces it.
+  directory ($POSTTRAIN_KERNEL_CACHE names another file); each checkpoint records it and a
+  resumed run takes it from there (`choices`, `pin`: the same kernels, the same sums);
+  `run.onednn = true / false` forces it.
 - `packed_linears(model)`: a context for no-grad inference (the sampler's decode loop) on the
   layers `use_onednn` switched. Every such weight is reordered once on entry (about 0.25 s for the
   135M default model) and the copies are dropped on exit, so the weights may change between two
@@ -184,14 +186,14 @@ class KernelChoice:
     decode: bool
     train_speedup: float
     decode_speedup: float
-    cached: bool = False
+    source: str = "measured now"  # or "cached measurement", "the resumed run's checkpoint"
 
     def describe(self) -> str:
         def side(on: bool, x: float, what: str) -> str:
             kernel = "oneDNN" if on else "torch's kernel"
             return f"{what} on {kernel} (oneDNN {x:.2f}x torch's)"
 
-        src = "cached measurement" if self.cached else "measured now"
+        src = self.source
         return (
             f"kernels: {side(self.train, self.train_speedup, 'training products')}, "
             f"{side(self.decode, self.decode_speedup, 'decode steps')} [{src}; "
@@ -199,10 +201,12 @@ class KernelChoice:
         )
 
 
-def decide(train_speedup: float, decode_speedup: float, cached: bool = False) -> KernelChoice:
+def decide(
+    train_speedup: float, decode_speedup: float, source: str = "measured now"
+) -> KernelChoice:
     """oneDNN for each use where it measured at least MIN_GAIN x faster than torch's kernel."""
     return KernelChoice(
-        train_speedup >= MIN_GAIN, decode_speedup >= MIN_GAIN, train_speedup, decode_speedup, cached
+        train_speedup >= MIN_GAIN, decode_speedup >= MIN_GAIN, train_speedup, decode_speedup, source
     )
 
 
@@ -259,6 +263,10 @@ def _timings(shapes: dict[tuple[int, int], tuple[torch.Tensor, int]]) -> tuple[f
 
 
 def _cache_file() -> Path:
+    """$POSTTRAIN_KERNEL_CACHE, or kernels.json in the cache directory ($POSTTRAIN_CACHE or
+    ~/.cache/posttrain)."""
+    if os.environ.get("POSTTRAIN_KERNEL_CACHE"):
+        return Path(os.environ["POSTTRAIN_KERNEL_CACHE"])
     root = os.environ.get("POSTTRAIN_CACHE") or os.path.join(Path.home(), ".cache", "posttrain")
     return Path(root) / "kernels.json"
 
@@ -274,6 +282,24 @@ def _cpu_model() -> str:
 
 
 _CHOICES: dict[str, KernelChoice] = {}  # this process's choices by cache key
+_PRINTED: set[str] = set()  # the keys whose choice this process printed
+
+
+def choices() -> dict[str, list[float]]:
+    """This process's kernel choices (key -> [training, decode speed-up]), for a checkpoint: a
+    resumed run takes its kernels from there (`pin`), so that it continues with the same sums."""
+    return {k: [c.train_speedup, c.decode_speedup] for k, c in _CHOICES.items()}
+
+
+def pin(saved: dict[str, list[float]]) -> None:
+    """Take these choices (`choices()` of the run being resumed) over any measurement."""
+    for key, (train, decode) in saved.items():
+        _CHOICES[key] = decide(train, decode, "the resumed run's checkpoint")
+
+
+def _key(model: nn.Module) -> str:
+    dims = sorted(f"{o}x{i}:{n}" for (o, i), (_, n) in _shapes(model).items())
+    return f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {' '.join(dims)}"  # fmt: skip
 
 
 def measure_kernels(model: nn.Module) -> KernelChoice:
@@ -281,20 +307,18 @@ def measure_kernels(model: nn.Module) -> KernelChoice:
     its weight shapes (`_timings`, well under a second for a 135M model), for training and for
     decoding. Remembered per CPU model, torch version, threads and shapes, in this process and
     in `kernels.json` of the cache directory ($POSTTRAIN_CACHE or ~/.cache/posttrain)."""
-    shapes = _shapes(model)
-    dims = sorted(f"{o}x{i}:{n}" for (o, i), (_, n) in shapes.items())
-    key = f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {' '.join(dims)}"  # fmt: skip
+    key = _key(model)
     if key in _CHOICES:
-        return dataclasses.replace(_CHOICES[key], cached=True)
+        return _CHOICES[key]
     path = _cache_file()
     try:
         saved = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         saved = {}
     if key in saved:
-        choice = decide(*saved[key], cached=True)
+        choice = decide(*saved[key], source="cached measurement")
     else:
-        choice = decide(*_timings(shapes))
+        choice = decide(*_timings(_shapes(model)))
         saved[key] = [choice.train_speedup, choice.decode_speedup]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,14 +344,15 @@ def use_kernels(model: nn.Module, onednn: bool | str) -> KernelChoice | None:
         raise ValueError(f"run.onednn must be true, false or 'auto', not {onednn!r}")
     if not available() or not any(_eligible(m) for m in model.modules()):
         return None
-    first = not _CHOICES
     choice = measure_kernels(model)
     if choice.train:
         use_onednn(model)
     for m in model.modules():  # what the lean decoder reads (`decodes_onednn`)
         if _eligible(m):
             m._posttrain_decode_onednn = choice.decode  # type: ignore[attr-defined]
-    if first or not choice.cached:
+    key = _key(model)
+    if key not in _PRINTED:  # once per process and model shape
+        _PRINTED.add(key)
         print(choice.describe(), flush=True)
     return choice
 

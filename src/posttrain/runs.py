@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from posttrain import cpu
 from posttrain.config import RunConfig
 from posttrain.config_text import save_config, to_dict
 
@@ -219,7 +220,10 @@ class Run:
             if scheduler is not None:
                 extra["scheduler"] = scheduler.state_dict()
             torch.save(extra, tmp / "trainer_state.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=1))
+            record = {"step": step, **(state or {})}
+            if cpu.choices():  # run.onednn=auto's kernels: the resumed run takes the same
+                record["kernels"] = cpu.choices()
+            (tmp / "state.json").write_text(json.dumps(record, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

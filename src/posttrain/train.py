@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import signal
 from collections.abc import Callable, Iterator
@@ -106,6 +107,9 @@ def start(cfg: Any, command: str) -> tuple[Any, Run]:
             f"run.resume: {cfg.run.resume!r} has no checkpoint to resume from "
             "(the run stopped before its first save); start a new run instead"
         )
+    if cfg.run.resume:  # the kernels the run chose (run.onednn=auto): the same sums again
+        state = json.loads((run.latest_checkpoint() / "state.json").read_text())
+        cpu.pin(state.get("kernels") or {})
     if acc.num_processes > 1:
         path = broadcast_object_list([str(run.path)])[0]
         run = Run(type(run.path)(path), cfg.run, is_main=acc.is_main_process)

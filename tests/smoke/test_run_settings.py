@@ -74,6 +74,7 @@ def _cfg(tiny_dir, tmp_path, *extra):
 @pytest.mark.skipif(not cpu.available(), reason="this torch has no oneDNN linear")
 def test_python_main_applies_the_run_settings(tiny_dir, tmp_path, spies, monkeypatch):
     monkeypatch.setattr(cpu, "_CHOICES", {})  # run.onednn=auto measures: say oneDNN won
+    monkeypatch.setattr(cpu, "_PRINTED", set())
     monkeypatch.setattr(cpu, "_cache_file", lambda: tmp_path / "kernels.json")
     monkeypatch.setattr(cpu, "_timings", lambda shapes: (1.5, 2.0))
     torch.set_num_threads(1)

@@ -131,6 +131,7 @@ def fresh_choice(monkeypatch, tmp_path):
     """An empty kernel-choice cache (in the process and on disk, tmp_path/kernels.json) and a fake
     measurement: set `speedups` to what _timings should return; `calls` counts measurements."""
     monkeypatch.setattr(cpu, "_CHOICES", {})
+    monkeypatch.setattr(cpu, "_PRINTED", set())
     monkeypatch.setattr(cpu, "_cache_file", lambda: tmp_path / "kernels.json")
     state = {"speedups": (1.5, 2.0), "calls": 0}
 
@@ -209,3 +210,47 @@ def test_measured_speed_ups_are_positive_ratios(tiny_dir):
     model, _ = load_model(str(tiny_dir))
     train, decode = cpu._timings(cpu._shapes(model))
     assert 0 < train < 100 and 0 < decode < 100
+
+
+def test_a_resumed_run_keeps_the_kernels_it_chose(tiny_dir, tmp_path, fresh_choice, capsys):
+    """The choice goes into each checkpoint; resuming pins it, whatever a new measurement says,
+    so that the resumed run continues with the same kernels (exact resume)."""
+    import json
+
+    from posttrain.algos import sft
+    from posttrain.config import load_config
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i} + 1 = ", "completion": str(i + 1)}) for i in range(8)))  # fmt: skip
+    args = [f"--model.name={tiny_dir}", f"--data.source={data}", "--data.validation_size=0",
+            "--train.batch_size=2", "--train.max_steps=2", "--run.save_every=1",
+            f"--run.out_dir={tmp_path / 'runs'}", "--run.progress=false", "--eval_limit=0"]  # fmt: skip
+    fresh_choice["speedups"] = (1.5, 0.5)
+    assert sft.main(load_config(sft.Config, None, args)) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert list(json.loads((last / "state.json").read_text())["kernels"].values()) == [[1.5, 0.5]]
+    cpu._CHOICES.clear()  # a new process, on a machine that now measures the other way
+    cpu._PRINTED.clear()
+    (tmp_path / "kernels.json").unlink()
+    fresh_choice["speedups"] = (0.5, 2.0)
+    capsys.readouterr()
+    cfg = load_config(sft.Config, None, [*args, "--train.max_steps=3", f"--run.resume={run}"])
+    seen = {}
+    import posttrain.train
+
+    load_policy = posttrain.train.load_policy
+
+    def spy(*a, **k):
+        seen["policy"], tok = load_policy(*a, **k)
+        return seen["policy"], tok
+
+    posttrain.train.load_policy = spy
+    try:
+        assert sft.main(cfg) == 0
+    finally:
+        posttrain.train.load_policy = load_policy
+    assert fresh_choice["calls"] == 1  # the resumed run measured nothing
+    assert any(cpu.switched(m) for m in seen["policy"].modules())
+    assert not cpu.decodes_onednn(seen["policy"])
+    assert "the resumed run's checkpoint" in capsys.readouterr().out
