@@ -237,7 +237,8 @@ def _shapes(model: nn.Module) -> dict[tuple[int, int], tuple[torch.Tensor, int]]
         if _eligible(m):
             w = m.weight.detach()
             shape = (int(w.shape[0]), int(w.shape[1]))
-            found[shape] = (found.get(shape, (w, 0))[0], found.get(shape, (w, 0))[1] + 1)
+            first, n = found.get(shape, (w, 0))
+            found[shape] = (first, n + 1)
     return found
 
 
