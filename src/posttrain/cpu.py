@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -103,7 +104,7 @@ def packed_linears(model: nn.Module) -> Iterator[int]:
     if available():
         with torch.no_grad():
             for m in model.modules():
-                if _eligible(m) and m.__dict__.get("_posttrain_decode_onednn", switched(m)):
+                if _eligible(m) and _decodes(m):
                     packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), None)
                     previous = m.__dict__.get("forward")
                     patched.append((m, previous))
@@ -272,6 +273,7 @@ def _cache_file() -> Path:
     return Path(root) / "kernels.json"
 
 
+@functools.cache
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -303,12 +305,13 @@ def _key(model: nn.Module) -> str:
     return f"{_cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads | {' '.join(dims)}"  # fmt: skip
 
 
-def measure_kernels(model: nn.Module) -> KernelChoice:
+def measure_kernels(model: nn.Module, key: str | None = None) -> KernelChoice:
     """Choose oneDNN or torch's kernel for the model's fp32 CPU linear layers by timing both on
     its weight shapes (`_timings`, well under a second for a 135M model), for training and for
     decoding. Remembered per CPU model, torch version, threads and shapes, in this process and
-    in `kernels.json` of the cache directory ($POSTTRAIN_CACHE or ~/.cache/posttrain)."""
-    key = _key(model)
+    in `kernels.json` of the cache directory ($POSTTRAIN_CACHE or ~/.cache/posttrain). key:
+    `_key(model)` where the caller has it."""
+    key = key or _key(model)
     if key in _CHOICES:
         return _CHOICES[key]
     path = _cache_file()
@@ -316,8 +319,9 @@ def measure_kernels(model: nn.Module) -> KernelChoice:
         saved = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         saved = {}
-    if key in saved:
-        choice = decide(*saved[key], source="cached measurement")
+    entry = saved.get(key)
+    if isinstance(entry, list) and len(entry) == 2:
+        choice = decide(*entry, source="cached measurement")
     else:
         choice = decide(*_timings(_shapes(model)))
         saved[key] = [choice.train_speedup, choice.decode_speedup]
@@ -345,27 +349,28 @@ def use_kernels(model: nn.Module, onednn: bool | str) -> KernelChoice | None:
         raise ValueError(f"run.onednn must be true, false or 'auto', not {onednn!r}")
     if not available() or not any(_eligible(m) for m in model.modules()):
         return None
-    choice = measure_kernels(model)
+    key = _key(model)
+    choice = measure_kernels(model, key)
     if choice.train:
         use_onednn(model)
     for m in model.modules():  # what the lean decoder reads (`decodes_onednn`)
         if _eligible(m):
             m._posttrain_decode_onednn = choice.decode  # type: ignore[attr-defined]
-    key = _key(model)
     if key not in _PRINTED:  # once per process and model shape
         _PRINTED.add(key)
         print(choice.describe(), flush=True)
     return choice
 
 
+def _decodes(m: nn.Module) -> bool:
+    """The layer's no-grad decode products run oneDNN: as `use_kernels` chose for it, or (a layer
+    it never saw) where `use_onednn` switched it."""
+    return bool(m.__dict__.get("_posttrain_decode_onednn", switched(m)))
+
+
 def decodes_onednn(model: nn.Module) -> bool:
-    """Whether decode steps of this model run oneDNN: as `use_kernels` chose for its layers, or
-    (layers it never saw) where `use_onednn` switched them."""
-    for m in model.modules():
-        flag = m.__dict__.get("_posttrain_decode_onednn")
-        if flag is not None:
-            return bool(flag)
-    return any(switched(m) for m in model.modules())
+    """Whether decode steps of this model run oneDNN (`_decodes` of its linear layers)."""
+    return any(_eligible(m) and _decodes(m) for m in model.modules())
 
 
 def use_onednn(model: nn.Module) -> int:

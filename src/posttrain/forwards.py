@@ -69,17 +69,21 @@ MIN_SHARED_PREFIX = 8
 """a common start of the prompts shorter than this is not worth a pass of its own"""
 
 
-def common_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+def common_prefix(ids: torch.Tensor, mask: torch.Tensor, ref: torch.Tensor | None = None) -> int:
     """How many tokens every row's prompt starts with, at most its shortest length - 1 (each row
-    keeps a token of its own). ids, mask (G, P) left-padded."""
+    keeps a token of its own). ids, mask (G, P) left-padded. ref (c,): count the tokens every row
+    shares with ref instead (at most c)."""
     P = ids.shape[1]
     lengths = mask.sum(1)  # (G,)
     n = int(lengths.min()) - 1
+    if ref is not None:
+        n = min(n, len(ref))
     if n <= 0:
         return 0
     cols = (P - lengths)[:, None] + torch.arange(n, device=ids.device)[None]  # (G, n)
     toks = ids.gather(1, cols)  # each row's first n real tokens
-    same = (toks == toks[:1]).all(0)  # (n,)
+    first = toks[:1] if ref is None else ref[:n].to(ids.device)[None]
+    same = (toks == first).all(0)  # (n,)
     return n if bool(same.all()) else int(same.long().argmin())
 
 
@@ -100,16 +104,7 @@ class SharedStart:
     def match(self, ids: torch.Tensor, mask: torch.Tensor) -> int:
         """How many of the kept tokens every row of ids, mask (G, P) (left-padded) starts with,
         at most each row's length - 1 (a row keeps a token of its own)."""
-        if self.ids is None:
-            return 0
-        P = ids.shape[1]
-        lengths = mask.sum(1)  # (G,)
-        n = min(len(self.ids), int(lengths.min()) - 1)
-        if n <= 0:
-            return 0
-        cols = (P - lengths)[:, None] + torch.arange(n, device=ids.device)[None]  # (G, n)
-        same = (ids.gather(1, cols) == self.ids[:n].to(ids.device)[None]).all(0)  # (n,)
-        return n if bool(same.all()) else int(same.long().argmin())
+        return 0 if self.ids is None else common_prefix(ids, mask, ref=self.ids)
 
     def take(self, c: int, G: int) -> Any:
         """A new cache of the kept start's first c positions, repeated to G rows."""

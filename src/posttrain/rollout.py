@@ -11,9 +11,9 @@ micro-batch holds, the rows decode as one continuous batch instead (`_stream_dec
 `continuous_batching`; not with tools): as many slots as the largest micro-batch (or
 batch_size), and once a quarter of the slots are free, the next rows' prompts are prefilled into
 them, so that few steps decode for rows that have already finished. A row's tokens are the same
-either way. It pays where completions end at very different lengths (1.2x at 256 new tokens
-in bench/generation.py) and costs a little where most rows run to max_new_tokens (0.95x at 64:
-a refill's prefill reads every weight for a few rows), see docs/benchmarks.md.
+either way. It pays where completions end at very different lengths (1.22x at 256 new tokens
+in bench/generation.py) and is even where most rows run to max_new_tokens (0.99-1.01x at 64: a
+refill's prefill reads every weight for a few rows), see docs/benchmarks.md.
 
 Seeded sampling (`generate(..., seeds=)`, one seed per prompt): row j of prompt i draws its random
 numbers from its own generator seeded with mix_seed(seeds[i], j), one uniform per token, and picks

@@ -221,8 +221,9 @@ class Run:
                 extra["scheduler"] = scheduler.state_dict()
             torch.save(extra, tmp / "trainer_state.pt")
             record = {"step": step, **(state or {})}
-            if cpu.choices():  # run.onednn=auto's kernels: the resumed run takes the same
-                record["kernels"] = cpu.choices()
+            kernels = cpu.choices()  # run.onednn=auto's kernels: the resumed run takes the same
+            if kernels:
+                record["kernels"] = kernels
             (tmp / "state.json").write_text(json.dumps(record, indent=1))
             if final.exists():
                 shutil.rmtree(final)
